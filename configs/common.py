@@ -1,0 +1,92 @@
+"""Pieces shared by the recipes: the default config tree and the argument parser.
+
+Every key a config may hold is created here, so a typo in `--config.x=y` or in a recipe fails
+(the config is locked) and `dino_jax/config.py` is the one place that checks values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_arg(arg: str | None) -> dict[str, bool]:
+    """`"smoke,other"` -> `{"smoke": True, "other": True}`, as in `--config=configs/x.py:smoke`."""
+    return {name: True for name in (arg or "").split(",") if name}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference's defaults (REFERENCE.md §1) where they make sense for every dataset."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "cifar100"
+    c.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.mean = IMAGENET_MEAN  # input normalisation, after scaling pixels to [0, 1]
+    c.dataset.std = IMAGENET_STD
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "tiny"  # tiny | small | base (REFERENCE.md §2.4)
+    c.model.patch_size = 16
+    c.model.embed_dim = 0  # 0 = the variant's; set with depth/num_heads for a custom size
+    c.model.depth = 0
+    c.model.num_heads = 0
+    c.model.drop_path_rate = 0.1  # student only; the teacher never drops paths
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+    c.head = ml_collections.ConfigDict()
+    c.head.out_dim = 65536
+    c.head.hidden_dim = 2048
+    c.head.bottleneck_dim = 256
+    c.head.nlayers = 3
+    c.head.use_bn = False
+    c.head.norm_last_layer = True
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.on = "host"  # host (grain workers, numpy) | device (jitted ops inside the step)
+    c.augment.global_crop_size = 224
+    c.augment.local_crop_size = 96
+    c.augment.num_local_crops = 8
+    c.augment.global_crop_scale = (0.4, 1.0)
+    c.augment.local_crop_scale = (0.05, 0.4)
+    c.augment.flip_p = 0.5
+    c.augment.color_jitter_p = 0.8
+    c.augment.brightness = 0.4
+    c.augment.contrast = 0.4
+    c.augment.saturation = 0.2
+    c.augment.hue = 0.1
+    c.augment.grayscale_p = 0.2
+    c.augment.blur_p = (1.0, 0.1, 0.5)  # global 1, global 2, each local crop
+    c.augment.solarize_p = 0.2  # second global crop only
+    c.augment.num_workers = 0  # grain worker processes for the host path (0 = in-process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 256  # global: distinct images per step, over all devices
+    c.train.epochs = 100
+    c.train.max_steps = 0  # > 0 stops early (the schedules still span `epochs`)
+    c.train.lr = 5e-4  # peak, for a batch of 256; scaled linearly by batch_size / 256
+    c.train.min_lr = 1e-6
+    c.train.warmup_epochs = 10
+    c.train.weight_decay = 0.04
+    c.train.weight_decay_end = 0.4
+    c.train.clip_grad = 3.0  # per-tensor gradient norm limit; 0 turns it off
+    c.train.freeze_last_layer = 1  # epochs
+    c.train.momentum_teacher = 0.996
+    c.train.warmup_teacher_temp = 0.04
+    c.train.teacher_temp = 0.04
+    c.train.warmup_teacher_temp_epochs = 0  # the reference's real default (its help text says 30)
+    c.train.student_temp = 0.1
+    c.train.center_momentum = 0.9
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_steps = 1000
+    c.train.keep_checkpoints = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.knn_ks = (5, 10, 20, 100)
+    c.eval.knn_temperature = 0.07
+    c.eval.random_init_knn = True  # also report the kNN of the untrained network, same run
+    return c

@@ -1,0 +1,159 @@
+"""The reference's update rule as one optax transformation (REFERENCE.md §2.6).
+
+    per-tensor gradient clip -> AdamW per parameter group -> (last layer held during freeze)
+
+Parameter groups, as `get_params_groups` builds them:
+- decayed: every tensor with >= 2 dims whose name does not end in `bias` (pos_embed and cls_token
+  included);
+- not decayed: biases and 1-D tensors (LayerNorm, BatchNorm scales);
+- not optimised at all: the head's `weight_g` when `norm_last_layer` freezes it at 1.
+
+The last layer lives in its own AdamW so that, like PyTorch's per-parameter optimiser state, its
+moments and bias-correction count start only when the freeze ends; its schedules are shifted by
+the freeze length so they still read the global step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+GROUP_MAIN = "main"
+GROUP_LAST_LAYER = "last_layer"
+GROUP_FIXED = "fixed"
+
+
+def path_name(path) -> str:
+    """`('head', 'last_layer', 'weight_v')` -> `'head.last_layer.weight_v'` for any key kind.
+
+    A trailing `value` (the array inside an nnx Variable) is dropped, so names end with the
+    parameter's own name.
+    """
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return ".".join(parts)
+
+
+def named_leaves(params) -> list[tuple[str, Any]]:
+    return [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def is_decayed(name: str, leaf) -> bool:
+    return not (name.endswith("bias") or jnp.ndim(leaf) <= 1)
+
+
+def param_labels(params, *, norm_last_layer: bool):
+    def label(path, leaf):
+        name = path_name(path)
+        if "last_layer" in name:
+            if norm_last_layer and name.endswith("weight_g"):
+                return GROUP_FIXED
+            return GROUP_LAST_LAYER
+        return GROUP_MAIN
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: is_decayed(path_name(p), leaf), params)
+
+
+def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
+    """Clips each tensor's gradient to L2 norm `max_norm` on its own (not a global-norm clip).
+
+    The factor is `max_norm / (norm + 1e-6)` and applies only when below 1, as in the reference.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def clip(g):
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            factor = max_norm / (norm + 1e-6)
+            return jnp.where(factor < 1, g * factor, g).astype(g.dtype)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class HoldState(NamedTuple):
+    count: jax.Array
+    inner_state: Any
+
+
+def hold_for(num_steps: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Makes no update and keeps `inner`'s state untouched for the first `num_steps` calls.
+
+    This is the reference's `cancel_gradients_last_layer`: setting `grad = None` makes PyTorch skip
+    the tensor entirely (no moment update, no weight decay), which zeroing the gradient would not.
+    """
+
+    def init_fn(params):
+        return HoldState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        held = state.count < num_steps
+        new_updates = jax.tree.map(lambda u: jnp.where(held, jnp.zeros_like(u), u), new_updates)
+        new_inner = jax.tree.map(lambda new, old: jnp.where(held, old, new), new_inner, state.inner_state)
+        return new_updates, HoldState(count=optax.safe_increment(state.count), inner_state=new_inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw(
+    lr_fn: Callable, weight_decay_fn: Callable, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """PyTorch AdamW: decoupled decay `theta -= lr * wd * theta`, both following their schedules.
+
+    The decay mask is a function of the parameters it is given, because inside `multi_transform`
+    each group sees a tree where the other groups' leaves are masked out.
+    """
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay_fn, mask=decay_mask),
+        optax.scale_by_learning_rate(lr_fn),
+    )
+
+
+def make_optimizer(
+    *,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    weight_decay_fn: Callable[[jax.Array], jax.Array],
+    clip_grad: float,
+    freeze_last_layer_steps: int,
+    norm_last_layer: bool,
+) -> optax.GradientTransformation:
+    """The student's optimiser. `lr_fn`/`weight_decay_fn` map the global step to a value."""
+    def shifted(fn):
+        return lambda count: fn(count + freeze_last_layer_steps)
+
+    groups = {
+        GROUP_MAIN: adamw(lr_fn, weight_decay_fn),
+        GROUP_LAST_LAYER: hold_for(
+            freeze_last_layer_steps, adamw(shifted(lr_fn), shifted(weight_decay_fn))
+        ),
+        GROUP_FIXED: optax.set_to_zero(),
+    }
+    labels = lambda tree: param_labels(tree, norm_last_layer=norm_last_layer)  # noqa: E731
+    chain = [optax.multi_transform(groups, labels)]
+    if clip_grad > 0:
+        chain.insert(0, clip_by_tensor_norm(clip_grad))
+    return optax.chain(*chain)
+
+
+def ema(teacher, student, momentum: jax.Array):
+    """The teacher update after each step: `teacher * m + (1 - m) * student`, every parameter."""
+    return jax.tree.map(lambda t, s: t * momentum + (1 - momentum) * s, teacher, student)

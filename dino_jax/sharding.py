@@ -1,0 +1,42 @@
+"""The device mesh and how arrays are laid out on it.
+
+One 1-D mesh axis, `data`, over every device of every host: the batch is split along it and the
+train state is replicated. Under jit, a mean over the batch axis is then the cross-device mean, so
+no collective is written by hand.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def to_global_batch(local_batch, mesh):
+    """Host-local numpy rows -> global arrays sharded on `data` (each host contributes its rows)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins the other hosts of a multi-host run (TPU slice, multi-node GPU); no-op on one host."""
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError):
+        # Raised when no cluster environment is detected: a single-host run.
+        pass

@@ -1,0 +1,226 @@
+"""Orchestration of a training run. No numerics live here: it wires config -> data -> state ->
+jitted step -> logs/checkpoints -> evaluation, and returns the final results (tests read them).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dino_jax import checkpointing, config as config_lib, logging as log_lib, optim
+from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
+from dino_jax.data import pipeline, sources
+from dino_jax.models import dino
+
+
+def _print(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def build_model_fn(config: ml_collections.ConfigDict):
+    """`rngs -> DINO` for this config. The one graphdef serves student and teacher: the teacher
+    runs it without a drop-path key, so stochastic depth stays off for it."""
+    vit_config = config_lib.vit_config(config, drop_path=True)
+    head_config = config_lib.head_config(config, vit_config.embed_dim)
+    return lambda rngs: dino.DINO(vit_config, head_config, rngs=rngs)
+
+
+def backbone_of(graphdef, params):
+    """(graphdef, params) of the ViT inside a DINO model, for evaluation and visualisation."""
+    return nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+class Trainer:
+    """Everything a run builds once: data, state, jitted step, checkpointer."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.validate(config)
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.mesh = sharding.make_mesh()
+        config_lib.check_divisible(config.train.batch_size, jax.device_count())
+
+        spec = sources.DATASETS[config.dataset.name]
+        data_dir = config.dataset.data_dir or None
+        self.train_source = sources.load_source(config.dataset.name, spec.train_split, data_dir)
+        self.plan = config_lib.plan_steps(config, len(self.train_source))
+        t = config.train
+        self.schedules = schedules_lib.build_schedules(
+            lr=self.plan.peak_lr, min_lr=t.min_lr, warmup_epochs=t.warmup_epochs,
+            weight_decay=t.weight_decay, weight_decay_end=t.weight_decay_end,
+            momentum_teacher=t.momentum_teacher, warmup_teacher_temp=t.warmup_teacher_temp,
+            teacher_temp=t.teacher_temp, warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
+            epochs=t.epochs, steps_per_epoch=self.plan.steps_per_epoch,
+        )
+        self.tx = optim.make_optimizer(
+            lr_fn=lambda count: schedules_lib.lookup(self.schedules.lr, count),
+            weight_decay_fn=lambda count: schedules_lib.lookup(self.schedules.weight_decay, count),
+            clip_grad=t.clip_grad,
+            freeze_last_layer_steps=self.plan.freeze_last_layer_steps,
+            norm_last_layer=config.head.norm_last_layer,
+        )
+        self.graphdef, self.state = state_lib.create_train_state(
+            build_model_fn(config), self.tx, out_dim=config.head.out_dim, seed=config.seed, mesh=self.mesh
+        )
+        self.crop_config = config_lib.crop_config(config)
+        self.data_iterator = iter(
+            pipeline.train_dataset(
+                self.train_source, self.crop_config, global_batch_size=t.batch_size, seed=config.seed,
+                augment_on=config.augment.on, num_workers=config.augment.num_workers,
+            )
+        )
+        device_augment = None
+        if config.augment.on == "device":
+            from dino_jax.data import augment_device
+
+            device_augment = functools.partial(augment_device.multicrop_batch, config=self.crop_config)
+        step_fn = step_lib.make_train_step(
+            self.graphdef, self.tx, self.schedules, mean=config.dataset.mean, std=config.dataset.std,
+            student_temp=t.student_temp, center_momentum=t.center_momentum, device_augment=device_augment,
+        )
+        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        self.step_fn = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(self.mesh))
+        self.checkpointer = checkpointing.Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
+            save_every_steps=t.checkpoint_every_steps,
+        )
+
+    def restore_if_any(self) -> int:
+        if self.checkpointer.latest_step() is None:
+            return 0
+        self.state = self.checkpointer.restore(checkpointing.abstract_like(self.state), self.data_iterator)
+        step = int(self.state.step)
+        _print(f"resumed from {self.checkpointer.directory} at step {step}")
+        return step
+
+    def next_batch(self):
+        return sharding.to_global_batch(next(self.data_iterator), self.mesh)
+
+    def train(self) -> dict[str, float]:
+        """Runs the remaining steps; returns the last logged metrics."""
+        config, plan = self.config, self.plan
+        start = self.restore_if_any()
+        writer = log_lib.MetricsWriter(self.workdir)
+        progress = log_lib.Progress(plan.train_steps, config.train.batch_size)
+        _print(
+            f"training {plan.train_steps} steps ({plan.steps_per_epoch} per epoch, batch "
+            f"{config.train.batch_size}, {jax.device_count()} device(s), augment on {config.augment.on}); "
+            f"the first step compiles"
+        )
+        progress.start(start)
+        last: dict[str, float] = {}
+        warned = False
+        pending = None  # (step, device metrics): fetched one step late so the host never stalls
+        for step in range(start, plan.train_steps):
+            self.state, metrics = self.step_fn(self.state, self.next_batch())
+            done = step + 1
+            if pending is not None:
+                last, warned = self._report(*pending, writer, progress, warned)
+                pending = None
+            if done % config.train.log_every_steps == 0 or done == plan.train_steps:
+                pending = (done, metrics)
+            if done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps:
+                # A checkpoint is written only for a finite state.
+                if pending is not None:
+                    last, warned = self._report(*pending, writer, progress, warned)
+                    pending = None
+                else:
+                    log_lib.check_finite(done, log_lib.fetch(metrics))
+                self.checkpointer.save(done, self.state, self.data_iterator)
+        if pending is not None:
+            last, warned = self._report(*pending, writer, progress, warned)
+        if plan.train_steps > start:
+            self.checkpointer.save(plan.train_steps, self.state, self.data_iterator, force=True)
+        self.checkpointer.wait()
+        writer.close()
+        return last
+
+    def _report(self, step, device_metrics, writer, progress, warned):
+        metrics = log_lib.fetch(device_metrics)
+        writer.write(step, metrics)
+        log_lib.check_finite(step, metrics)
+        metrics["images_per_s"] = progress.report(step, metrics)
+        if not warned and step >= self.plan.steps_per_epoch * max(self.config.train.freeze_last_layer, 1) * 2:
+            message = log_lib.collapse_warning(metrics, self.config.head.out_dim)
+            if message:
+                _print("WARNING: " + message)
+                warned = True
+        return metrics, warned
+
+
+def knn_of_teacher(config, graphdef, teacher_params, mesh) -> dict[str, float]:
+    """The reference kNN protocol on the config's dataset (train -> test), teacher backbone."""
+    from dino_jax.eval import features, knn
+
+    spec = sources.DATASETS[config.dataset.name]
+    data_dir = config.dataset.data_dir or None
+    backbone_graphdef, backbone_params = backbone_of(graphdef, teacher_params)
+    feature_fn = features.make_feature_fn(backbone_graphdef, mean=config.dataset.mean, std=config.dataset.std)
+    size = config.augment.global_crop_size
+    extracted = {}
+    for split in (spec.train_split, spec.eval_split):
+        source = sources.load_source(config.dataset.name, split, data_dir)
+        batches = pipeline.eval_batches(source, batch_size=config.eval.batch_size, image_size=size)
+        extracted[split] = features.extract_features(feature_fn, backbone_params, batches, mesh=mesh)
+    (train_x, train_y), (test_x, test_y) = extracted[spec.train_split], extracted[spec.eval_split]
+    return knn.weighted_knn(
+        train_x, train_y, test_x, test_y, num_classes=spec.num_classes, ks=tuple(config.eval.knn_ks),
+        temperature=config.eval.knn_temperature,
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains, evaluates, writes `<workdir>/results.json`; returns the results (percent)."""
+    started = time.perf_counter()
+    trainer = Trainer(config, workdir)
+    save_config(config, workdir)
+    results_path = os.path.join(workdir, "results.json")
+    results: dict[str, float] = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    if config.eval.random_init_knn and "random_init_knn_k20_top1" not in results and int(trainer.state.step) == 0 \
+            and trainer.checkpointer.latest_step() is None:
+        _print("kNN of the untrained network (the baseline training must beat)...")
+        baseline = knn_of_teacher(config, trainer.graphdef, trainer.state.teacher, trainer.mesh)
+        results.update({f"random_init_{k}": v for k, v in baseline.items()})
+        _write_json(results_path, results)
+    last = trainer.train()
+    _print("kNN of the trained teacher...")
+    results.update(knn_of_teacher(config, trainer.graphdef, trainer.state.teacher, trainer.mesh))
+    if last:
+        results["final_loss"] = last["loss"]
+    results["train_wall_s"] = time.perf_counter() - started
+    _write_json(results_path, results)
+    trainer.checkpointer.close()
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in results.items() if k.endswith("top1"))
+    _print(f"results ({results_path}): {summary}")
+    return results
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
