@@ -4,11 +4,13 @@ jitted step -> logs/checkpoints -> evaluation, and returns the final results (te
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -51,6 +53,52 @@ def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+@dataclasses.dataclass
+class TrainingParts:
+    plan: config_lib.StepPlan
+    schedules: schedules_lib.Schedules
+    graphdef: Any
+    state: state_lib.TrainState
+    step_fn: Callable  # jitted (state, global batch) -> (state, metrics), state donated
+    crop_config: Any
+
+
+def build_training(config: ml_collections.ConfigDict, num_train_examples: int, mesh) -> TrainingParts:
+    """Schedules, optimiser, sharded initial state and the jitted step, from a validated config."""
+    plan = config_lib.plan_steps(config, num_train_examples)
+    t = config.train
+    schedules = schedules_lib.build_schedules(
+        lr=plan.peak_lr, min_lr=t.min_lr, warmup_epochs=t.warmup_epochs,
+        weight_decay=t.weight_decay, weight_decay_end=t.weight_decay_end,
+        momentum_teacher=t.momentum_teacher, warmup_teacher_temp=t.warmup_teacher_temp,
+        teacher_temp=t.teacher_temp, warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
+        epochs=t.epochs, steps_per_epoch=plan.steps_per_epoch,
+    )
+    tx = optim.make_optimizer(
+        lr_fn=lambda count: schedules_lib.lookup(schedules.lr, count),
+        weight_decay_fn=lambda count: schedules_lib.lookup(schedules.weight_decay, count),
+        clip_grad=t.clip_grad,
+        freeze_last_layer_steps=plan.freeze_last_layer_steps,
+        norm_last_layer=config.head.norm_last_layer,
+    )
+    graphdef, state = state_lib.create_train_state(
+        build_model_fn(config), tx, out_dim=config.head.out_dim, seed=config.seed, mesh=mesh
+    )
+    crop_config = config_lib.crop_config(config)
+    device_augment = None
+    if config.augment.on == "device":
+        from dino_jax.data import augment_device
+
+        device_augment = functools.partial(augment_device.multicrop_batch, config=crop_config)
+    step_fn = step_lib.make_train_step(
+        graphdef, tx, schedules, mean=config.dataset.mean, std=config.dataset.std,
+        student_temp=t.student_temp, center_momentum=t.center_momentum, device_augment=device_augment,
+    )
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))
+    return TrainingParts(plan, schedules, graphdef, state, jitted, crop_config)
+
+
 class Trainer:
     """Everything a run builds once: data, state, jitted step, checkpointer."""
 
@@ -64,43 +112,16 @@ class Trainer:
         spec = sources.DATASETS[config.dataset.name]
         data_dir = config.dataset.data_dir or None
         self.train_source = sources.load_source(config.dataset.name, spec.train_split, data_dir)
-        self.plan = config_lib.plan_steps(config, len(self.train_source))
-        t = config.train
-        self.schedules = schedules_lib.build_schedules(
-            lr=self.plan.peak_lr, min_lr=t.min_lr, warmup_epochs=t.warmup_epochs,
-            weight_decay=t.weight_decay, weight_decay_end=t.weight_decay_end,
-            momentum_teacher=t.momentum_teacher, warmup_teacher_temp=t.warmup_teacher_temp,
-            teacher_temp=t.teacher_temp, warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
-            epochs=t.epochs, steps_per_epoch=self.plan.steps_per_epoch,
-        )
-        self.tx = optim.make_optimizer(
-            lr_fn=lambda count: schedules_lib.lookup(self.schedules.lr, count),
-            weight_decay_fn=lambda count: schedules_lib.lookup(self.schedules.weight_decay, count),
-            clip_grad=t.clip_grad,
-            freeze_last_layer_steps=self.plan.freeze_last_layer_steps,
-            norm_last_layer=config.head.norm_last_layer,
-        )
-        self.graphdef, self.state = state_lib.create_train_state(
-            build_model_fn(config), self.tx, out_dim=config.head.out_dim, seed=config.seed, mesh=self.mesh
-        )
-        self.crop_config = config_lib.crop_config(config)
+        parts = build_training(config, len(self.train_source), self.mesh)
+        self.plan, self.schedules, self.graphdef = parts.plan, parts.schedules, parts.graphdef
+        self.state, self.step_fn, self.crop_config = parts.state, parts.step_fn, parts.crop_config
         self.data_iterator = iter(
             pipeline.train_dataset(
-                self.train_source, self.crop_config, global_batch_size=t.batch_size, seed=config.seed,
-                augment_on=config.augment.on, num_workers=config.augment.num_workers,
+                self.train_source, self.crop_config, global_batch_size=config.train.batch_size,
+                seed=config.seed, augment_on=config.augment.on, num_workers=config.augment.num_workers,
             )
         )
-        device_augment = None
-        if config.augment.on == "device":
-            from dino_jax.data import augment_device
-
-            device_augment = functools.partial(augment_device.multicrop_batch, config=self.crop_config)
-        step_fn = step_lib.make_train_step(
-            self.graphdef, self.tx, self.schedules, mean=config.dataset.mean, std=config.dataset.std,
-            student_temp=t.student_temp, center_momentum=t.center_momentum, device_augment=device_augment,
-        )
-        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-        self.step_fn = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(self.mesh))
+        t = config.train
         self.checkpointer = checkpointing.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
             save_every_steps=t.checkpoint_every_steps,

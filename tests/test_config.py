@@ -1,0 +1,70 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import cifar100, digits
+from dino_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("get_config", [cifar100.get_config, digits.get_config])
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_shipped_configs_are_valid(get_config, arg):
+    config_lib.validate(get_config(arg))
+
+
+def test_crop_size_not_a_multiple_of_the_patch_size_is_named():
+    config = cifar100.get_config()
+    config.augment.local_crop_size = 18
+    with pytest.raises(config_lib.ConfigError, match="crop size 18 is not a multiple of patch size 4"):
+        config_lib.validate(config)
+
+
+def test_every_bad_value_is_reported_at_once():
+    config = digits.get_config()
+    config.augment.on = "gpu"
+    config.train.lr = -1.0
+    config.model.variant = "huge"
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert "config.augment.on = 'gpu'" in message and "'host'" in message
+    assert "config.train.lr = -1.0" in message
+    assert "config.model.variant = 'huge'" in message
+
+
+def test_batch_larger_than_the_dataset_is_explained():
+    config = digits.get_config()
+    config.train.batch_size = 4096
+    with pytest.raises(config_lib.ConfigError, match="larger than the 1437 training images"):
+        config_lib.plan_steps(config, 1437)
+
+
+def test_plan_resolves_epochs_into_steps():
+    config = cifar100.get_config()
+    plan = config_lib.plan_steps(config, 50_000)
+    assert plan.steps_per_epoch == 195
+    assert plan.schedule_steps == 195 * config.train.epochs
+    assert plan.freeze_last_layer_steps == 195
+    assert plan.peak_lr == pytest.approx(5e-4)
+
+
+def launch(*args):
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_launch_rejects_an_unknown_key_before_any_compute(tmp_path):
+    out = launch("--config=configs/digits.py", f"--workdir={tmp_path}", "--config.train.lrr=0.1")
+    assert out.returncode != 0
+    assert "lrr" in out.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_launch_rejects_a_bad_value_before_any_compute(tmp_path):
+    out = launch("--config=configs/cifar100.py", f"--workdir={tmp_path}", "--config.augment.global_crop_size=30")
+    assert out.returncode != 0
+    assert "crop size 30 is not a multiple of patch size 4" in out.stderr
+    assert not os.listdir(tmp_path)
