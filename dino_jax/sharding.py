@@ -15,8 +15,14 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all hosts).
+
+    Axis type Auto: the model carries no sharding annotations and XLA propagates the batch
+    sharding through it; with Explicit axes, ops that mix the sharded batch with replicated
+    parameters (the CLS-token concatenation) would be type errors.
+    """
     devices = list(devices) if devices is not None else jax.devices()
-    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh) -> NamedSharding:
