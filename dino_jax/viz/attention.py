@@ -248,6 +248,6 @@ def visualize_files(cls_attention_fn, params, image_paths: Sequence[str], out_di
     stems.append(stem)
   grid_path = os.path.join(out_dir, "attention_grid.png")
   attention_grid_figure(images, attentions, patch_size=patch_size, threshold=threshold,
-                        titles=stems).savefig(grid_path, dpi=120)
+                        titles=stems).savefig(grid_path, dpi=120, bbox_inches="tight")
   written["grid"] = [grid_path]
   return written
