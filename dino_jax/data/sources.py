@@ -1,0 +1,181 @@
+"""Datasets by name, as random-access TFDS data sources (array_record) of images and labels.
+
+`load_source("cifar100", "train")` returns something grain's `MapDataset.source` takes: `len()`
+and `[index]` -> `{"image": uint8 (H, W, 3), "label": int}`. Datasets are prepared on first use
+where that is possible (digits ships with scikit-learn; catalog datasets need the internet); where
+it is not, `DatasetUnavailableError` says at once which file to fetch and where it goes. Nothing
+here probes cloud storage, and the internet check gives up after a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import urllib.parse
+from typing import Any
+
+import numpy as np
+
+
+class DatasetUnavailableError(RuntimeError):
+  """A dataset is not in the data dir and cannot be prepared here (e.g. no internet)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the rest of the project needs to know about one dataset."""
+  tfds_name: str
+  train_split: str
+  eval_split: str
+  num_classes: int
+  image_size: int  # Side of the stored square images, in pixels.
+  download_url: str | None  # The archive the builder fetches; None when nothing is fetched.
+  # Sizes of the splits we use, as the finished dataset has them (tests build smaller ones, so
+  # code must read sizes from len(source); these are for messages and docs).
+  num_train: int
+  num_eval: int
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("digits", "train", "test", 10, 32, None, 1437, 360),
+    "cifar100": DatasetSpec(
+        "cifar100", "train", "test", 100, 32,
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", 50000, 10000),
+    "stl10": DatasetSpec(
+        "stl10", "train", "test", 10, 96,
+        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", 5000, 8000),
+    "tiny_imagenet": DatasetSpec(
+        "tiny_imagenet", "train", "validation", 200, 64,
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip", 100000, 10000),
+}
+
+# How long the internet check may take before we call the machine offline.
+CONNECT_TIMEOUT_S = 2.0
+
+
+def default_data_dir() -> str:
+  """`$TFDS_DATA_DIR` if set, else `~/tensorflow_datasets` (TFDS's own default)."""
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def has_internet(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+  """Whether a TCP connection to `url`'s host opens within `timeout_s` seconds.
+
+  The connection runs in a daemon thread because a socket timeout does not bound the DNS
+  look-up, which can stall far longer on a machine with a broken resolver.
+  """
+  parsed = urllib.parse.urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  result = []
+
+  def connect():
+    try:
+      with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+        result.append(True)
+    except OSError:
+      result.append(False)
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  return bool(result and result[0])
+
+
+class ImageLabelSource:
+  """A TFDS data source narrowed to `{"image", "label"}`, the contract the pipelines rely on.
+
+  Other features (CIFAR-100's `coarse_label` and `id`, say) are dropped so batches have one
+  structure whichever dataset they come from. Picklable, so grain worker processes can hold it.
+  """
+
+  def __init__(self, source, name: str, split: str):
+    self._source = source
+    self.name = name
+    self.split = split
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._narrow(self._source[index])
+
+  def __getitems__(self, indices):
+    return [self._narrow(record) for record in self._source.__getitems__(indices)]
+
+  @staticmethod
+  def _narrow(record) -> dict[str, Any]:
+    return {"image": np.asarray(record["image"], np.uint8), "label": int(record["label"])}
+
+  def __repr__(self) -> str:
+    return f"ImageLabelSource({self.name!r}, split={self.split!r}, size={len(self)})"
+
+
+def _builder(name: str, data_dir: str):
+  """The TFDS builder of `name`, our own class for our datasets, the catalog's otherwise."""
+  import tensorflow_datasets as tfds
+
+  if name == "digits":
+    from dino_jax.data import digits
+    return digits.Digits(data_dir=data_dir)
+  if name == "tiny_imagenet":
+    raise DatasetUnavailableError(
+        "dataset 'tiny_imagenet' is not yet supported: its TFDS builder is still being written; "
+        f"use one of {sorted(set(DATASETS) - {'tiny_imagenet'})}")
+  return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+
+
+def _unavailable_message(name: str, data_dir: str, reason: str) -> str:
+  spec = DATASETS[name]
+  return (
+      f"dataset '{name}' is not prepared in data dir {data_dir} and cannot be prepared here: "
+      f"{reason}. To provide it: on a machine with internet run\n"
+      f"  pip install tensorflow-datasets tensorflow-cpu array-record\n"
+      f"  tfds build {spec.tfds_name} --data_dir=<dir> --file_format=array_record\n"
+      f"(it downloads {spec.download_url}), then copy <dir>/{spec.tfds_name} into {data_dir}; or "
+      f"point --config.dataset.data_dir (or $TFDS_DATA_DIR) at a directory that already holds "
+      f"'{spec.tfds_name}' in array_record format.")
+
+
+def prepare(name: str, data_dir: str | None = None):
+  """Makes sure `name` is prepared (array_record) in `data_dir`; returns its TFDS builder."""
+  import tensorflow_datasets as tfds
+
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  builder = _builder(name, data_dir)
+  if not builder.is_prepared():
+    url = DATASETS[name].download_url
+    if url is not None and not has_internet(url):
+      raise DatasetUnavailableError(_unavailable_message(
+          name, data_dir, f"no internet connection (could not reach {urllib.parse.urlparse(url).hostname} "
+          f"within {CONNECT_TIMEOUT_S:.0f} s)"))
+    try:
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception as error:  # Any failure to fetch or build means the same to the user.
+      raise DatasetUnavailableError(_unavailable_message(
+          name, data_dir, f"preparing it failed with {type(error).__name__}: {error}")) from error
+  file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+  if file_format != "array_record":
+    raise DatasetUnavailableError(
+        f"dataset '{name}' in {data_dir} is stored as {file_format}; random access needs "
+        f"array_record. Rebuild it with: tfds build {DATASETS[name].tfds_name} "
+        f"--data_dir={data_dir} --file_format=array_record")
+  return builder
+
+
+def load_source(name: str, split: str, data_dir: str | None = None) -> ImageLabelSource:
+  """Random-access source of `{"image": uint8 (S, S, 3), "label": int}` for a split of `name`.
+
+  Prepares the dataset on first use where possible; raises `DatasetUnavailableError` (at once,
+  never after a network hang) where it is not.
+  """
+  builder = prepare(name, data_dir)
+  available = sorted(builder.info.splits.keys())
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {available}")
+  return ImageLabelSource(builder.as_data_source(split=split), name, split)
