@@ -120,14 +120,28 @@ def _builder(name: str, data_dir: str):
     from dino_jax.data import digits
     return digits.Digits(data_dir=data_dir)
   if name == "tiny_imagenet":
-    raise DatasetUnavailableError(
-        "dataset 'tiny_imagenet' is not yet supported: its TFDS builder is still being written; "
-        f"use one of {sorted(set(DATASETS) - {'tiny_imagenet'})}")
+    from dino_jax.data import tiny_imagenet
+    return tiny_imagenet.TinyImagenet(data_dir=data_dir)
   return tfds.builder(name, data_dir=data_dir, try_gcs=False)
 
 
-def _unavailable_message(name: str, data_dir: str, reason: str) -> str:
+def _manual_dir(data_dir: str, manual_dir: str | None) -> str:
+  """TFDS's manual dir: where a user puts archives that cannot be downloaded here."""
+  return os.path.expanduser(manual_dir) if manual_dir else os.path.join(
+      data_dir, "downloads", "manual")
+
+
+def _unavailable_message(name: str, data_dir: str, reason: str,
+                         manual_dir: str | None = None) -> str:
   spec = DATASETS[name]
+  if name == "tiny_imagenet":
+    from dino_jax.data import tiny_imagenet
+    return (
+        f"dataset 'tiny_imagenet' is not prepared in data dir {data_dir} and cannot be prepared "
+        f"here: {reason}. To provide it: download {spec.download_url} "
+        f"({tiny_imagenet.ZIP_BYTES} bytes, md5 {tiny_imagenet.ZIP_MD5}) on any machine and put "
+        f"it at {os.path.join(_manual_dir(data_dir, manual_dir), tiny_imagenet.ZIP_NAME)}; the "
+        f"next run builds the dataset from it, offline.")
   return (
       f"dataset '{name}' is not prepared in data dir {data_dir} and cannot be prepared here: "
       f"{reason}. To provide it: on a machine with internet run\n"
@@ -138,8 +152,12 @@ def _unavailable_message(name: str, data_dir: str, reason: str) -> str:
       f"'{spec.tfds_name}' in array_record format.")
 
 
-def prepare(name: str, data_dir: str | None = None):
-  """Makes sure `name` is prepared (array_record) in `data_dir`; returns its TFDS builder."""
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None):
+  """Makes sure `name` is prepared (array_record) in `data_dir`; returns its TFDS builder.
+
+  `manual_dir` holds archives placed by hand (default `<data_dir>/downloads/manual`); a
+  Tiny-ImageNet zip found there is built without the internet.
+  """
   import tensorflow_datasets as tfds
 
   if name not in DATASETS:
@@ -148,17 +166,21 @@ def prepare(name: str, data_dir: str | None = None):
   builder = _builder(name, data_dir)
   if not builder.is_prepared():
     url = DATASETS[name].download_url
-    if url is not None and not has_internet(url):
+    manual = _manual_dir(data_dir, manual_dir)
+    has_manual_archive = name == "tiny_imagenet" and os.path.exists(
+        os.path.join(manual, os.path.basename(url)))
+    if url is not None and not has_manual_archive and not has_internet(url):
       raise DatasetUnavailableError(_unavailable_message(
-          name, data_dir, f"no internet connection (could not reach {urllib.parse.urlparse(url).hostname} "
-          f"within {CONNECT_TIMEOUT_S:.0f} s)"))
+          name, data_dir, "no internet connection (could not reach "
+          f"{urllib.parse.urlparse(url).hostname} within {CONNECT_TIMEOUT_S:.0f} s)", manual_dir))
     try:
       builder.download_and_prepare(
           file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual))
     except Exception as error:  # Any failure to fetch or build means the same to the user.
       raise DatasetUnavailableError(_unavailable_message(
-          name, data_dir, f"preparing it failed with {type(error).__name__}: {error}")) from error
+          name, data_dir, f"preparing it failed with {type(error).__name__}: {error}",
+          manual_dir)) from error
   file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   if file_format != "array_record":
     raise DatasetUnavailableError(
@@ -168,13 +190,14 @@ def prepare(name: str, data_dir: str | None = None):
   return builder
 
 
-def load_source(name: str, split: str, data_dir: str | None = None) -> ImageLabelSource:
+def load_source(name: str, split: str, data_dir: str | None = None,
+                manual_dir: str | None = None) -> ImageLabelSource:
   """Random-access source of `{"image": uint8 (S, S, 3), "label": int}` for a split of `name`.
 
   Prepares the dataset on first use where possible; raises `DatasetUnavailableError` (at once,
-  never after a network hang) where it is not.
+  never after a network hang) where it is not. `manual_dir`: see `prepare`.
   """
-  builder = prepare(name, data_dir)
+  builder = prepare(name, data_dir, manual_dir)
   available = sorted(builder.info.splits.keys())
   if split not in builder.info.splits:
     raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {available}")
