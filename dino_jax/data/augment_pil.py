@@ -72,7 +72,7 @@ def grayscale(img: Image.Image) -> Image.Image:
 
 
 def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
-  return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+  return img.filter(ImageFilter.GaussianBlur(radius=float(sigma)))
 
 
 def solarize(img: Image.Image) -> Image.Image:
