@@ -37,6 +37,8 @@ _LUMA_WEIGHTS = np.array([19595.0, 38470.0, 7471.0], np.float32)
 _LUMA_ROUND = 32768.0
 _LUMA_SCALE = 1.0 / 65536.0
 _BOX_BLUR_PASSES = 3  # PIL approximates a Gaussian by this many box blurs.
+_CHUNK_PIXELS = 1 << 16
+_HUE_CENTRES = np.array([0.0, 2.0, 4.0], np.float32)[None, :, None, None]  # R, G, B in sixths.  # Crops are coloured in chunks of about this many pixels.
 
 # Colour-jitter operations, in torchvision's parameter order.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -242,21 +244,27 @@ def luma(x_Nx3xHxW: np.ndarray) -> np.ndarray:
 
 
 def _blend_step(x, op, factor, apply):
-  """One colour-jitter step for the crops whose op at this step is a blend.
+  """One colour-jitter step, in place, for the crops whose op at this step is a blend.
 
   Brightness, contrast and saturation are all PIL `Image.blend(degenerate, image, factor)` =
   truncate(degenerate + factor * (image - degenerate)); only the degenerate image differs, so
-  one vectorised expression serves every crop whatever its op.
+  one vectorised expression serves every crop whatever its op. The arithmetic keeps PIL's form
+  so the truncation lands on the same integers.
   """
-  gray = luma(x)
-  mean_gray = np.floor(gray.mean(axis=(1, 2)) + 0.5)
-  degenerate = np.where((op == SATURATION)[:, None, None], gray,
-                        np.where(op == CONTRAST, mean_gray, 0.0)[:, None, None])[:, None]
   is_blend = apply & (op != HUE)
+  needs_luma = is_blend & ((op == SATURATION) | (op == CONTRAST))
+  degenerate = np.zeros((len(x), 1, 1, 1), np.float32)
+  if needs_luma.any():
+    gray = luma(x)
+    mean_gray = np.floor(gray.mean(axis=(1, 2)) + 0.5)
+    degenerate = np.where((op == SATURATION)[:, None, None], gray,
+                          np.where(op == CONTRAST, mean_gray, 0.0)[:, None, None])[:, None]
   factor = np.where(is_blend, factor, 1.0).astype(np.float32)[:, None, None, None]
-  blended = degenerate + factor * (x - degenerate)
-  np.clip(blended, 0.0, 255.0, out=blended)
-  return np.floor(blended, out=blended)
+  np.subtract(x, degenerate, out=x)
+  np.multiply(x, factor, out=x)
+  np.add(x, degenerate, out=x)
+  np.clip(x, 0.0, 255.0, out=x)
+  return np.floor(x, out=x)
 
 
 def _rotate_hue(x_Nx3xHxW: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -270,16 +278,14 @@ def _rotate_hue(x_Nx3xHxW: np.ndarray, shift: np.ndarray) -> np.ndarray:
                   np.where(green == maxc, (blue - red) * inv_chroma + 2.0,
                            (red - green) * inv_chroma + 4.0))
   hue6 += (6.0 * np.asarray(shift, np.float32))[:, None, None]
-  out = np.empty_like(x_Nx3xHxW)
-  for channel, centre in enumerate((0.0, 2.0, 4.0)):
-    # HSV -> RGB: a channel is at max within 1 sixth of its centre, at min beyond 2, linear
-    # between. hue6 lies in (-4, 8), so min(d, |d - 6|) is the distance around the circle.
-    distance = np.abs(hue6 - centre)
-    distance = np.minimum(distance, np.abs(distance - 6.0), out=distance)
-    np.subtract(distance, 1.0, out=distance)
-    np.clip(distance, 0.0, 1.0, out=distance)
-    np.multiply(distance, chroma, out=distance)
-    np.subtract(maxc, distance, out=out[:, channel])
+  # HSV -> RGB: a channel is at max within 1 sixth of its centre, at min beyond 2, linear
+  # between. hue6 lies in (-4, 8), so min(d, |d - 6|) is the distance around the circle.
+  distance = np.abs(hue6[:, None] - _HUE_CENTRES)
+  np.minimum(distance, np.abs(distance - 6.0), out=distance)
+  np.subtract(distance, 1.0, out=distance)
+  np.clip(distance, 0.0, 1.0, out=distance)
+  np.multiply(distance, chroma[:, None], out=distance)
+  out = np.subtract(maxc[:, None], distance, out=distance)
   # Values stay within [min, max] of the input, so rounding needs no clipping.
   np.add(out, 0.5, out=out)
   return np.floor(out, out=out)
@@ -337,14 +343,14 @@ def blur_matrices(sigma: np.ndarray, size: int) -> np.ndarray:
   # Edge clamping: a tap at row y + d reads row clip(y + d, 0, size - 1).
   rows = np.arange(size)
   source = np.clip(rows[:, None] + distance.astype(np.int64)[None, :], 0, size - 1)
-  one_pass = np.zeros((len(sigma), size, size), np.float64)
+  one_pass = np.zeros((len(sigma), size, size), np.float32)
   for tap in range(len(distance)):
     one_pass[:, rows, source[:, tap]] += weights[:, tap][:, None]
   operator = one_pass
   for _ in range(_BOX_BLUR_PASSES - 1):
     operator = np.matmul(one_pass, operator)
   operator[sigma <= 0] = np.eye(size)
-  return operator.astype(np.float32)
+  return operator
 
 
 def gaussian_blur(x_Nx3xSxS: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -355,6 +361,30 @@ def gaussian_blur(x_Nx3xSxS: np.ndarray, sigma: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the recipe
+
+
+def _colour_and_filters(x, u, config: MultiCropConfig, blur_p, solarize_p):
+  """Colour jitter, grayscale, blur and solarisation of crops x (n, 3, S, S), per their uniforms."""
+  jitter = u[:, _JITTER] < config.color_jitter_p
+  order = np.argsort(u[:, _ORDER_KEYS], axis=1)  # A uniform random permutation of the 4 ops.
+  ranges = config.jitter_ranges()
+  factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, _FACTORS]
+  x = color_jitter(x, jitter, order, factors)
+
+  gray = u[:, _GRAY] < config.grayscale_p
+  if gray.any():
+    x[gray] = luma(x[gray])[:, None]
+
+  # The reference blurs when random() <= p and solarises when random() < p.
+  blur = u[:, _BLUR] <= blur_p
+  if blur.any():
+    sigma = config.blur_sigma[0] + (config.blur_sigma[1] - config.blur_sigma[0]) * u[blur, _SIGMA]
+    x[blur] = gaussian_blur(x[blur], sigma)
+
+  solarize = u[:, _SOLARIZE] < solarize_p
+  if solarize.any():
+    x[solarize] = np.where(x[solarize] >= 128.0, 255.0 - x[solarize], x[solarize])
+  return x
 
 
 def _crop_group(images_Bx3xHxW, uniforms_BxNxU, config: MultiCropConfig, size, scale,
@@ -373,25 +403,14 @@ def _crop_group(images_Bx3xHxW, uniforms_BxNxU, config: MultiCropConfig, size, s
   source_image = np.repeat(np.arange(batch), num_crops)
   x = resized_crops(images_Bx3xHxW, source_image, boxes, flips, size)
 
-  jitter = u[:, _JITTER] < config.color_jitter_p
-  order = np.argsort(u[:, _ORDER_KEYS], axis=1)  # A uniform random permutation of the 4 ops.
-  ranges = config.jitter_ranges()
-  factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, _FACTORS]
-  x = color_jitter(x, jitter, order, factors)
-
-  gray = u[:, _GRAY] < config.grayscale_p
-  if gray.any():
-    x[gray] = luma(x[gray])[:, None]
-
-  # The reference blurs when random() <= p and solarises when random() < p.
-  blur = u[:, _BLUR] <= np.tile(blur_p, batch)
-  if blur.any():
-    sigma = config.blur_sigma[0] + (config.blur_sigma[1] - config.blur_sigma[0]) * u[blur, _SIGMA]
-    x[blur] = gaussian_blur(x[blur], sigma)
-
-  solarize = u[:, _SOLARIZE] < np.tile(solarize_p, batch)
-  if solarize.any():
-    x[solarize] = np.where(x[solarize] >= 128.0, 255.0 - x[solarize], x[solarize])
+  # The colour ops pass over the pixels ~40 times; in chunks that stay in the CPU cache they
+  # run about twice as fast as over the whole batch at once.
+  chunk = max(1, _CHUNK_PIXELS // (size * size))
+  blur_p = np.tile(blur_p, batch)
+  solarize_p = np.tile(solarize_p, batch)
+  for start in range(0, len(x), chunk):
+    rows = slice(start, start + chunk)
+    x[rows] = _colour_and_filters(x[rows], u[rows], config, blur_p[rows], solarize_p[rows])
   crops = x.astype(np.uint8).transpose(0, 2, 3, 1)
   return np.ascontiguousarray(crops).reshape(batch, num_crops, size, size, 3)
 
