@@ -68,7 +68,7 @@ def test_write_results_merges_json(tmp_path):
   assert open(md_path).read() == "# table\n"
 
 
-def test_evaluate_backbone_end_to_end_on_a_tiny_vit():
+def test_evaluate_backbone_end_to_end_on_a_tiny_vit(tmp_path):
   from flax import nnx
   from dino_jax.models.vit import ViTConfig, VisionTransformer
   model = VisionTransformer(ViTConfig(image_size=8, patch_size=4, embed_dim=8, depth=2,
@@ -90,6 +90,13 @@ def test_evaluate_backbone_end_to_end_on_a_tiny_vit():
                                  fewshot_episodes=10)
   results, extracted = suite.evaluate_backbone(graphdef, params, data, mean=(0.5,), std=(0.25,),
                                                settings=settings)
+  # `run` = the same plus the two files.
+  out_dir = tmp_path / "workdir"
+  ran = suite.run(graphdef, params, data, [data], out_dir=str(out_dir), mean=(0.5,), std=(0.25,),
+                  settings=settings, command="python launch.py --mode=eval")
+  assert json.loads((out_dir / "results.json").read_text())["colours_knn_k5_top1"] == 100.0
+  assert "## Transfer" in (out_dir / "results.md").read_text()
+  assert ran["knn_k5_top1"] == results["knn_k5_top1"]
   # The linear feature is capped at the depth (2 blocks of 8), the kNN feature is the last 8.
   assert extracted[0].train_blocks.shape == (60, 16)
   assert extracted[0].test_cls.shape == (63, 8)

@@ -100,3 +100,11 @@ def test_grid_figure_renders_to_an_array():
   maps = [rng.dirichlet(np.ones(16), size=3).reshape(3, 4, 4)] * 2
   pixels = viz.figure_to_array(viz.attention_grid_figure(images, maps, patch_size=4))
   assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+
+
+def test_attention_panel_for_training_logs(tiny_model):
+  _, (graphdef, params) = tiny_model
+  images = np.random.default_rng(4).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  panel = viz.attention_panel(viz.make_cls_attention_fn(graphdef, patch_size=4), params, images,
+                              patch_size=4)
+  assert panel.dtype == np.uint8 and panel.shape[2] == 3 and panel.shape[0] > panel.shape[1] / 4

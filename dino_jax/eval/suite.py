@@ -198,6 +198,24 @@ def evaluate_backbone(graphdef, params, main: EvalData, transfer: Sequence[EvalD
   return results, extracted
 
 
+def run(graphdef, params, main: EvalData, transfer: Sequence[EvalData] = (), *, out_dir: str,
+        mean: Sequence[float], std: Sequence[float], settings: SuiteSettings = SuiteSettings(),
+        command: str | None = None, mesh=None, log: Callable[[str], None] | None = None,
+        title: str | None = None) -> dict[str, float]:
+  """The whole suite: `evaluate_backbone`, then `out_dir/results.json` (merged with what is
+  there) and `out_dir/results.md` (tables headed by `command`, default this process's command
+  line). Returns the metrics."""
+  results, _ = evaluate_backbone(graphdef, params, main, transfer, mean=mean, std=std,
+                                 settings=settings, mesh=mesh, log=log)
+  markdown = results_markdown(results, main_name=main.name,
+                              transfer_names=[data.name for data in transfer], settings=settings,
+                              command=command, title=title)
+  json_path, md_path = write_results(out_dir, results, markdown)
+  if log:
+    log(f"wrote {json_path} and {md_path}")
+  return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports.
 

@@ -222,6 +222,16 @@ def figure_to_array(figure: Figure) -> np.ndarray:
   return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
+def attention_panel(cls_attention_fn, params, images_BxHxWx3: np.ndarray, *, patch_size: int,
+                    threshold: float | None = DEFAULT_THRESHOLD) -> np.ndarray:
+  """The grid figure of a fixed batch of images as uint8 RGB `(H, W, 3)`: for logging the
+  attention of validation images during training (one device call, one figure)."""
+  images = np.asarray(images_BxHxWx3)
+  attentions = np.asarray(cls_attention_fn(params, images))
+  return figure_to_array(attention_grid_figure(list(images), list(attentions),
+                                               patch_size=patch_size, threshold=threshold))
+
+
 def visualize_files(cls_attention_fn, params, image_paths: Sequence[str], out_dir: str, *,
                     patch_size: int, image_size: int | tuple[int, int] | None = None,
                     threshold: float | None = DEFAULT_THRESHOLD) -> dict[str, list[str]]:
