@@ -4,10 +4,14 @@
     python launch.py --config=configs/digits.py --workdir=runs/d --config.train.epochs=5
 """
 
+import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+# TensorFlow (used only to prepare datasets) and orbax/TFDS INFO lines would drown the progress line.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, optionally with an argument: configs/cifar100.py[:smoke].", lock_config=True
@@ -19,6 +23,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train"], "train: train, then evalua
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     from dino_jax import config as config_lib
 
     try:
