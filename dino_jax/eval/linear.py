@@ -107,8 +107,12 @@ def _train(train_x_NxD, train_y_N, test_x_MxD, test_y_M, key, *, num_classes: in
   def train_step(carry, step_inputs):
     params, opt_state = carry
     index_B, mask_B = step_inputs
+    # Indices are always in range (padding points at row 0): "clip" skips the out-of-bounds
+    # fill that plain indexing adds to every gather, ~10% of a step on a CPU.
+    x_BxD = jnp.take(train_x_NxD, index_B, axis=0, mode="clip")
+    y_B = jnp.take(train_y_N, index_B, axis=0, mode="clip")
     (loss, (correct, count)), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-        params, train_x_NxD[index_B], train_y_N[index_B], mask_B)
+        params, x_BxD, y_B, mask_B)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), (loss * count, correct, count)
 
