@@ -203,7 +203,8 @@ def test_params_only_and_jit_of_merge(tiny_vit):
     return model(x, drop_path_rng=rng), model.last_self_attention(x)
 
   cls, attention = forward(params, x, jax.random.key(0))
-  np.testing.assert_allclose(cls, features(tiny_vit, x), atol=1e-5)  # rate 0: the key changes nothing
+  # Drop-path rate 0: the key changes nothing.
+  np.testing.assert_allclose(cls, features(tiny_vit, x), atol=1e-5)
   assert attention.shape == (2, 2, 17, 17)
   # Running the model (with attention capture) added no state to it.
   _, params_after = nnx.split(tiny_vit)

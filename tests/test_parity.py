@@ -45,11 +45,6 @@ def merge(build, params):
   return nnx.merge(nnx.split(nnx.eval_shape(build))[0], params)
 
 
-@jax.jit
-def _noop(x):
-  return x
-
-
 def forward_outputs(config, params, images):
   @jax.jit
   def run(params, images):
@@ -112,8 +107,8 @@ def test_dino_loss_and_center_match_reference():
   torch_loss.center = torch.from_numpy(center.copy())
   expected = torch_loss(torch.from_numpy(student), torch.from_numpy(teacher), epoch=1).item()
   loss, _ = losses.dino_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(center),
-                             num_crops=crops, teacher_temperature=torch_loss.teacher_temp_schedule[1],
-                             student_temperature=0.1)
+                             num_crops=crops, student_temperature=0.1,
+                             teacher_temperature=torch_loss.teacher_temp_schedule[1])
   assert_close(loss, expected, 1e-6, "DINO loss")
   assert_close(losses.update_center(jnp.asarray(center), jnp.asarray(teacher), 0.9),
                torch_loss.center.numpy(), 1e-6, "center")
@@ -143,7 +138,8 @@ def build_ours(setup: StepSetup):
                            use_bn=setup.use_bn, norm_last_layer=setup.norm_last_layer)
   graphdef, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(3)), nnx.Param)
   schedules = schedules_lib.build_schedules(
-      lr=setup.lr, min_lr=1e-5, warmup_epochs=setup.warmup_epochs, weight_decay=0.04, weight_decay_end=0.4,
+      lr=setup.lr, min_lr=1e-5, warmup_epochs=setup.warmup_epochs, weight_decay=0.04,
+      weight_decay_end=0.4,
       momentum_teacher=setup.momentum_teacher, warmup_teacher_temp=0.04, teacher_temp=0.07,
       warmup_teacher_temp_epochs=2, epochs=setup.epochs, steps_per_epoch=setup.steps_per_epoch)
   tx = optim.make_optimizer(

@@ -71,6 +71,16 @@ def _to_numpy(value: Any) -> Any:
   return value
 
 
+def _reference_safe_globals() -> list:
+  """Plain-data classes the reference's checkpoint.pth holds besides tensors: its options
+  (argparse.Namespace) and the numpy float scalars that its numpy schedules leave in the
+  optimizer's param_groups (`lr`, `weight_decay`). None of them can run code when rebuilt."""
+  scalar = getattr(getattr(np, "_core", np.core), "multiarray").scalar
+  dtype_classes = [type(np.dtype(name)) for name in
+                   ("float16", "float32", "float64", "int32", "int64", "bool")]
+  return [argparse.Namespace, scalar, np.dtype, *dtype_classes]
+
+
 def read_checkpoint_file(path: str) -> dict[str, Any]:
   """Reads a `.pth` (weights-only unpickling) or `.safetensors` file into nested dicts of numpy.
 
@@ -94,15 +104,15 @@ def read_checkpoint_file(path: str) -> dict[str, Any]:
   import torch
 
   try:
-    # The reference stores its argparse.Namespace of options; that class only holds attributes.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals(_reference_safe_globals()):
       raw = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as error:
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"'{found.group(1)}'" if found else "code or objects"
     raise UnsafeCheckpointError(
-        f"refused to load {path}: its pickle refers to code or objects that a weights-only load "
-        f"does not allow, and this loader never runs code from a checkpoint. If you trust the "
-        f"file, re-save just its state dict (tensors only) or convert it to .safetensors. "
-        f"PyTorch said: {str(error).splitlines()[0][:300]}") from error
+        f"refused to load {path}: its pickle refers to {what}, which a weights-only load does "
+        f"not allow, and this loader never runs code from a checkpoint. If you trust the file, "
+        f"re-save just its tensors (a state dict) or convert it to .safetensors") from error
   if not isinstance(raw, Mapping):
     raise CheckpointFormatError(
         f"{path} holds a {type(raw).__name__}; expected a dict (a state dict or a training "
@@ -200,7 +210,8 @@ def head_key_table(config: HeadConfig, *, parametrized: bool = False) -> list[Ke
       table += [KeyEntry(("bn", i, "scale"), torch + ".weight", SAME),
                 KeyEntry(("bn", i, "bias"), torch + ".bias", SAME)]
   if parametrized:
-    g, v = "last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"
+    g = "last_layer.parametrizations.weight.original0"
+    v = "last_layer.parametrizations.weight.original1"
   else:
     g, v = "last_layer.weight_g", "last_layer.weight_v"
   table += [KeyEntry(("last_layer", "weight_g"), g, TRANSPOSE),
@@ -604,7 +615,8 @@ def training_checkpoint(student: nnx.State, teacher: nnx.State, center: np.ndarr
   (under `module.` too when the head has BatchNorm, as the reference then wraps it in DDP),
   `dino_loss.center`, `epoch`; `args` holds the options that describe the model. No optimizer
   state: the reference's resume tolerates its absence and starts the optimizer fresh."""
-  student_sd = {"module." + k: v for k, v in dino_to_torch(student, vit_config, head_config).items()}
+  student_sd = {"module." + k: v
+                for k, v in dino_to_torch(student, vit_config, head_config).items()}
   teacher_prefix = "module." if head_config.use_bn else ""
   teacher_sd = {teacher_prefix + k: v
                 for k, v in dino_to_torch(teacher, vit_config, head_config).items()}

@@ -44,7 +44,8 @@ class ViTConfig:
   def __post_init__(self):
     if self.patch_size <= 0 or self.image_size % self.patch_size:
       raise ValueError(
-          f"image_size {self.image_size} is not a positive multiple of patch_size {self.patch_size}")
+          f"image_size {self.image_size} is not a positive multiple of patch_size "
+          f"{self.patch_size}")
     if self.embed_dim % self.num_heads:
       raise ValueError(
           f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
