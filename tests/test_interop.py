@@ -289,3 +289,31 @@ def test_training_workdir_exports_to_reference(tmp_path):
   np.testing.assert_array_equal(written["dino_loss"]["center"].numpy(), 0.25)
   expected = torch_ckpt.dino_to_torch(teacher, vit_config, head_config)
   assert_same_tensors({k: v.numpy() for k, v in network.state_dict().items()}, expected)
+
+
+def test_reference_adam_moments_fill_our_optimizer(tmp_path):
+  from dino_jax import optim
+
+  path = str(tmp_path / "checkpoint.pth")
+  student, _, _ = reference_training_checkpoint(path)  # one step, last layer not frozen
+  imported = torch_ckpt.import_checkpoint(path)
+  moments = torch_ckpt.torch_adam_moments(imported.optimizer, imported.vit_config,
+                                          imported.head_config)
+  tx = optim.make_optimizer(lr_fn=lambda count: 1e-3, weight_decay_fn=lambda count: 0.04,
+                            clip_grad=3.0, freeze_last_layer_steps=0, norm_last_layer=False)
+  opt_state = torch_ckpt.fill_adam_moments(tx.init(imported.student), moments)
+  ours = torch_ckpt.adam_moments(opt_state)
+  table = {e.torch: e for e in torch_ckpt.dino_key_table(imported.vit_config,
+                                                         imported.head_config)}
+  # The reference's own resume path; the file was written by this test, so full unpickling.
+  reference = torch.optim.AdamW(ref.get_params_groups(student))
+  reference.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
+  for key, param in student.named_parameters():
+    state = reference.state[param]
+    first, second, count = ours[table[key].ours]
+    assert count == int(state["step"]) == 1
+    layout = table[key].layout
+    np.testing.assert_array_equal(torch_ckpt.to_torch_layout(first, layout),
+                                  state["exp_avg"].numpy(), err_msg=key)
+    np.testing.assert_array_equal(torch_ckpt.to_torch_layout(second, layout),
+                                  state["exp_avg_sq"].numpy(), err_msg=key)

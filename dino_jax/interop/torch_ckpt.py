@@ -675,3 +675,90 @@ def adam_moments(opt_state) -> dict[tuple, tuple[np.ndarray, np.ndarray, int]]:
       moments[key] = (np.asarray(jax.device_get(first)), np.asarray(jax.device_get(nu[path])),
                       count)
   return moments
+
+
+def torch_adam_moments(optimizer_state: Mapping[str, Any], vit_config: ViTConfig,
+                       head_config: HeadConfig, *, parametrized: bool = False,
+                       ) -> dict[tuple, tuple[np.ndarray, np.ndarray, int]]:
+  """The reference's AdamW state (`checkpoint['optimizer']`) as `{our DINO param path:
+  (exp_avg, exp_avg_sq, step)}` in our layouts.
+
+  PyTorch indexes its state by position in `param_groups`; the reference builds those groups
+  from the student's trainable parameters in module order, decayed ones (>= 2 dims, not a bias)
+  first. A tensor the optimizer never stepped (the last layer during its freeze) has no entry.
+  """
+  table = dino_key_table(vit_config, head_config, parametrized=parametrized)
+  abstract = _abstract_params(lambda: DINO(vit_config, head_config, rngs=nnx.Rngs(0)))
+  shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+  trainable = [entry for entry in table
+               if not (head_config.norm_last_layer and entry.ours[-1] == "weight_g")]
+
+  def decayed(entry):
+    return not entry.torch.endswith(".bias") and len(shapes[entry.ours]) > 1
+
+  ordered = [e for e in trainable if decayed(e)] + [e for e in trainable if not decayed(e)]
+  groups = optimizer_state.get("param_groups", [])
+  indices = [index for group in groups for index in group["params"]]
+  if len(indices) != len(ordered):
+    raise CheckpointFormatError(
+        f"the optimizer state has {len(indices)} parameters, the model {len(ordered)} trainable "
+        f"ones (norm_last_layer={head_config.norm_last_layer}): it was saved for another model")
+  moments = {}
+  for index, entry in zip(indices, ordered):
+    state = optimizer_state.get("state", {}).get(index)
+    if not state:
+      continue
+    first, second = np.asarray(state["exp_avg"]), np.asarray(state["exp_avg_sq"])
+    want = _torch_shape(shapes[entry.ours], entry.layout)
+    if first.shape != want or second.shape != want:
+      raise CheckpointFormatError(
+          f"optimizer moments of {entry.torch} have shape {first.shape}, expected {want}")
+    moments[entry.ours] = (from_torch_layout(first, entry.layout).astype(np.float32),
+                           from_torch_layout(second, entry.layout).astype(np.float32),
+                           int(np.asarray(state["step"])))
+  return moments
+
+
+def fill_adam_moments(opt_state, moments: Mapping[tuple, tuple[np.ndarray, np.ndarray, int]]):
+  """`opt_state` with the first/second moments of every `scale_by_adam` state replaced by
+  `moments` (paths as `adam_moments` gives them), and each Adam state's step count set to that
+  of its parameters. Other counters (schedules, freeze) are left to the caller, who knows the
+  global step. Raises if a group mixes step counts or a moment has no parameter here."""
+  import optax
+
+  def is_adam(node):
+    return isinstance(node, optax.ScaleByAdamState)
+
+  def is_masked(node):
+    return isinstance(node, optax.MaskedNode)
+
+  used = set()
+
+  def fill(node):
+    if not is_adam(node):
+      return node
+    steps = set()
+
+    def replace(which):
+      def leaf(path, value):
+        key = _path_tuple(path)
+        if is_masked(value) or key not in moments:
+          return value
+        used.add(key)
+        steps.add(moments[key][2])
+        return jax.numpy.asarray(moments[key][which], value.dtype)
+      return leaf
+
+    mu = jax.tree_util.tree_map_with_path(replace(0), node.mu, is_leaf=is_masked)
+    nu = jax.tree_util.tree_map_with_path(replace(1), node.nu, is_leaf=is_masked)
+    if len(steps) > 1:
+      raise CheckpointFormatError(f"one Adam group holds parameters at steps {sorted(steps)}")
+    count = jax.numpy.asarray(steps.pop(), node.count.dtype) if steps else node.count
+    return node._replace(count=count, mu=mu, nu=nu)
+
+  filled = jax.tree_util.tree_map(fill, opt_state, is_leaf=is_adam)
+  unused = sorted(".".join(map(str, key)) for key in set(moments) - used)
+  if unused:
+    raise CheckpointFormatError(f"optimizer moments for parameters this optimizer does not "
+                                f"update: {', '.join(unused)}")
+  return filled
