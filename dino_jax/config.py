@@ -100,6 +100,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(len(e.knn_ks) > 0 and all(k > 0 for k in e.knn_ks), "eval.knn_ks", e.knn_ks,
           "one or more positive neighbour counts")
     check(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "a positive temperature")
+    known_evaluators = ("knn", "linear", "fewshot")
+    for key in ("evaluators", "transfer_evaluators"):
+        check(all(name in known_evaluators for name in e[key]), f"eval.{key}", e[key],
+              f"names from {known_evaluators}")
+    check(all(name in sources.DATASETS for name in e.transfer), "eval.transfer", e.transfer,
+          f"dataset names from {sorted(sources.DATASETS)}")
+    for key in ("linear_epochs", "linear_batch_size", "linear_n_last_blocks", "fewshot_k_shot",
+                "fewshot_n_query", "fewshot_episodes"):
+        check(e[key] > 0, f"eval.{key}", e[key], "a positive integer")
+    check(e.linear_base_lr > 0, "eval.linear_base_lr", e.linear_base_lr, "a positive learning rate")
+    check(e.attention_every_steps >= 0, "eval.attention_every_steps", e.attention_every_steps,
+          "0 (off) or a positive step count")
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

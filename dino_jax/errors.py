@@ -1,4 +1,5 @@
-"""The errors a user can cause and fix (bad config, missing data, bad checkpoint, diverged run).
+"""The errors a user can cause and fix (bad config, missing data, bad or foreign checkpoint,
+diverged run, missing file).
 
 launch.py prints these as one clear message instead of a traceback; anything else is a bug and
 keeps its traceback.
@@ -7,6 +8,14 @@ keeps its traceback.
 from dino_jax.checkpointing import CheckpointError
 from dino_jax.config import ConfigError
 from dino_jax.data.sources import DatasetUnavailableError
+from dino_jax.interop.torch_ckpt import CheckpointFormatError
 from dino_jax.logging import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, DatasetUnavailableError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    DatasetUnavailableError,
+    CheckpointError,
+    CheckpointFormatError,
+    NonFiniteLossError,
+    FileNotFoundError,
+)

@@ -35,11 +35,6 @@ def build_model_fn(config: ml_collections.ConfigDict):
     return lambda rngs: dino.DINO(vit_config, head_config, rngs=rngs)
 
 
-def backbone_of(graphdef, params):
-    """(graphdef, params) of the ViT inside a DINO model, for evaluation and visualisation."""
-    return nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
-
-
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
@@ -161,6 +156,8 @@ class Trainer:
                 pending = None
             if done % config.train.log_every_steps == 0 or done == plan.train_steps:
                 pending = (done, metrics)
+            if config.eval.attention_every_steps and done % config.eval.attention_every_steps == 0:
+                self.save_attention_panel(done)
             if done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps:
                 # A checkpoint is written only for a finite state.
                 if pending is not None:
@@ -177,6 +174,28 @@ class Trainer:
         writer.close()
         return last
 
+    def save_attention_panel(self, step: int) -> str:
+        """Renders the teacher's last-block CLS attention on a fixed set of test images into
+        `<workdir>/attention/step_<step>.png`, so a run's logs show what the heads attend to."""
+        from PIL import Image
+
+        from dino_jax import evaluation
+        from dino_jax.viz import attention
+
+        if not hasattr(self, "_panel"):
+            graphdef, _ = backbone_of(self.graphdef, self.state.teacher)
+            fn = attention.make_cls_attention_fn(graphdef, patch_size=self.config.model.patch_size,
+                                                 mean=self.config.dataset.mean, std=self.config.dataset.std)
+            self._panel = (graphdef, fn, evaluation.test_panel_images(self.config))
+        _, fn, images = self._panel
+        _, params = backbone_of(self.graphdef, self.state.teacher)
+        panel = attention.attention_panel(fn, params, images, patch_size=self.config.model.patch_size)
+        directory = os.path.join(self.workdir, "attention")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"step_{step:07d}.png")
+        Image.fromarray(panel).save(path)
+        return path
+
     def _report(self, step, device_metrics, writer, progress, warned):
         metrics = log_lib.fetch(device_metrics)
         writer.write(step, metrics)
@@ -190,29 +209,16 @@ class Trainer:
         return metrics, warned
 
 
-def knn_of_teacher(config, graphdef, teacher_params, mesh) -> dict[str, float]:
-    """The reference kNN protocol on the config's dataset (train -> test), teacher backbone."""
-    from dino_jax.eval import features, knn
-
-    spec = sources.DATASETS[config.dataset.name]
-    data_dir = config.dataset.data_dir or None
-    backbone_graphdef, backbone_params = backbone_of(graphdef, teacher_params)
-    feature_fn = features.make_feature_fn(backbone_graphdef, mean=config.dataset.mean, std=config.dataset.std)
-    size = config.augment.global_crop_size
-    extracted = {}
-    for split in (spec.train_split, spec.eval_split):
-        source = sources.load_source(config.dataset.name, split, data_dir)
-        batches = pipeline.eval_batches(source, batch_size=config.eval.batch_size, image_size=size)
-        extracted[split] = features.extract_features(feature_fn, backbone_params, batches, mesh=mesh)
-    (train_x, train_y), (test_x, test_y) = extracted[spec.train_split], extracted[spec.eval_split]
-    return knn.weighted_knn(
-        train_x, train_y, test_x, test_y, num_classes=spec.num_classes, ks=tuple(config.eval.knn_ks),
-        temperature=config.eval.knn_temperature,
-    )
+def backbone_of(graphdef, params):
+    """(graphdef, params) of the ViT inside a DINO model, for evaluation and visualisation."""
+    return nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains, evaluates, writes `<workdir>/results.json`; returns the results (percent)."""
+    """Trains, then evaluates the teacher with the configured suite; writes
+    `<workdir>/results.json` and `results.md`; returns the results (percent)."""
+    from dino_jax import evaluation
+
     started = time.perf_counter()
     trainer = Trainer(config, workdir)
     save_config(config, workdir)
@@ -221,22 +227,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
-    if config.eval.random_init_knn and "random_init_knn_k20_top1" not in results and int(trainer.state.step) == 0 \
-            and trainer.checkpointer.latest_step() is None:
+    image_size = config.augment.global_crop_size
+    norm = dict(mean=config.dataset.mean, std=config.dataset.std)
+    if (config.eval.random_init_knn and "random_init_knn_k20_top1" not in results
+            and trainer.checkpointer.latest_step() is None):
         _print("kNN of the untrained network (the baseline training must beat)...")
-        baseline = knn_of_teacher(config, trainer.graphdef, trainer.state.teacher, trainer.mesh)
+        graphdef, params = backbone_of(trainer.graphdef, trainer.state.teacher)
+        baseline = evaluation.knn_only(config, graphdef, params, image_size=image_size, mesh=trainer.mesh, **norm)
         results.update({f"random_init_{k}": v for k, v in baseline.items()})
         _write_json(results_path, results)
+        _print("untrained: " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items() if k.endswith("top1")))
     last = trainer.train()
-    _print("kNN of the trained teacher...")
-    results.update(knn_of_teacher(config, trainer.graphdef, trainer.state.teacher, trainer.mesh))
+    train_results = {"train_wall_s": time.perf_counter() - started}
     if last:
-        results["final_loss"] = last["loss"]
-    results["train_wall_s"] = time.perf_counter() - started
+        train_results["final_loss"] = last["loss"]
+    results.update(train_results)
     _write_json(results_path, results)
     trainer.checkpointer.close()
-    summary = ", ".join(f"{k} {v:.2f}" for k, v in results.items() if k.endswith("top1"))
-    _print(f"results ({results_path}): {summary}")
+    _print("evaluating the trained teacher...")
+    graphdef, params = backbone_of(trainer.graphdef, trainer.state.teacher)
+    results.update(evaluation.evaluate(config, graphdef, params, out_dir=workdir, image_size=image_size,
+                                       mesh=trainer.mesh, **norm))
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in sorted(results.items()) if k.endswith("top1")
+                        and "knn_k20" in k or k in ("linear_best_test_top1",))
+    _print(f"results ({results_path}, results.md): {summary}")
     return results
 
 

@@ -1,0 +1,108 @@
+"""End-to-end runs of launch.py, as a user types them (tiny settings)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args, timeout=900, env=None):
+    return subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, digits_data_dir):
+    workdir = str(tmp_path_factory.mktemp("digits_smoke"))
+    out = launch("--config=configs/digits.py:smoke", f"--workdir={workdir}",
+                 f"--config.dataset.data_dir={digits_data_dir}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    return workdir, out
+
+
+def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
+    workdir, out = smoke_run
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    for key in ("knn_k5_top1", "knn_k20_top1", "knn_k20_top5", "random_init_knn_k20_top1", "random_init_knn_k5_top1"):
+        assert 0.0 <= results[key] <= 100.0, key
+    assert results["knn_k20_top5"] >= results["knn_k20_top1"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(set(r) >= {"loss", "lr", "weight_decay", "momentum", "teacher_entropy"} for r in rows)
+    assert "step 6/6" in out.stderr and "img/s" in out.stderr and "ETA" in out.stderr
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
+
+
+def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, digits_data_dir):
+    workdir, _ = smoke_run
+    out = launch("--config=configs/digits.py:smoke", f"--workdir={workdir}",
+                 f"--config.dataset.data_dir={digits_data_dir}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stderr and "at step 6" in out.stderr
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4, 6]
+
+
+def test_cifar100_without_the_dataset_or_internet_stops_at_once(tmp_path):
+    started = time.perf_counter()
+    out = launch("--config=configs/cifar100.py", f"--workdir={tmp_path / 'run'}",
+                 f"--config.dataset.data_dir={tmp_path / 'empty'}", timeout=120)
+    elapsed = time.perf_counter() - started
+    assert out.returncode != 0
+    assert "cifar100" in out.stderr and "Traceback" not in out.stderr
+    assert elapsed < 60
+
+
+def test_eval_mode_evaluates_the_latest_checkpoint_of_a_workdir(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    out_dir = tmp_path / "eval"
+    out = launch("--mode=eval", f"--checkpoint={workdir}", f"--workdir={out_dir}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "step 6" in out.stderr
+    with open(out_dir / "results.json") as f:
+        results = json.load(f)
+    for key in ("knn_k5_top1", "knn_k20_top1", "linear_train_top1", "linear_test_top1", "linear_best_test_top1",
+                "linear_train_loss", "linear_test_loss", "fewshot_5shot_ncm", "fewshot_5shot_ncm_ci95"):
+        assert key in results, key
+    # The training run's own evaluation of the same teacher gives the same kNN.
+    with open(os.path.join(workdir, "results.json")) as f:
+        trained = json.load(f)
+    assert results["knn_k20_top1"] == pytest.approx(trained["knn_k20_top1"], abs=1e-6)
+    markdown = (out_dir / "results.md").read_text()
+    assert "Linear probe" in markdown and "Weighted kNN" in markdown and "Few-shot" in markdown
+    assert "Command: `python launch.py --mode=eval" in markdown
+
+
+def test_visualize_mode_writes_attention_maps_for_photo_files(smoke_run, tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    workdir, _ = smoke_run
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("a.jpg", (50, 40)), ("b.png", (33, 33))):
+        path = tmp_path / name
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    out_dir = tmp_path / "viz"
+    out = launch("--mode=visualize", f"--checkpoint={workdir}", f"--workdir={out_dir}", f"--images={','.join(paths)}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    written = sorted(os.listdir(out_dir / "attention"))
+    assert {"a", "b", "attention_grid.png"} <= set(written)
+    per_image = os.listdir(out_dir / "attention" / "a")
+    assert any("head" in name for name in per_image) and any("mask" in name for name in per_image)
+    assert any("overlay" in name for name in per_image)
