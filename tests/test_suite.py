@@ -104,5 +104,10 @@ def test_evaluate_backbone_end_to_end_on_a_tiny_vit(tmp_path):
   assert results["knn_k5_top1"] == 100.0
   assert "linear_test_top1" in results and "fewshot_5shot_ncm" in results
   assert results["linear_n_last_blocks"] == 2
+  # Without the linear probe one block is enough.
+  _, knn_only = suite.evaluate_backbone(graphdef, params, data, mean=(0.5,), std=(0.25,),
+                                        settings=suite.SuiteSettings(evaluators=("knn",),
+                                                                     knn_ks=(5,)))
+  assert knn_only[0].train_blocks.shape == (60, 8)
   assert "CLS of the last 2 blocks" in suite.results_markdown(results, main_name="colours",
                                                               settings=settings, command="x")

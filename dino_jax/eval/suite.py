@@ -179,13 +179,15 @@ def evaluate_backbone(graphdef, params, main: EvalData, transfer: Sequence[EvalD
   and the features (for caching or plots).
   """
   extracted = []
-  for data in [main, *transfer]:
+  for data, evaluators in [(main, settings.evaluators)] + [
+      (t, settings.transfer_evaluators) for t in transfer]:
     if log:
       log(f"features of {data.name}...")
     started = time.perf_counter()
+    # Only the linear probe reads more than the last block.
+    n_last_blocks = settings.linear_n_last_blocks if "linear" in evaluators else 1
     extracted.append(extract_split_features(graphdef, params, data, mean=mean, std=std,
-                                            n_last_blocks=settings.linear_n_last_blocks,
-                                            mesh=mesh))
+                                            n_last_blocks=n_last_blocks, mesh=mesh))
     extracted_s = time.perf_counter() - started
     if log:
       log(f"features of {data.name}: {len(extracted[-1].train_labels)} train, "
