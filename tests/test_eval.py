@@ -55,6 +55,22 @@ def test_linear_probe_is_deterministic_in_the_seed():
   np.testing.assert_array_equal(first.train_loss_per_epoch, second.train_loss_per_epoch)
 
 
+def test_sweep_matches_single_runs_and_picks_the_best():
+  rng = np.random.default_rng(8)
+  x, y, centres = _clusters(rng, 4, 20, 64, 1.0)
+  test_x, test_y, _ = _clusters(rng, 4, 10, 64, 1.0, centres)
+  rates = (0.001, 0.03)
+  sweep = linear.linear_probe_sweep(x, y, test_x, test_y, num_classes=4, epochs=4, batch_size=16,
+                                    base_lrs=rates, seed=2)
+  for rate, swept in zip(rates, sweep):
+    single = linear.linear_probe(x, y, test_x, test_y, num_classes=4, epochs=4, batch_size=16,
+                                 base_lr=rate, seed=2)
+    assert swept.learning_rate == pytest.approx(rate * 16 / 256)
+    np.testing.assert_allclose(swept.train_loss_per_epoch, single.train_loss_per_epoch, rtol=1e-5)
+    np.testing.assert_array_equal(swept.test_top1_per_epoch, single.test_top1_per_epoch)
+  assert linear.best_of(sweep).best_test_top1 == max(r.best_test_top1 for r in sweep)
+
+
 def test_learning_rate_scales_with_batch_size():
   assert linear.scaled_learning_rate(256) == pytest.approx(0.001)
   assert linear.scaled_learning_rate(128) == pytest.approx(0.0005)

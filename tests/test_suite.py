@@ -46,6 +46,17 @@ def test_evaluate_features_names_and_values():
   assert "| stl10 | 100.00 |" in markdown
 
 
+def test_linear_rate_sweep_reports_the_chosen_rate():
+  rng = np.random.default_rng(3)
+  data = _split_features("sweep", rng, 3, rng.standard_normal((3, 16)), spread=1.0)
+  settings = suite.SuiteSettings(evaluators=("linear",), linear_epochs=2, linear_batch_size=16,
+                                 linear_base_lrs=(1e-4, 0.1))
+  results = suite.evaluate_features(data, (), settings)
+  assert results["linear_base_lr"] in (1e-4, 0.1)
+  markdown = suite.results_markdown(results, main_name="sweep", settings=settings, command="x")
+  assert "best of base rates [0.0001, 0.1]" in markdown
+
+
 def test_unknown_evaluator_is_rejected():
   with pytest.raises(ValueError, match=r"unknown evaluators \['svm'\]"):
     suite.SuiteSettings(evaluators=("knn", "svm"))
