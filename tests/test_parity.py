@@ -311,11 +311,6 @@ def test_training_steps_match_reference(setup, num_steps):
                      setup, lr_so_far, f"after step {it}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optax computes Adam's bias correction 1 - b2**t in float32, where b2 = 0.999 is "
-    "0.99900001: the first steps come out ~6.4e-6 relative smaller than PyTorch's, which uses "
-    "Python floats; dino_jax/optim.py would need a bias correction computed e.g. as "
-    "-expm1(t * log(b2)) with log(b2) from float64"))
 def test_adam_bias_correction_like_reference():
   # Updates are compared directly (not parameters) so float32 parameter rounding cannot hide
   # the difference; PyTorch runs in float64 here.
