@@ -84,3 +84,14 @@ def test_extraction_shards_over_two_devices():
                         timeout=120)
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.strip().endswith("ok")
+
+
+def test_equal_feature_functions_share_one_compilation():
+  from flax import nnx
+  from dino_jax.eval import features
+  graphdef, params = nnx.split(_tiny_vit())
+  images = np.zeros((2, 16, 16, 3), np.uint8)
+  before = features._features._cache_size()
+  for _ in range(2):  # e.g. the main data set, then a transfer set
+    features.make_feature_fn(graphdef, mean=[0.5, 0.5, 0.5], std=(0.2,) * 3)(params, images)
+  assert features._features._cache_size() == before + 1

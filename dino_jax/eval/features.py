@@ -17,6 +17,7 @@ Feature kinds, as the reference's evaluation scripts define them (REFERENCE.md Â
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -49,26 +50,31 @@ def backbone_features(model, images_BxHxWxC, *, n_last_blocks: int = 1,
   return jnp.stack([cls_BxF, patch_mean_BxD], axis=-1).reshape(cls_BxF.shape[0], -1)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "mean", "std", "n_last_blocks",
+                                             "avgpool"))
+def _features(params, images_uint8_BxHxWxC, *, graphdef, mean, std, n_last_blocks, avgpool):
+  model = nnx.merge(graphdef, params)
+  images = normalize_images(images_uint8_BxHxWxC, mean, std)
+  return backbone_features(model, images, n_last_blocks=n_last_blocks,
+                           avgpool=avgpool).astype(jnp.float32)
+
+
 def make_feature_fn(graphdef, *, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD, n_last_blocks: int = 1,
                     avgpool: bool = False) -> FeatureFn:
   """Jitted `fn(params, images_uint8) -> float32 features (B, F)` for a ViT `graphdef`.
 
   `params` is the state from `nnx.split(model)` (or any pytree of the same structure, e.g. the
-  teacher's). One compilation per input batch shape.
+  teacher's). One compilation per input batch shape and feature kind: functions made again for
+  an equal graphdef and settings (the next data set, the next evaluation) reuse it.
   """
   if avgpool and n_last_blocks != 1:
     raise ValueError(f"avgpool=True with n_last_blocks={n_last_blocks}; the reference defines "
                      "average-pooled patch tokens only with n_last_blocks=1")
-
-  @jax.jit
-  def feature_fn(params, images_uint8_BxHxWxC):
-    model = nnx.merge(graphdef, params)
-    images = normalize_images(images_uint8_BxHxWxC, mean, std)
-    return backbone_features(model, images, n_last_blocks=n_last_blocks,
-                             avgpool=avgpool).astype(jnp.float32)
-
-  return feature_fn
+  return functools.partial(_features, graphdef=graphdef,
+                           mean=tuple(float(m) for m in np.ravel(mean)),
+                           std=tuple(float(s) for s in np.ravel(std)),
+                           n_last_blocks=int(n_last_blocks), avgpool=bool(avgpool))
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
