@@ -5,8 +5,19 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compilation():
+  # Tiny models: XLA's optimisation passes cost more compile time than they save at run time.
+  # Restored afterwards for other test files.
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _tiny_vit():
@@ -77,7 +88,7 @@ def test_extraction_shards_over_two_devices():
       print("ok")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

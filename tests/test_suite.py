@@ -2,10 +2,22 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from dino_jax.eval import suite
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compilation():
+  # Tiny models: XLA's optimisation passes cost more compile time than they save at run time.
+  # Restored afterwards for other test files.
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
 
 _FAST = suite.SuiteSettings(knn_ks=(5, 20, 500), linear_epochs=3, linear_batch_size=32,
                             fewshot_episodes=20, linear_n_last_blocks=2)
