@@ -194,5 +194,3 @@ def check_divisible(global_batch: int, num_devices: int, what: str = "config.tra
         )
 
 
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

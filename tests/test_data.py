@@ -245,3 +245,16 @@ def test_eval_resize_matches_pil_bicubic():
   diff = np.abs(batch["image"][0].astype(np.int64) - ref)
   assert diff.max() <= 1 and (diff > 0).mean() < 0.01
   assert batch["mask"].tolist() == [True, False]
+
+
+def test_eval_batches_split_a_dataset_between_hosts_without_overlap():
+  source = [{"image": np.full((4, 4, 3), i, np.uint8), "label": i} for i in range(11)]
+  seen, batch_counts = [], []
+  for host in range(3):
+    batches = list(pipeline.eval_batches(source, batch_size=2, image_size=4, shard_index=host,
+                                         shard_count=3))
+    batch_counts.append(len(batches))
+    for batch in batches:
+      seen += [int(label) for label, keep in zip(batch["label"], batch["mask"]) if keep]
+  assert sorted(seen) == list(range(11))
+  assert len(set(batch_counts)) == 1  # every host takes part in every global batch

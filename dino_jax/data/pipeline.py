@@ -162,30 +162,35 @@ def resize_images(images_NxHxWx3: np.ndarray, size: int) -> np.ndarray:
   return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
 
 
-def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int,
-                 image_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass over `source` in batches of exactly `batch_size`.
+def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, image_size: int,
+                 shard_index: int | None = None,
+                 shard_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over this host's share of `source` in batches of exactly `batch_size`.
 
   Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,), "mask": bool
   (batch_size,)}. The last batch is padded with zero images (mask False, label -1), so a jitted
   evaluator compiles once. Images of another size than `image_size` are resized (bicubic,
-  antialiased).
+  antialiased). On several hosts each reads rows `shard_index::shard_count` (default: this
+  process's), and every host yields the same number of batches, so their batches form global
+  arrays whose gathered rows cover the split once.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size}: expected > 0")
+  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
   num_examples = len(source)
-  for start in range(0, num_examples, batch_size):
-    indices = list(range(start, min(start + batch_size, num_examples)))
-    if hasattr(source, "__getitems__"):
-      examples = source.__getitems__(indices)
-    else:
-      examples = [source[i] for i in indices]
-    images = resize_images(np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]),
-                           image_size)
-    count = len(examples)
+  rows = list(range(shard_index, num_examples, shard_count))
+  rows_per_host = -(-num_examples // shard_count)
+  for start in range(0, max(rows_per_host, 1), batch_size):
+    indices = rows[start:start + batch_size]
     image_batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-    image_batch[:count] = images
     labels = np.full(batch_size, -1, np.int32)
-    labels[:count] = [int(ex["label"]) for ex in examples]
-    mask = np.arange(batch_size) < count
+    if indices:
+      if hasattr(source, "__getitems__"):
+        examples = source.__getitems__(indices)
+      else:
+        examples = [source[i] for i in indices]
+      image_batch[:len(examples)] = resize_images(
+          np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]), image_size)
+      labels[:len(examples)] = [int(ex["label"]) for ex in examples]
+    mask = np.arange(batch_size) < len(indices)
     yield {"image": image_batch, "label": labels, "mask": mask}

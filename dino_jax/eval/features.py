@@ -27,6 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dino_jax import sharding
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 FeatureFn = Callable[[Any, jax.Array], jax.Array]
@@ -77,16 +78,6 @@ def make_feature_fn(graphdef, *, mean: Sequence[float] = IMAGENET_MEAN,
                            n_last_blocks=int(n_last_blocks), avgpool=bool(avgpool))
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis `data` over `devices` (default: all devices of all hosts)."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axes: the model is written without sharding annotations, so XLA propagates the batch
-  # sharding; with JAX's default Explicit axes, ops mixing sharded and replicated operands (the
-  # CLS token concatenation) are type errors.
-  return jax.make_mesh((len(devices),), ("data",), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def extract_features(feature_fn: FeatureFn, params, batches: Iterable[Mapping[str, Any]], *,
                      mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Runs `feature_fn` over `batches` and returns `(features (N, F) float32, labels (N,))`.
@@ -99,8 +90,8 @@ def extract_features(feature_fn: FeatureFn, params, batches: Iterable[Mapping[st
   contributes its devices. On several
   hosts every host returns the rows of all hosts.
   """
-  # Rebuilt with Auto axes whatever the caller's axis types (see `data_mesh`).
-  mesh = data_mesh(None if mesh is None else list(mesh.devices.flat))
+  # Rebuilt with Auto axes whatever the caller's axis types (see `sharding.make_mesh`).
+  mesh = sharding.make_mesh(None if mesh is None else list(mesh.devices.flat))
   batch_sharding = NamedSharding(mesh, P("data"))
   params = jax.device_put(params, NamedSharding(mesh, P()))
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
