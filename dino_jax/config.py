@@ -8,7 +8,6 @@ once, naming the key, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import ml_collections
 
@@ -192,5 +191,3 @@ def check_divisible(global_batch: int, num_devices: int, what: str = "config.tra
             f"{what} = {global_batch}: expected a multiple of the {num_devices} devices, "
             f"so every device gets the same number of images"
         )
-
-
