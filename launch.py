@@ -1,11 +1,11 @@
 """dino_jax command line: a thin shell over the library.
 
-    python launch.py --config=configs/cifar100.py --workdir=runs/c100                # train, then evaluate
-    python launch.py --mode=eval --workdir=runs/c100                                  # evaluate its latest checkpoint
-    python launch.py --mode=eval --config=configs/cifar100.py --checkpoint=dino.pth --workdir=runs/eval
-    python launch.py --mode=visualize --workdir=runs/c100 --images=a.jpg,b.png        # attention maps
-    python launch.py --mode=convert --from=checkpoint.pth --to=runs/converted         # PyTorch <-> ours
-    python launch.py --mode=embed --checkpoint=runs/c100 --images=photos/ --out=emb.npz
+python launch.py --config=configs/cifar100.py --workdir=runs/c100                # train, then evaluate
+python launch.py --mode=eval --workdir=runs/c100                                  # evaluate its latest checkpoint
+python launch.py --mode=eval --config=configs/cifar100.py --checkpoint=dino.pth --workdir=runs/eval
+python launch.py --mode=visualize --workdir=runs/c100 --images=a.jpg,b.png        # attention maps
+python launch.py --mode=convert --from=checkpoint.pth --to=runs/converted         # PyTorch <-> ours
+python launch.py --mode=embed --checkpoint=runs/c100 --images=photos/ --out=emb.npz
 """
 
 import os
@@ -21,14 +21,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, optionally with an argument: configs/cifar100.py[:smoke].", lock_config=True
 )
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "visualize", "convert", "embed"],
+    "mode",
+    "train",
+    ["train", "eval", "visualize", "convert", "embed"],
     "train: train then evaluate; eval: evaluate a checkpoint; visualize: attention maps of --images; "
     "convert: --from -> --to between PyTorch files and our checkpoints; embed: CLS features of --images.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results, figures.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "eval/visualize/embed: a training workdir, a converted checkpoint directory or a "
-    "PyTorch .pth/.safetensors file (default: --workdir).")
+    "checkpoint",
+    None,
+    "eval/visualize/embed: a training workdir, a converted checkpoint directory or a "
+    "PyTorch .pth/.safetensors file (default: --workdir).",
+)
 _IMAGES = flags.DEFINE_list("images", None, "visualize/embed: image files or folders, comma-separated.")
 _OUT = flags.DEFINE_string("out", None, "embed: the .npz file to write.")
 _FROM = flags.DEFINE_string("from", None, "convert: source checkpoint.")
@@ -70,8 +75,9 @@ def run_mode() -> None:
         evaluation.evaluate_checkpoint(config, checkpoint, _WORKDIR.value)
     elif mode == "visualize":
         _require(workdir=_WORKDIR.value, images=_IMAGES.value)
-        evaluation.visualize(_CHECKPOINT.value or _WORKDIR.value, _IMAGES.value,
-                             os.path.join(_WORKDIR.value, "attention"))
+        evaluation.visualize(
+            _CHECKPOINT.value or _WORKDIR.value, _IMAGES.value, os.path.join(_WORKDIR.value, "attention")
+        )
     elif mode == "convert":
         _require(**{"from": flags.FLAGS["from"].value, "to": _TO.value})
         print(cli.convert(flags.FLAGS["from"].value, _TO.value, backbone_only=_BACKBONE_ONLY.value))

@@ -41,34 +41,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(m.variant in vit.VIT_VARIANTS, "model.variant", m.variant, f"one of {sorted(vit.VIT_VARIANTS)}")
     check(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")
     custom = (m.embed_dim, m.depth, m.num_heads)
-    check(all(v == 0 for v in custom) or all(v > 0 for v in custom), "model.embed_dim/depth/num_heads",
-          custom, "all three 0 (use the variant's) or all three positive")
+    check(
+        all(v == 0 for v in custom) or all(v > 0 for v in custom),
+        "model.embed_dim/depth/num_heads",
+        custom,
+        "all three 0 (use the variant's) or all three positive",
+    )
     if m.embed_dim > 0 and m.num_heads > 0:
-        check(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
-              f"a multiple of model.num_heads ({m.num_heads})")
+        check(
+            m.embed_dim % m.num_heads == 0,
+            "model.embed_dim",
+            m.embed_dim,
+            f"a multiple of model.num_heads ({m.num_heads})",
+        )
     check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "a rate in [0, 1)")
     check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"one of {_DTYPES}")
 
     check(h.out_dim > 0, "head.out_dim", h.out_dim, "a positive integer")
     check(h.nlayers >= 1, "head.nlayers", h.nlayers, "at least 1")
-    check(h.hidden_dim > 0 and h.bottleneck_dim > 0, "head.hidden_dim/bottleneck_dim",
-          (h.hidden_dim, h.bottleneck_dim), "positive integers")
+    check(
+        h.hidden_dim > 0 and h.bottleneck_dim > 0,
+        "head.hidden_dim/bottleneck_dim",
+        (h.hidden_dim, h.bottleneck_dim),
+        "positive integers",
+    )
 
     check(a.on in _AUGMENT_PLACES, "augment.on", a.on, f"one of {_AUGMENT_PLACES}")
     if m.patch_size > 0:
         for key in ("global_crop_size", "local_crop_size"):
             size = a[key]
-            check(size > 0 and size % m.patch_size == 0, f"augment.{key}", size,
-                  f"a positive multiple of the patch size {m.patch_size} "
-                  f"(crop size {size} is not a multiple of patch size {m.patch_size})")
+            check(
+                size > 0 and size % m.patch_size == 0,
+                f"augment.{key}",
+                size,
+                f"a positive multiple of the patch size {m.patch_size} "
+                f"(crop size {size} is not a multiple of patch size {m.patch_size})",
+            )
     check(a.num_local_crops >= 0, "augment.num_local_crops", a.num_local_crops, "0 or more")
     for key in ("global_crop_scale", "local_crop_scale"):
         lo, hi = a[key]
         check(0 < lo <= hi <= 1, f"augment.{key}", a[key], "(low, high) with 0 < low <= high <= 1")
     for key in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
         check(0 <= a[key] <= 1, f"augment.{key}", a[key], "a probability in [0, 1]")
-    check(len(a.blur_p) == 3 and all(0 <= p <= 1 for p in a.blur_p), "augment.blur_p", a.blur_p,
-          "3 probabilities (global 1, global 2, local)")
+    check(
+        len(a.blur_p) == 3 and all(0 <= p <= 1 for p in a.blur_p),
+        "augment.blur_p",
+        a.blur_p,
+        "3 probabilities (global 1, global 2, local)",
+    )
     for key in ("brightness", "contrast", "saturation"):
         check(a[key] >= 0, f"augment.{key}", a[key], "a non-negative jitter strength")
     check(0 <= a.hue <= 0.5, "augment.hue", a.hue, "a hue jitter in [0, 0.5]")
@@ -79,14 +99,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(t.max_steps >= 0, "train.max_steps", t.max_steps, "0 (no limit) or a positive step count")
     check(t.lr > 0, "train.lr", t.lr, "a positive learning rate")
     check(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"in [0, train.lr={t.lr}]")
-    check(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
-          f"in [0, train.epochs={t.epochs}]")
-    check(0 <= t.warmup_teacher_temp_epochs <= t.epochs, "train.warmup_teacher_temp_epochs",
-          t.warmup_teacher_temp_epochs, f"in [0, train.epochs={t.epochs}]")
-    check(0 <= t.freeze_last_layer <= t.epochs, "train.freeze_last_layer", t.freeze_last_layer,
-          f"in [0, train.epochs={t.epochs}] epochs")
-    check(t.weight_decay >= 0 and t.weight_decay_end >= 0, "train.weight_decay/weight_decay_end",
-          (t.weight_decay, t.weight_decay_end), "non-negative values")
+    check(
+        0 <= t.warmup_epochs <= t.epochs,
+        "train.warmup_epochs",
+        t.warmup_epochs,
+        f"in [0, train.epochs={t.epochs}]",
+    )
+    check(
+        0 <= t.warmup_teacher_temp_epochs <= t.epochs,
+        "train.warmup_teacher_temp_epochs",
+        t.warmup_teacher_temp_epochs,
+        f"in [0, train.epochs={t.epochs}]",
+    )
+    check(
+        0 <= t.freeze_last_layer <= t.epochs,
+        "train.freeze_last_layer",
+        t.freeze_last_layer,
+        f"in [0, train.epochs={t.epochs}] epochs",
+    )
+    check(
+        t.weight_decay >= 0 and t.weight_decay_end >= 0,
+        "train.weight_decay/weight_decay_end",
+        (t.weight_decay, t.weight_decay_end),
+        "non-negative values",
+    )
     check(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "0 (off) or a positive norm")
     check(0 <= t.momentum_teacher <= 1, "train.momentum_teacher", t.momentum_teacher, "in [0, 1]")
     check(0 <= t.center_momentum < 1, "train.center_momentum", t.center_momentum, "in [0, 1)")
@@ -96,21 +132,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(t[key] > 0, f"train.{key}", t[key], "a positive integer")
 
     check(e.batch_size > 0, "eval.batch_size", e.batch_size, "a positive integer")
-    check(len(e.knn_ks) > 0 and all(k > 0 for k in e.knn_ks), "eval.knn_ks", e.knn_ks,
-          "one or more positive neighbour counts")
+    check(
+        len(e.knn_ks) > 0 and all(k > 0 for k in e.knn_ks),
+        "eval.knn_ks",
+        e.knn_ks,
+        "one or more positive neighbour counts",
+    )
     check(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "a positive temperature")
     known_evaluators = ("knn", "linear", "fewshot")
     for key in ("evaluators", "transfer_evaluators"):
-        check(all(name in known_evaluators for name in e[key]), f"eval.{key}", e[key],
-              f"names from {known_evaluators}")
-    check(all(name in sources.DATASETS for name in e.transfer), "eval.transfer", e.transfer,
-          f"dataset names from {sorted(sources.DATASETS)}")
-    for key in ("linear_epochs", "linear_batch_size", "linear_n_last_blocks", "fewshot_k_shot",
-                "fewshot_n_query", "fewshot_episodes"):
+        check(
+            all(name in known_evaluators for name in e[key]),
+            f"eval.{key}",
+            e[key],
+            f"names from {known_evaluators}",
+        )
+    check(
+        all(name in sources.DATASETS for name in e.transfer),
+        "eval.transfer",
+        e.transfer,
+        f"dataset names from {sorted(sources.DATASETS)}",
+    )
+    for key in (
+        "linear_epochs",
+        "linear_batch_size",
+        "linear_n_last_blocks",
+        "fewshot_k_shot",
+        "fewshot_n_query",
+        "fewshot_episodes",
+    ):
         check(e[key] > 0, f"eval.{key}", e[key], "a positive integer")
     check(e.linear_base_lr > 0, "eval.linear_base_lr", e.linear_base_lr, "a positive learning rate")
-    check(e.attention_every_steps >= 0, "eval.attention_every_steps", e.attention_every_steps,
-          "0 (off) or a positive step count")
+    check(
+        e.attention_every_steps >= 0,
+        "eval.attention_every_steps",
+        e.attention_every_steps,
+        "0 (off) or a positive step count",
+    )
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
@@ -137,8 +195,13 @@ def head_config(config: ml_collections.ConfigDict, in_dim: int):
 
     h = config.head
     return head.HeadConfig(
-        in_dim=in_dim, out_dim=h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
-        nlayers=h.nlayers, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
+        in_dim=in_dim,
+        out_dim=h.out_dim,
+        hidden_dim=h.hidden_dim,
+        bottleneck_dim=h.bottleneck_dim,
+        nlayers=h.nlayers,
+        use_bn=h.use_bn,
+        norm_last_layer=h.norm_last_layer,
     )
 
 
@@ -147,10 +210,19 @@ def crop_config(config: ml_collections.ConfigDict):
 
     a = config.augment
     return augment.MultiCropConfig(
-        global_size=a.global_crop_size, local_size=a.local_crop_size, num_local_crops=a.num_local_crops,
-        global_scale=tuple(a.global_crop_scale), local_scale=tuple(a.local_crop_scale),
-        flip_p=a.flip_p, color_jitter_p=a.color_jitter_p, brightness=a.brightness, contrast=a.contrast,
-        saturation=a.saturation, hue=a.hue, grayscale_p=a.grayscale_p, blur_p=tuple(a.blur_p),
+        global_size=a.global_crop_size,
+        local_size=a.local_crop_size,
+        num_local_crops=a.num_local_crops,
+        global_scale=tuple(a.global_crop_scale),
+        local_scale=tuple(a.local_crop_scale),
+        flip_p=a.flip_p,
+        color_jitter_p=a.color_jitter_p,
+        brightness=a.brightness,
+        contrast=a.contrast,
+        saturation=a.saturation,
+        hue=a.hue,
+        grayscale_p=a.grayscale_p,
+        blur_p=tuple(a.blur_p),
         solarize_p=(0.0, a.solarize_p, 0.0),
     )
 

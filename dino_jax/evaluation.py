@@ -88,8 +88,17 @@ def evaluate(
     `out_dir/results.json` (merged) and `out_dir/results.md`. `graphdef/params`: a ViT backbone."""
     main = eval_data(config.dataset.name, config, image_size)
     return suite.run(
-        graphdef, params, main, transfer_data(config, image_size), out_dir=out_dir, mean=mean, std=std,
-        settings=suite_settings(config), command=command, mesh=mesh, log=_print,
+        graphdef,
+        params,
+        main,
+        transfer_data(config, image_size),
+        out_dir=out_dir,
+        mean=mean,
+        std=std,
+        settings=suite_settings(config),
+        command=command,
+        mesh=mesh,
+        log=_print,
     )
 
 
@@ -113,7 +122,9 @@ def backbone_of(loaded) -> tuple[object, object, object]:
         return graphdef, params, model.vit_config
     from dino_jax.models.dino import DINO
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DINO(model.vit_config, model.head_config, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(
+        nnx.eval_shape(lambda: DINO(model.vit_config, model.head_config, rngs=nnx.Rngs(0)))
+    )
     backbone_graphdef, backbone_params = nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
     return backbone_graphdef, backbone_params, model.vit_config
 
@@ -125,25 +136,48 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_
     loaded = cli.load_checkpoint(checkpoint)
     graphdef, params, vit_config = backbone_of(loaded)
     where = f" (step {loaded.step})" if loaded.step is not None else ""
-    _print(f"evaluating the teacher of {checkpoint}{where}: ViT {vit_config.embed_dim}-d x {vit_config.depth}, "
-           f"patch {vit_config.patch_size}, {vit_config.image_size} px")
-    return evaluate(config, graphdef, params, out_dir=out_dir, image_size=vit_config.image_size,
-                    mean=loaded.mean, std=loaded.std)
+    _print(
+        f"evaluating the teacher of {checkpoint}{where}: ViT {vit_config.embed_dim}-d x {vit_config.depth}, "
+        f"patch {vit_config.patch_size}, {vit_config.image_size} px"
+    )
+    return evaluate(
+        config,
+        graphdef,
+        params,
+        out_dir=out_dir,
+        image_size=vit_config.image_size,
+        mean=loaded.mean,
+        std=loaded.std,
+    )
 
 
-def visualize(checkpoint: str, image_paths: Sequence[str], out_dir: str, *, image_size: int | None = None,
-              threshold: float | None = 0.6) -> dict[str, list[str]]:
+def visualize(
+    checkpoint: str,
+    image_paths: Sequence[str],
+    out_dir: str,
+    *,
+    image_size: int | None = None,
+    threshold: float | None = 0.6,
+) -> dict[str, list[str]]:
     """`--mode=visualize`: per-head CLS attention, threshold masks and overlays for each image."""
     from dino_jax.interop import cli
     from dino_jax.viz import attention
 
     loaded = cli.load_checkpoint(checkpoint)
     graphdef, params, vit_config = backbone_of(loaded)
-    attention_fn = attention.make_cls_attention_fn(graphdef, patch_size=vit_config.patch_size,
-                                                   mean=loaded.mean, std=loaded.std)
+    attention_fn = attention.make_cls_attention_fn(
+        graphdef, patch_size=vit_config.patch_size, mean=loaded.mean, std=loaded.std
+    )
     files = cli.image_files(image_paths)
-    written = attention.visualize_files(attention_fn, params, files, out_dir, patch_size=vit_config.patch_size,
-                                        image_size=image_size, threshold=threshold)
+    written = attention.visualize_files(
+        attention_fn,
+        params,
+        files,
+        out_dir,
+        patch_size=vit_config.patch_size,
+        image_size=image_size,
+        threshold=threshold,
+    )
     _print(f"wrote attention maps of {len(files)} image(s) into {out_dir}")
     return written
 
@@ -152,6 +186,11 @@ def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.n
     """A fixed set of test images (the first `count`) for the attention panel logged in training."""
     spec = sources.DATASETS[config.dataset.name]
     source = sources.load_source(config.dataset.name, spec.eval_split, config.dataset.data_dir or None)
-    batch = next(iter(pipeline.eval_batches(source, batch_size=min(count, len(source)),
-                                            image_size=config.augment.global_crop_size)))
+    batch = next(
+        iter(
+            pipeline.eval_batches(
+                source, batch_size=min(count, len(source)), image_size=config.augment.global_crop_size
+            )
+        )
+    )
     return batch["image"]

@@ -98,7 +98,10 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
 def collapse_warning(metrics: dict[str, float], out_dim: int) -> str | None:
     """A message when the teacher's outputs have collapsed (REFERENCE.md §5), else None."""
     uniform = math.log(out_dim)
-    if metrics.get("teacher_entropy", 0.0) > 0.98 * uniform and abs(metrics["loss"] - uniform) < 0.02 * uniform:
+    if (
+        metrics.get("teacher_entropy", 0.0) > 0.98 * uniform
+        and abs(metrics["loss"] - uniform) < 0.02 * uniform
+    ):
         return (
             f"the loss ({metrics['loss']:.4f}) sits at ln(out_dim) = {uniform:.4f} and the teacher's "
             "outputs are uniform: uniform collapse, nothing is being learned. Known remedies: "

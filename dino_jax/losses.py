@@ -37,7 +37,9 @@ def dino_loss(
         (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(num_crops, batch, -1), axis=-1
     )
     teacher_centred = (teacher_logits_2BxK.astype(jnp.float32) - center_1xK) / teacher_temperature
-    teacher_probs_2xBxK = jax.lax.stop_gradient(jax.nn.softmax(teacher_centred, axis=-1).reshape(2, batch, -1))
+    teacher_probs_2xBxK = jax.lax.stop_gradient(
+        jax.nn.softmax(teacher_centred, axis=-1).reshape(2, batch, -1)
+    )
 
     # cross_entropy_2xV[t, v] = mean over the batch of -sum_k q_t log p_v; then drop t == v.
     cross_entropy_2xV = -jnp.einsum("tbk,vbk->tv", teacher_probs_2xBxK, student_log_probs_VxBxK) / batch

@@ -114,7 +114,9 @@ def hold_for(num_steps: int, inner: optax.GradientTransformation) -> optax.Gradi
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+def scale_by_torch_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
     """Adam's direction exactly as torch.optim.AdamW computes it.
 
     optax's `scale_by_adam` forms the bias correction `1 - b2**t` in float32, where 0.999 rounds
@@ -169,14 +171,13 @@ def make_optimizer(
     norm_last_layer: bool,
 ) -> optax.GradientTransformation:
     """The student's optimiser. `lr_fn`/`weight_decay_fn` map the global step to a value."""
+
     def shifted(fn):
         return lambda count: fn(count + freeze_last_layer_steps)
 
     groups = {
         GROUP_MAIN: adamw(lr_fn, weight_decay_fn),
-        GROUP_LAST_LAYER: hold_for(
-            freeze_last_layer_steps, adamw(shifted(lr_fn), shifted(weight_decay_fn))
-        ),
+        GROUP_LAST_LAYER: hold_for(freeze_last_layer_steps, adamw(shifted(lr_fn), shifted(weight_decay_fn))),
         GROUP_FIXED: optax.set_to_zero(),
     }
     labels = lambda tree: param_labels(tree, norm_last_layer=norm_last_layer)  # noqa: E731

@@ -27,7 +27,9 @@ def cosine_schedule(
     last value is slightly above `final_value`, as in the reference.
     """
     if epochs <= 0 or steps_per_epoch <= 0:
-        raise ValueError(f"a schedule needs epochs > 0 and steps_per_epoch > 0, got {epochs}, {steps_per_epoch}")
+        raise ValueError(
+            f"a schedule needs epochs > 0 and steps_per_epoch > 0, got {epochs}, {steps_per_epoch}"
+        )
     warmup_steps = warmup_epochs * steps_per_epoch
     total_steps = epochs * steps_per_epoch
     if warmup_steps > total_steps:
@@ -45,7 +47,10 @@ def teacher_temperature_schedule(
     if warmup_epochs > epochs:
         raise ValueError(f"teacher temperature warm-up of {warmup_epochs} epochs exceeds {epochs} epochs")
     return np.concatenate(
-        [np.linspace(warmup_temperature, temperature, warmup_epochs), np.full(epochs - warmup_epochs, temperature)]
+        [
+            np.linspace(warmup_temperature, temperature, warmup_epochs),
+            np.full(epochs - warmup_epochs, temperature),
+        ]
     )
 
 

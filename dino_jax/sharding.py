@@ -36,7 +36,9 @@ def replicated(mesh) -> NamedSharding:
 def to_global_batch(local_batch, mesh):
     """Host-local numpy rows -> global arrays sharded on `data` (each host contributes its rows)."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def maybe_initialize_distributed() -> None:

@@ -63,11 +63,17 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
     plan = config_lib.plan_steps(config, num_train_examples)
     t = config.train
     schedules = schedules_lib.build_schedules(
-        lr=plan.peak_lr, min_lr=t.min_lr, warmup_epochs=t.warmup_epochs,
-        weight_decay=t.weight_decay, weight_decay_end=t.weight_decay_end,
-        momentum_teacher=t.momentum_teacher, warmup_teacher_temp=t.warmup_teacher_temp,
-        teacher_temp=t.teacher_temp, warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
-        epochs=t.epochs, steps_per_epoch=plan.steps_per_epoch,
+        lr=plan.peak_lr,
+        min_lr=t.min_lr,
+        warmup_epochs=t.warmup_epochs,
+        weight_decay=t.weight_decay,
+        weight_decay_end=t.weight_decay_end,
+        momentum_teacher=t.momentum_teacher,
+        warmup_teacher_temp=t.warmup_teacher_temp,
+        teacher_temp=t.teacher_temp,
+        warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
+        epochs=t.epochs,
+        steps_per_epoch=plan.steps_per_epoch,
     )
     tx = optim.make_optimizer(
         lr_fn=lambda count: schedules_lib.lookup(schedules.lr, count),
@@ -86,8 +92,14 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
 
         device_augment = functools.partial(augment_device.multicrop_batch, config=crop_config)
     step_fn = step_lib.make_train_step(
-        graphdef, tx, schedules, mean=config.dataset.mean, std=config.dataset.std,
-        student_temp=t.student_temp, center_momentum=t.center_momentum, device_augment=device_augment,
+        graphdef,
+        tx,
+        schedules,
+        mean=config.dataset.mean,
+        std=config.dataset.std,
+        student_temp=t.student_temp,
+        center_momentum=t.center_momentum,
+        device_augment=device_augment,
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))
@@ -112,13 +124,18 @@ class Trainer:
         self.state, self.step_fn, self.crop_config = parts.state, parts.step_fn, parts.crop_config
         self.data_iterator = iter(
             pipeline.train_dataset(
-                self.train_source, self.crop_config, global_batch_size=config.train.batch_size,
-                seed=config.seed, augment_on=config.augment.on, num_workers=config.augment.num_workers,
+                self.train_source,
+                self.crop_config,
+                global_batch_size=config.train.batch_size,
+                seed=config.seed,
+                augment_on=config.augment.on,
+                num_workers=config.augment.num_workers,
             )
         )
         t = config.train
         self.checkpointer = checkpointing.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
+            os.path.join(workdir, "checkpoints"),
+            max_to_keep=t.keep_checkpoints,
             save_every_steps=t.checkpoint_every_steps,
         )
 
@@ -184,8 +201,12 @@ class Trainer:
 
         if not hasattr(self, "_panel"):
             graphdef, _ = backbone_of(self.graphdef, self.state.teacher)
-            fn = attention.make_cls_attention_fn(graphdef, patch_size=self.config.model.patch_size,
-                                                 mean=self.config.dataset.mean, std=self.config.dataset.std)
+            fn = attention.make_cls_attention_fn(
+                graphdef,
+                patch_size=self.config.model.patch_size,
+                mean=self.config.dataset.mean,
+                std=self.config.dataset.std,
+            )
             self._panel = (graphdef, fn, evaluation.test_panel_images(self.config))
         _, fn, images = self._panel
         _, params = backbone_of(self.graphdef, self.state.teacher)
@@ -229,11 +250,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             results = json.load(f)
     image_size = config.augment.global_crop_size
     norm = dict(mean=config.dataset.mean, std=config.dataset.std)
-    if (config.eval.random_init_knn and "random_init_knn_k20_top1" not in results
-            and trainer.checkpointer.latest_step() is None):
+    if (
+        config.eval.random_init_knn
+        and "random_init_knn_k20_top1" not in results
+        and trainer.checkpointer.latest_step() is None
+    ):
         _print("kNN of the untrained network (the baseline training must beat)...")
         graphdef, params = backbone_of(trainer.graphdef, trainer.state.teacher)
-        baseline = evaluation.knn_only(config, graphdef, params, image_size=image_size, mesh=trainer.mesh, **norm)
+        baseline = evaluation.knn_only(
+            config, graphdef, params, image_size=image_size, mesh=trainer.mesh, **norm
+        )
         results.update({f"random_init_{k}": v for k, v in baseline.items()})
         _write_json(results_path, results)
         _print("untrained: " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items() if k.endswith("top1")))
@@ -246,10 +272,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     trainer.checkpointer.close()
     _print("evaluating the trained teacher...")
     graphdef, params = backbone_of(trainer.graphdef, trainer.state.teacher)
-    results.update(evaluation.evaluate(config, graphdef, params, out_dir=workdir, image_size=image_size,
-                                       mesh=trainer.mesh, **norm))
-    summary = ", ".join(f"{k} {v:.2f}" for k, v in sorted(results.items()) if k.endswith("top1")
-                        and "knn_k20" in k or k in ("linear_best_test_top1",))
+    results.update(
+        evaluation.evaluate(
+            config, graphdef, params, out_dir=workdir, image_size=image_size, mesh=trainer.mesh, **norm
+        )
+    )
+    summary = ", ".join(
+        f"{k} {v:.2f}"
+        for k, v in sorted(results.items())
+        if k.endswith("top1") and "knn_k20" in k or k in ("linear_best_test_top1",)
+    )
     _print(f"results ({results_path}, results.md): {summary}")
     return results
 

@@ -1,8 +1,8 @@
 """One DINO update as a pure function, jitted once with the state donated.
 
-    (uint8 crops | uint8 images -> device multi-crop) -> normalise
-    -> teacher(global crops), student(all crops) -> DINO loss -> grads
-    -> optax update -> EMA teacher (after the step, with the updated student) -> center update
+(uint8 crops | uint8 images -> device multi-crop) -> normalise
+-> teacher(global crops), student(all crops) -> DINO loss -> grads
+-> optax update -> EMA teacher (after the step, with the updated student) -> center update
 """
 
 from __future__ import annotations
@@ -69,8 +69,12 @@ def make_train_step(
             student = nnx.merge(graphdef, student_params)
             student_logits = student(crop_groups, drop_path_rng=drop_path_key)
             return losses.dino_loss(
-                student_logits, teacher_logits, state.center, num_crops=num_crops,
-                teacher_temperature=teacher_temperature, student_temperature=student_temp,
+                student_logits,
+                teacher_logits,
+                state.center,
+                num_crops=num_crops,
+                teacher_temperature=teacher_temperature,
+                student_temperature=student_temp,
             )
 
         (loss, monitors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)

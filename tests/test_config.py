@@ -53,7 +53,9 @@ def test_plan_resolves_epochs_into_steps():
 
 
 def launch(*args):
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_launch_rejects_an_unknown_key_before_any_compute(tmp_path):
@@ -64,7 +66,9 @@ def test_launch_rejects_an_unknown_key_before_any_compute(tmp_path):
 
 
 def test_launch_rejects_a_bad_value_before_any_compute(tmp_path):
-    out = launch("--config=configs/cifar100.py", f"--workdir={tmp_path}", "--config.augment.global_crop_size=30")
+    out = launch(
+        "--config=configs/cifar100.py", f"--workdir={tmp_path}", "--config.augment.global_crop_size=30"
+    )
     assert out.returncode != 0
     assert "crop size 30 is not a multiple of patch size 4" in out.stderr
     assert not os.listdir(tmp_path)

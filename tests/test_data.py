@@ -14,247 +14,276 @@ CROPS = augment.MultiCropConfig(global_size=32, local_size=16, num_local_crops=4
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
-  """digits prepared once by the real builder (array_record) in a temporary data dir."""
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  sources.load_source("digits", "train", data_dir)
-  return data_dir
+    """digits prepared once by the real builder (array_record) in a temporary data dir."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    sources.load_source("digits", "train", data_dir)
+    return data_dir
 
 
 def _indexed_source(count, size=8):
-  """Images whose pixel (0, 0, 0) and label both hold the example's index (mod 256)."""
-  examples = []
-  for index in range(count):
-    image = np.zeros((size, size, 3), np.uint8)
-    image[0, 0, 0] = index % 256
-    examples.append({"image": image, "label": index})
-  return examples
+    """Images whose pixel (0, 0, 0) and label both hold the example's index (mod 256)."""
+    examples = []
+    for index in range(count):
+        image = np.zeros((size, size, 3), np.uint8)
+        image[0, 0, 0] = index % 256
+        examples.append({"image": image, "label": index})
+    return examples
 
 
 # ----------------------------------------------------------------------------- normalize
 
 
 def test_normalize_numpy_and_jax_agree_with_the_formula():
-  images = np.random.RandomState(0).randint(0, 256, (2, 4, 4, 3)).astype(np.uint8)
-  expected = (images / 255.0 - np.array(normalize.IMAGENET_MEAN)) / np.array(normalize.IMAGENET_STD)
-  on_host = normalize.normalize_images(images, normalize.IMAGENET_MEAN, normalize.IMAGENET_STD)
-  on_device = normalize.normalize_images(jnp.asarray(images))
-  assert isinstance(on_host, np.ndarray) and on_host.dtype == np.float32
-  assert on_device.dtype == jnp.float32
-  np.testing.assert_allclose(on_host, expected, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(on_device), expected, atol=1e-5)
-  # Zero-background scaling (FINDINGS.md): mean 0, std 1 leaves x / 255.
-  np.testing.assert_allclose(normalize.normalize_images(images, (0.0,), (1.0,)), images / 255.0,
-                             atol=1e-6)
-  with pytest.raises(ValueError, match="std"):
-    normalize.normalize_images(images, (0.5, 0.5, 0.5), (0.2, 0.0, 0.2))
-  with pytest.raises(ValueError, match="mean has 2 entries"):
-    normalize.normalize_images(images, (0.5, 0.5), (0.2,))
+    images = np.random.RandomState(0).randint(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+    expected = (images / 255.0 - np.array(normalize.IMAGENET_MEAN)) / np.array(normalize.IMAGENET_STD)
+    on_host = normalize.normalize_images(images, normalize.IMAGENET_MEAN, normalize.IMAGENET_STD)
+    on_device = normalize.normalize_images(jnp.asarray(images))
+    assert isinstance(on_host, np.ndarray) and on_host.dtype == np.float32
+    assert on_device.dtype == jnp.float32
+    np.testing.assert_allclose(on_host, expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(on_device), expected, atol=1e-5)
+    # Zero-background scaling (FINDINGS.md): mean 0, std 1 leaves x / 255.
+    np.testing.assert_allclose(normalize.normalize_images(images, (0.0,), (1.0,)), images / 255.0, atol=1e-6)
+    with pytest.raises(ValueError, match="std"):
+        normalize.normalize_images(images, (0.5, 0.5, 0.5), (0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="mean has 2 entries"):
+        normalize.normalize_images(images, (0.5, 0.5), (0.2,))
 
 
 # ----------------------------------------------------------------------------- digits
 
 
 def test_digits_builder_sizes_dtypes_and_split(digits_dir):
-  train = sources.load_source("digits", "train", digits_dir)
-  test = sources.load_source("digits", "test", digits_dir)
-  assert (len(train), len(test)) == (1437, 360)
-  example = train[0]
-  assert example["image"].dtype == np.uint8 and example["image"].shape == (32, 32, 3)
-  test_labels = np.array([test[i]["label"] for i in range(len(test))])
-  assert test_labels.min() == 0 and test_labels.max() == 9
-  # Stratified: every class holds 36 +- 1 of the 360 test images.
-  assert np.abs(np.bincount(test_labels, minlength=10) - 36).max() <= 1
-  # The stored images are exactly the upsampled scikit-learn images of the fixed split.
-  from sklearn.datasets import load_digits
-  raw = load_digits()
-  split = digits.split_indices()
-  expected = {(bytes(digits.upsample_digits(raw.images[[i]])[0].data), int(raw.target[i]))
-              for i in split["test"]}
-  stored = {(bytes(test[i]["image"].data), int(test[i]["label"])) for i in range(len(test))}
-  assert stored == expected
+    train = sources.load_source("digits", "train", digits_dir)
+    test = sources.load_source("digits", "test", digits_dir)
+    assert (len(train), len(test)) == (1437, 360)
+    example = train[0]
+    assert example["image"].dtype == np.uint8 and example["image"].shape == (32, 32, 3)
+    test_labels = np.array([test[i]["label"] for i in range(len(test))])
+    assert test_labels.min() == 0 and test_labels.max() == 9
+    # Stratified: every class holds 36 +- 1 of the 360 test images.
+    assert np.abs(np.bincount(test_labels, minlength=10) - 36).max() <= 1
+    # The stored images are exactly the upsampled scikit-learn images of the fixed split.
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    split = digits.split_indices()
+    expected = {
+        (bytes(digits.upsample_digits(raw.images[[i]])[0].data), int(raw.target[i])) for i in split["test"]
+    }
+    stored = {(bytes(test[i]["image"].data), int(test[i]["label"])) for i in range(len(test))}
+    assert stored == expected
 
 
 def test_digits_split_and_pixels_are_fixed():
-  first, second = digits.split_indices(), digits.split_indices()
-  np.testing.assert_array_equal(first["test"], second["test"])
-  assert len(np.intersect1d(first["train"], first["test"])) == 0
-  assert len(first["train"]) + len(first["test"]) == 1797
-  ink = np.zeros((1, 8, 8))
-  ink[0, 3:5, 3:5] = 16  # Full ink: 255 inside the block, bilinear ramps around it.
-  up = digits.upsample_digits(ink)
-  assert up.shape == (1, 32, 32, 3) and up.dtype == np.uint8
-  assert up[0, 14:18, 14:18].min() == 255 and 0 < up[0, 12, 15, 0] < 255
-  assert (up[..., 0] == up[..., 2]).all()
-  np.testing.assert_array_equal(digits.upsample_digits(np.zeros((1, 8, 8))), 0)
+    first, second = digits.split_indices(), digits.split_indices()
+    np.testing.assert_array_equal(first["test"], second["test"])
+    assert len(np.intersect1d(first["train"], first["test"])) == 0
+    assert len(first["train"]) + len(first["test"]) == 1797
+    ink = np.zeros((1, 8, 8))
+    ink[0, 3:5, 3:5] = 16  # Full ink: 255 inside the block, bilinear ramps around it.
+    up = digits.upsample_digits(ink)
+    assert up.shape == (1, 32, 32, 3) and up.dtype == np.uint8
+    assert up[0, 14:18, 14:18].min() == 255 and 0 < up[0, 12, 15, 0] < 255
+    assert (up[..., 0] == up[..., 2]).all()
+    np.testing.assert_array_equal(digits.upsample_digits(np.zeros((1, 8, 8))), 0)
 
 
 # ----------------------------------------------------------------------------- catalog datasets
 
 
 def test_missing_catalog_dataset_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
-  # Force "offline" even on a machine with internet, so the test never downloads.
-  monkeypatch.setattr(sources, "has_internet", lambda url, timeout_s=2.0: False)
-  start = time.monotonic()
-  with pytest.raises(sources.DatasetUnavailableError) as error:
-    sources.load_source("cifar100", "train", str(tmp_path))
-  assert time.monotonic() - start < 5
-  message = str(error.value)
-  for needle in ("cifar100", str(tmp_path), "tfds build cifar100", "array_record",
-                 "data_dir", "cifar-100-binary.tar.gz"):
-    assert needle in message
+    # Force "offline" even on a machine with internet, so the test never downloads.
+    monkeypatch.setattr(sources, "has_internet", lambda url, timeout_s=2.0: False)
+    start = time.monotonic()
+    with pytest.raises(sources.DatasetUnavailableError) as error:
+        sources.load_source("cifar100", "train", str(tmp_path))
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    for needle in (
+        "cifar100",
+        str(tmp_path),
+        "tfds build cifar100",
+        "array_record",
+        "data_dir",
+        "cifar-100-binary.tar.gz",
+    ):
+        assert needle in message
 
 
 def test_internet_check_gives_up_within_its_timeout():
-  start = time.monotonic()
-  # 192.0.2.1 (TEST-NET-1) is never routed: the connection can only time out or be refused.
-  assert not sources.has_internet("http://192.0.2.1:81/x", timeout_s=0.5)
-  assert time.monotonic() - start < 2.0
+    start = time.monotonic()
+    # 192.0.2.1 (TEST-NET-1) is never routed: the connection can only time out or be refused.
+    assert not sources.has_internet("http://192.0.2.1:81/x", timeout_s=0.5)
+    assert time.monotonic() - start < 2.0
 
 
 def test_unknown_and_unsupported_datasets(tmp_path):
-  with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
-    sources.load_source("cifar10", "train", str(tmp_path))
-  assert sources.DATASETS["cifar100"].num_classes == 100
-  assert sources.DATASETS["tiny_imagenet"].image_size == 64
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+        sources.load_source("cifar10", "train", str(tmp_path))
+    assert sources.DATASETS["cifar100"].num_classes == 100
+    assert sources.DATASETS["tiny_imagenet"].image_size == 64
 
 
 def test_unknown_split(digits_dir):
-  with pytest.raises(ValueError, match="no split 'validation'"):
-    sources.load_source("digits", "validation", digits_dir)
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        sources.load_source("digits", "validation", digits_dir)
 
 
 # ----------------------------------------------------------------------------- training pipeline
 
 
 def test_host_pipeline_batches_from_the_real_digits_source(digits_dir):
-  source = sources.load_source("digits", "train", digits_dir)
-  batches = iter(pipeline.train_dataset(source, CROPS, global_batch_size=8, seed=0,
-                                        shard_index=0, shard_count=1))
-  batch = next(batches)
-  assert set(batch) == {"global_crops", "local_crops"}
-  assert batch["global_crops"].shape == (8, 2, 32, 32, 3)
-  assert batch["local_crops"].shape == (8, 4, 16, 16, 3)
-  assert batch["global_crops"].dtype == np.uint8 and batch["local_crops"].dtype == np.uint8
+    source = sources.load_source("digits", "train", digits_dir)
+    batches = iter(
+        pipeline.train_dataset(source, CROPS, global_batch_size=8, seed=0, shard_index=0, shard_count=1)
+    )
+    batch = next(batches)
+    assert set(batch) == {"global_crops", "local_crops"}
+    assert batch["global_crops"].shape == (8, 2, 32, 32, 3)
+    assert batch["local_crops"].shape == (8, 4, 16, 16, 3)
+    assert batch["global_crops"].dtype == np.uint8 and batch["local_crops"].dtype == np.uint8
 
 
 def test_device_pipeline_shards_are_disjoint_and_epochs_reshuffle():
-  source = _indexed_source(24)
+    source = _indexed_source(24)
 
-  def positions(shard_index, shard_count, batches):
-    stream = iter(pipeline.train_dataset(
-        source, CROPS, global_batch_size=4, seed=1, augment_on="device",
-        shard_index=shard_index, shard_count=shard_count))
-    return [next(stream)["image"][:, 0, 0, 0].tolist() for _ in range(batches)]
+    def positions(shard_index, shard_count, batches):
+        stream = iter(
+            pipeline.train_dataset(
+                source,
+                CROPS,
+                global_batch_size=4,
+                seed=1,
+                augment_on="device",
+                shard_index=shard_index,
+                shard_count=shard_count,
+            )
+        )
+        return [next(stream)["image"][:, 0, 0, 0].tolist() for _ in range(batches)]
 
-  whole = sum(positions(0, 1, 12), [])  # Two epochs of 24.
-  assert sorted(whole[:24]) == list(range(24)) and sorted(whole[24:]) == list(range(24))
-  assert whole[:24] != whole[24:] and whole[:24] != list(range(24))
-  host0 = sum(positions(0, 2, 6), [])
-  host1 = sum(positions(1, 2, 6), [])
-  assert len(host0) == 12 and not set(host0) & set(host1)
-  assert sorted(host0 + host1) == list(range(24))
-  assert host0 == whole[0:24:2] and host1 == whole[1:24:2]
+    whole = sum(positions(0, 1, 12), [])  # Two epochs of 24.
+    assert sorted(whole[:24]) == list(range(24)) and sorted(whole[24:]) == list(range(24))
+    assert whole[:24] != whole[24:] and whole[:24] != list(range(24))
+    host0 = sum(positions(0, 2, 6), [])
+    host1 = sum(positions(1, 2, 6), [])
+    assert len(host0) == 12 and not set(host0) & set(host1)
+    assert sorted(host0 + host1) == list(range(24))
+    assert host0 == whole[0:24:2] and host1 == whole[1:24:2]
 
 
 def test_crops_depend_on_the_example_not_on_batching_or_hosts():
-  source = [{"image": np.random.RandomState(i).randint(0, 256, (24, 24, 3)).astype(np.uint8),
-             "label": i} for i in range(16)]
-  config = augment.MultiCropConfig(16, 8, 2)
+    source = [
+        {"image": np.random.RandomState(i).randint(0, 256, (24, 24, 3)).astype(np.uint8), "label": i}
+        for i in range(16)
+    ]
+    config = augment.MultiCropConfig(16, 8, 2)
 
-  def first_examples(global_batch, shard_count):
-    per_host = [next(iter(pipeline.train_dataset(
-        source, config, global_batch_size=global_batch, seed=5, shard_index=h,
-        shard_count=shard_count)))["global_crops"] for h in range(shard_count)]
-    # Interleave hosts back into global stream order.
-    return np.stack(per_host, axis=1).reshape(global_batch, *per_host[0].shape[1:])
+    def first_examples(global_batch, shard_count):
+        per_host = [
+            next(
+                iter(
+                    pipeline.train_dataset(
+                        source,
+                        config,
+                        global_batch_size=global_batch,
+                        seed=5,
+                        shard_index=h,
+                        shard_count=shard_count,
+                    )
+                )
+            )["global_crops"]
+            for h in range(shard_count)
+        ]
+        # Interleave hosts back into global stream order.
+        return np.stack(per_host, axis=1).reshape(global_batch, *per_host[0].shape[1:])
 
-  one_host = first_examples(8, 1)
-  np.testing.assert_array_equal(first_examples(4, 1), one_host[:4])
-  np.testing.assert_array_equal(first_examples(8, 2), one_host)
+    one_host = first_examples(8, 1)
+    np.testing.assert_array_equal(first_examples(4, 1), one_host[:4])
+    np.testing.assert_array_equal(first_examples(8, 2), one_host)
 
 
 def test_iterator_state_restores_the_same_next_batches():
-  source = _indexed_source(40, size=12)
-  dataset = pipeline.train_dataset(source, CROPS, global_batch_size=8, seed=2,
-                                   shard_index=0, shard_count=1)
-  uninterrupted = iter(dataset)
-  for _ in range(7):  # Past one epoch (5 batches), so the epoch reshuffle is in the state.
-    next(uninterrupted)
-  state = uninterrupted.get_state()
-  expected = [next(uninterrupted) for _ in range(3)]
-  resumed = iter(dataset)
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+    source = _indexed_source(40, size=12)
+    dataset = pipeline.train_dataset(source, CROPS, global_batch_size=8, seed=2, shard_index=0, shard_count=1)
+    uninterrupted = iter(dataset)
+    for _ in range(7):  # Past one epoch (5 batches), so the epoch reshuffle is in the state.
+        next(uninterrupted)
+    state = uninterrupted.get_state()
+    expected = [next(uninterrupted) for _ in range(3)]
+    resumed = iter(dataset)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_worker_processes_yield_the_same_batches():
-  source = _indexed_source(32, size=12)
-  kwargs = dict(global_batch_size=4, seed=3, shard_index=0, shard_count=1)
-  in_process = iter(pipeline.train_dataset(source, CROPS, **kwargs))
-  with_workers = iter(pipeline.train_dataset(source, CROPS, num_workers=1, **kwargs))
-  try:
-    for _ in range(3):
-      want, got = next(in_process), next(with_workers)
-      np.testing.assert_array_equal(got["local_crops"], want["local_crops"])
-  finally:
-    with_workers.close()
+    source = _indexed_source(32, size=12)
+    kwargs = dict(global_batch_size=4, seed=3, shard_index=0, shard_count=1)
+    in_process = iter(pipeline.train_dataset(source, CROPS, **kwargs))
+    with_workers = iter(pipeline.train_dataset(source, CROPS, num_workers=1, **kwargs))
+    try:
+        for _ in range(3):
+            want, got = next(in_process), next(with_workers)
+            np.testing.assert_array_equal(got["local_crops"], want["local_crops"])
+    finally:
+        with_workers.close()
 
 
 def test_bad_pipeline_arguments():
-  source = _indexed_source(8)
-  with pytest.raises(ValueError, match="augment_on='gpu'"):
-    pipeline.train_dataset(source, CROPS, global_batch_size=4, seed=0, augment_on="gpu",
-                           shard_index=0, shard_count=1)
-  with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
-    pipeline.train_dataset(source, CROPS, global_batch_size=4, seed=0, shard_index=0,
-                           shard_count=3)
+    source = _indexed_source(8)
+    with pytest.raises(ValueError, match="augment_on='gpu'"):
+        pipeline.train_dataset(
+            source, CROPS, global_batch_size=4, seed=0, augment_on="gpu", shard_index=0, shard_count=1
+        )
+    with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
+        pipeline.train_dataset(source, CROPS, global_batch_size=4, seed=0, shard_index=0, shard_count=3)
 
 
 def test_steps_per_epoch_floors():
-  assert pipeline.steps_per_epoch(50000, 256) == 195
-  assert pipeline.steps_per_epoch(1437, 64) == 22
-  with pytest.raises(ValueError, match="larger than the dataset"):
-    pipeline.steps_per_epoch(10, 64)
+    assert pipeline.steps_per_epoch(50000, 256) == 195
+    assert pipeline.steps_per_epoch(1437, 64) == 22
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        pipeline.steps_per_epoch(10, 64)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 def test_eval_batches_pad_the_last_batch_and_mask_it(digits_dir):
-  source = sources.load_source("digits", "test", digits_dir)
-  batches = list(pipeline.eval_batches(source, batch_size=64, image_size=32))
-  assert len(batches) == 6  # 360 = 5 * 64 + 40
-  for batch in batches:
-    assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8
-    assert batch["label"].dtype == np.int32 and batch["mask"].dtype == np.bool_
-  last = batches[-1]
-  assert last["mask"].sum() == 40 and last["mask"][:40].all()
-  assert (last["label"][40:] == -1).all() and (last["image"][40:] == 0).all()
-  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
-  np.testing.assert_array_equal(labels, [source[i]["label"] for i in range(360)])
+    source = sources.load_source("digits", "test", digits_dir)
+    batches = list(pipeline.eval_batches(source, batch_size=64, image_size=32))
+    assert len(batches) == 6  # 360 = 5 * 64 + 40
+    for batch in batches:
+        assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].dtype == np.int32 and batch["mask"].dtype == np.bool_
+    last = batches[-1]
+    assert last["mask"].sum() == 40 and last["mask"][:40].all()
+    assert (last["label"][40:] == -1).all() and (last["image"][40:] == 0).all()
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(labels, [source[i]["label"] for i in range(360)])
 
 
 def test_eval_resize_matches_pil_bicubic():
-  image = np.random.RandomState(0).randint(0, 256, (96, 96, 3)).astype(np.uint8)
-  batch = next(pipeline.eval_batches([{"image": image, "label": 3}], batch_size=2,
-                                     image_size=32))
-  ref = np.asarray(Image.fromarray(image).resize((32, 32), Image.BICUBIC), np.int64)
-  diff = np.abs(batch["image"][0].astype(np.int64) - ref)
-  assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-  assert batch["mask"].tolist() == [True, False]
+    image = np.random.RandomState(0).randint(0, 256, (96, 96, 3)).astype(np.uint8)
+    batch = next(pipeline.eval_batches([{"image": image, "label": 3}], batch_size=2, image_size=32))
+    ref = np.asarray(Image.fromarray(image).resize((32, 32), Image.BICUBIC), np.int64)
+    diff = np.abs(batch["image"][0].astype(np.int64) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert batch["mask"].tolist() == [True, False]
 
 
 def test_eval_batches_split_a_dataset_between_hosts_without_overlap():
-  source = [{"image": np.full((4, 4, 3), i, np.uint8), "label": i} for i in range(11)]
-  seen, batch_counts = [], []
-  for host in range(3):
-    batches = list(pipeline.eval_batches(source, batch_size=2, image_size=4, shard_index=host,
-                                         shard_count=3))
-    batch_counts.append(len(batches))
-    for batch in batches:
-      seen += [int(label) for label, keep in zip(batch["label"], batch["mask"]) if keep]
-  assert sorted(seen) == list(range(11))
-  assert len(set(batch_counts)) == 1  # every host takes part in every global batch
+    source = [{"image": np.full((4, 4, 3), i, np.uint8), "label": i} for i in range(11)]
+    seen, batch_counts = [], []
+    for host in range(3):
+        batches = list(
+            pipeline.eval_batches(source, batch_size=2, image_size=4, shard_index=host, shard_count=3)
+        )
+        batch_counts.append(len(batches))
+        for batch in batches:
+            seen += [int(label) for label, keep in zip(batch["label"], batch["mask"]) if keep]
+    assert sorted(seen) == list(range(11))
+    assert len(set(batch_counts)) == 1  # every host takes part in every global batch

@@ -26,304 +26,374 @@ EMBED = 64  # one head of 64: the default head count the importer infers
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compilation():
-  # Tiny models: XLA's optimisation passes cost more compile time than they save at run time
-  # (this file runs in about half the time). Restored afterwards for other test files.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time
+    # (this file runs in about half the time). Restored afterwards for other test files.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def reference_wrapper(seed=0, use_bn=False, nlayers=3, parametrized=False, norm_last_layer=True):
-  torch.manual_seed(seed)
-  return ref.MultiCropWrapper(
-      ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1),
-      ref.DINOHead(EMBED, 32, use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers,
-                   hidden_dim=48, bottleneck_dim=16, parametrized=parametrized))
+    torch.manual_seed(seed)
+    return ref.MultiCropWrapper(
+        ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1),
+        ref.DINOHead(
+            EMBED,
+            32,
+            use_bn=use_bn,
+            norm_last_layer=norm_last_layer,
+            nlayers=nlayers,
+            hidden_dim=48,
+            bottleneck_dim=16,
+            parametrized=parametrized,
+        ),
+    )
 
 
 def numpy_state(module):
-  return {key: value.detach().numpy().copy() for key, value in module.state_dict().items()}
+    return {key: value.detach().numpy().copy() for key, value in module.state_dict().items()}
 
 
 def assert_same_tensors(got, expected):
-  assert sorted(got) == sorted(expected)
-  for key in expected:
-    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]), err_msg=key)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]), err_msg=key)
 
 
 def reference_training_checkpoint(path, *, use_bn=False, norm_last_layer=False):
-  """A checkpoint.pth as the reference's main_dino.py writes it (one GPU, fp16 off)."""
-  student = reference_wrapper(1, use_bn=use_bn, norm_last_layer=norm_last_layer)
-  teacher = reference_wrapper(2, use_bn=use_bn)
-  teacher.load_state_dict(student.state_dict())
-  optimizer = torch.optim.AdamW(ref.get_params_groups(student))
-  loss = ref.DINOLoss(32, 4, 0.04, 0.04, 0, 2)
-  crops = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8),
-           torch.randn(2, 3, 8, 8)]
-  schedule = np.full(4, 1e-3)
-  ref.train_iteration(student, teacher, loss, optimizer, crops, it=0, epoch=1,
-                      lr_schedule=schedule, wd_schedule=schedule, momentum_schedule=schedule,
-                      clip_grad=3.0, freeze_last_layer=1)
-  args = argparse.Namespace(arch="vit_custom", patch_size=4, out_dim=32,
-                            norm_last_layer=norm_last_layer, use_bn_in_head=use_bn, lr=5e-4,
-                            global_crops_scale=(0.4, 1.0), data_path="/data/train")
-  teacher_prefix = "module." if use_bn else ""
-  torch.save({
-      "student": {"module." + k: v for k, v in student.state_dict().items()},
-      "teacher": {teacher_prefix + k: v for k, v in teacher.state_dict().items()},
-      "optimizer": optimizer.state_dict(), "epoch": 2, "args": args,
-      "dino_loss": loss.state_dict()}, path)
-  return student, teacher, loss
+    """A checkpoint.pth as the reference's main_dino.py writes it (one GPU, fp16 off)."""
+    student = reference_wrapper(1, use_bn=use_bn, norm_last_layer=norm_last_layer)
+    teacher = reference_wrapper(2, use_bn=use_bn)
+    teacher.load_state_dict(student.state_dict())
+    optimizer = torch.optim.AdamW(ref.get_params_groups(student))
+    loss = ref.DINOLoss(32, 4, 0.04, 0.04, 0, 2)
+    crops = [
+        torch.randn(2, 3, 16, 16),
+        torch.randn(2, 3, 16, 16),
+        torch.randn(2, 3, 8, 8),
+        torch.randn(2, 3, 8, 8),
+    ]
+    schedule = np.full(4, 1e-3)
+    ref.train_iteration(
+        student,
+        teacher,
+        loss,
+        optimizer,
+        crops,
+        it=0,
+        epoch=1,
+        lr_schedule=schedule,
+        wd_schedule=schedule,
+        momentum_schedule=schedule,
+        clip_grad=3.0,
+        freeze_last_layer=1,
+    )
+    args = argparse.Namespace(
+        arch="vit_custom",
+        patch_size=4,
+        out_dim=32,
+        norm_last_layer=norm_last_layer,
+        use_bn_in_head=use_bn,
+        lr=5e-4,
+        global_crops_scale=(0.4, 1.0),
+        data_path="/data/train",
+    )
+    teacher_prefix = "module." if use_bn else ""
+    torch.save(
+        {
+            "student": {"module." + k: v for k, v in student.state_dict().items()},
+            "teacher": {teacher_prefix + k: v for k, v in teacher.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "epoch": 2,
+            "args": args,
+            "dino_loss": loss.state_dict(),
+        },
+        path,
+    )
+    return student, teacher, loss
 
 
 @pytest.mark.parametrize("use_bn", [False, True])
 def test_reference_training_checkpoint_loads_completely(tmp_path, use_bn):
-  path = str(tmp_path / "checkpoint.pth")
-  student, teacher, loss = reference_training_checkpoint(path, use_bn=use_bn)
-  imported = torch_ckpt.import_checkpoint(path)
-  assert imported.vit_config == ViTConfig(image_size=16, patch_size=4, embed_dim=EMBED, depth=2,
-                                          num_heads=1)
-  assert imported.head_config == HeadConfig(in_dim=EMBED, out_dim=32, hidden_dim=48,
-                                            bottleneck_dim=16, use_bn=use_bn,
-                                            norm_last_layer=False)
-  assert imported.epoch == 2 and imported.args["lr"] == 5e-4 and "state" in imported.optimizer
-  np.testing.assert_array_equal(imported.center, loss.center.numpy())
-  for params, module in ((imported.student, student), (imported.teacher, teacher)):
-    exported = torch_ckpt.dino_to_torch(params, imported.vit_config, imported.head_config)
-    expected = numpy_state(module)
-    for key in list(expected):
-      if key.rsplit(".", 1)[-1] in torch_ckpt.BN_BUFFERS:  # not kept: DINO never reads them
-        del expected[key], exported[key]
-    assert_same_tensors(exported, expected)  # every parameter used, values unchanged
+    path = str(tmp_path / "checkpoint.pth")
+    student, teacher, loss = reference_training_checkpoint(path, use_bn=use_bn)
+    imported = torch_ckpt.import_checkpoint(path)
+    assert imported.vit_config == ViTConfig(
+        image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1
+    )
+    assert imported.head_config == HeadConfig(
+        in_dim=EMBED, out_dim=32, hidden_dim=48, bottleneck_dim=16, use_bn=use_bn, norm_last_layer=False
+    )
+    assert imported.epoch == 2 and imported.args["lr"] == 5e-4 and "state" in imported.optimizer
+    np.testing.assert_array_equal(imported.center, loss.center.numpy())
+    for params, module in ((imported.student, student), (imported.teacher, teacher)):
+        exported = torch_ckpt.dino_to_torch(params, imported.vit_config, imported.head_config)
+        expected = numpy_state(module)
+        for key in list(expected):
+            if key.rsplit(".", 1)[-1] in torch_ckpt.BN_BUFFERS:  # not kept: DINO never reads them
+                del expected[key], exported[key]
+        assert_same_tensors(exported, expected)  # every parameter used, values unchanged
 
 
 def test_round_trip_pytorch_ours_pytorch_is_exact_and_loads_strict(tmp_path):
-  path = str(tmp_path / "checkpoint.pth")
-  student, teacher, _ = reference_training_checkpoint(path)
-  imported = torch_ckpt.import_checkpoint(path)
-  exported = torch_ckpt.training_checkpoint(
-      imported.student, imported.teacher, imported.center, imported.vit_config,
-      imported.head_config, epoch=imported.epoch)
-  out = str(tmp_path / "exported.pth")
-  torch_ckpt.save_checkpoint_file(exported, out)
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    written = torch.load(out, weights_only=True)
-  assert written["epoch"] == 2 and written["args"].norm_last_layer is False
-  assert_same_tensors({k: v.numpy() for k, v in written["student"].items()},
-                      {"module." + k: v for k, v in numpy_state(student).items()})
-  assert_same_tensors({k: v.numpy() for k, v in written["teacher"].items()}, numpy_state(teacher))
-  # The reference's own model definitions accept both, strictly.
-  fresh = reference_wrapper(5, norm_last_layer=False)
-  fresh.load_state_dict({k[len("module."):]: v for k, v in written["student"].items()},
-                        strict=True)
-  reference_wrapper(6).load_state_dict(written["teacher"], strict=True)
+    path = str(tmp_path / "checkpoint.pth")
+    student, teacher, _ = reference_training_checkpoint(path)
+    imported = torch_ckpt.import_checkpoint(path)
+    exported = torch_ckpt.training_checkpoint(
+        imported.student,
+        imported.teacher,
+        imported.center,
+        imported.vit_config,
+        imported.head_config,
+        epoch=imported.epoch,
+    )
+    out = str(tmp_path / "exported.pth")
+    torch_ckpt.save_checkpoint_file(exported, out)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        written = torch.load(out, weights_only=True)
+    assert written["epoch"] == 2 and written["args"].norm_last_layer is False
+    assert_same_tensors(
+        {k: v.numpy() for k, v in written["student"].items()},
+        {"module." + k: v for k, v in numpy_state(student).items()},
+    )
+    assert_same_tensors({k: v.numpy() for k, v in written["teacher"].items()}, numpy_state(teacher))
+    # The reference's own model definitions accept both, strictly.
+    fresh = reference_wrapper(5, norm_last_layer=False)
+    fresh.load_state_dict({k[len("module.") :]: v for k, v in written["student"].items()}, strict=True)
+    reference_wrapper(6).load_state_dict(written["teacher"], strict=True)
 
 
-@pytest.mark.parametrize("use_bn, nlayers, parametrized",
-                         [(False, 3, False), (True, 3, False), (False, 1, True)])
+@pytest.mark.parametrize(
+    "use_bn, nlayers, parametrized", [(False, 3, False), (True, 3, False), (False, 1, True)]
+)
 def test_round_trip_ours_pytorch_ours_is_exact(use_bn, nlayers, parametrized):
-  vit_config = ViTConfig(image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
-  head_config = HeadConfig(in_dim=EMBED, out_dim=32, hidden_dim=48, bottleneck_dim=16,
-                           nlayers=nlayers, use_bn=use_bn)
-  _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(4)))
-  state_dict = torch_ckpt.dino_to_torch(params, vit_config, head_config,
-                                        parametrized=parametrized)
-  # The same keys as the reference's module, and it loads them strictly.
-  wrapper = reference_wrapper(use_bn=use_bn, nlayers=nlayers, parametrized=parametrized)
-  assert sorted(state_dict) == sorted(wrapper.state_dict())
-  wrapper.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
-  back_vit, back_head, back = torch_ckpt.dino_from_torch(
-      {"module." + k: v for k, v in state_dict.items()})
-  if nlayers == 1:  # no hidden layer, so no hidden width to read back
-    back_head = dataclasses.replace(back_head, hidden_dim=head_config.hidden_dim)
-  assert (back_vit, back_head) == (vit_config, head_config)
-  for (path, original), (_, restored) in zip(nnx.to_flat_state(params),
-                                             nnx.to_flat_state(back)):
-    np.testing.assert_array_equal(restored.get_value(), original.get_value(), err_msg=str(path))
+    vit_config = ViTConfig(image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
+    head_config = HeadConfig(
+        in_dim=EMBED, out_dim=32, hidden_dim=48, bottleneck_dim=16, nlayers=nlayers, use_bn=use_bn
+    )
+    _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(4)))
+    state_dict = torch_ckpt.dino_to_torch(params, vit_config, head_config, parametrized=parametrized)
+    # The same keys as the reference's module, and it loads them strictly.
+    wrapper = reference_wrapper(use_bn=use_bn, nlayers=nlayers, parametrized=parametrized)
+    assert sorted(state_dict) == sorted(wrapper.state_dict())
+    wrapper.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
+    back_vit, back_head, back = torch_ckpt.dino_from_torch({"module." + k: v for k, v in state_dict.items()})
+    if nlayers == 1:  # no hidden layer, so no hidden width to read back
+        back_head = dataclasses.replace(back_head, hidden_dim=head_config.hidden_dim)
+    assert (back_vit, back_head) == (vit_config, head_config)
+    for (path, original), (_, restored) in zip(nnx.to_flat_state(params), nnx.to_flat_state(back)):
+        np.testing.assert_array_equal(restored.get_value(), original.get_value(), err_msg=str(path))
 
 
 def test_backbone_only_export_matches_released_layout():
-  config = ViTConfig(image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
-  _, params = nnx.split(VisionTransformer(config, rngs=nnx.Rngs(1)))
-  state_dict = torch_ckpt.backbone_to_torch(params, config)
-  model = ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
-  model.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
-  assert state_dict["patch_embed.proj.weight"].shape == (EMBED, 3, 4, 4)
-  assert state_dict["blocks.1.attn.qkv.weight"].shape == (3 * EMBED, EMBED)
-  # Through the `module.backbone.` prefixes of a training checkpoint, and back.
-  config_back, back = torch_ckpt.backbone_from_torch(
-      {"module.backbone." + k: v for k, v in state_dict.items()})
-  assert config_back == config
-  assert_same_tensors(torch_ckpt.backbone_to_torch(back, config), state_dict)
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
+    _, params = nnx.split(VisionTransformer(config, rngs=nnx.Rngs(1)))
+    state_dict = torch_ckpt.backbone_to_torch(params, config)
+    model = ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
+    model.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
+    assert state_dict["patch_embed.proj.weight"].shape == (EMBED, 3, 4, 4)
+    assert state_dict["blocks.1.attn.qkv.weight"].shape == (3 * EMBED, EMBED)
+    # Through the `module.backbone.` prefixes of a training checkpoint, and back.
+    config_back, back = torch_ckpt.backbone_from_torch(
+        {"module.backbone." + k: v for k, v in state_dict.items()}
+    )
+    assert config_back == config
+    assert_same_tensors(torch_ckpt.backbone_to_torch(back, config), state_dict)
 
 
 def test_inferred_variants_and_head_count():
-  torch.manual_seed(0)
-  tiny = ref.vit("tiny", patch_size=8, img_size=32)
-  config = torch_ckpt.infer_vit_config(numpy_state(tiny))
-  assert (config.embed_dim, config.depth, config.num_heads, config.patch_size,
-          config.image_size, config.mlp_ratio, config.qkv_bias) == (192, 12, 3, 8, 32, 4.0, True)
-  with pytest.raises(torch_ckpt.CheckpointFormatError, match="pass num_heads"):
-    torch_ckpt.infer_vit_config({**numpy_state(tiny), "patch_embed.proj.weight":
-                                 np.zeros((100, 3, 8, 8), np.float32)})
+    torch.manual_seed(0)
+    tiny = ref.vit("tiny", patch_size=8, img_size=32)
+    config = torch_ckpt.infer_vit_config(numpy_state(tiny))
+    assert (
+        config.embed_dim,
+        config.depth,
+        config.num_heads,
+        config.patch_size,
+        config.image_size,
+        config.mlp_ratio,
+        config.qkv_bias,
+    ) == (192, 12, 3, 8, 32, 4.0, True)
+    with pytest.raises(torch_ckpt.CheckpointFormatError, match="pass num_heads"):
+        torch_ckpt.infer_vit_config(
+            {**numpy_state(tiny), "patch_embed.proj.weight": np.zeros((100, 3, 8, 8), np.float32)}
+        )
 
 
 def test_one_error_lists_missing_unexpected_and_misshaped_keys():
-  state_dict = numpy_state(reference_wrapper())
-  del state_dict["backbone.blocks.1.mlp.fc2.bias"]
-  state_dict["backbone.blocks.1.extra.weight"] = np.zeros(3, np.float32)
-  state_dict["backbone.blocks.0.attn.proj.weight"] = np.zeros((EMBED, EMBED + 1), np.float32)
-  with pytest.raises(torch_ckpt.CheckpointFormatError) as error:
-    torch_ckpt.dino_from_torch(state_dict)
-  message = str(error.value)
-  assert "missing keys (1): backbone.blocks.1.mlp.fc2.bias" in message
-  assert "unexpected keys (1): backbone.blocks.1.extra.weight" in message
-  assert f"backbone.blocks.0.attn.proj.weight: got ({EMBED}, {EMBED + 1}), expected " \
-         f"({EMBED}, {EMBED})" in message
+    state_dict = numpy_state(reference_wrapper())
+    del state_dict["backbone.blocks.1.mlp.fc2.bias"]
+    state_dict["backbone.blocks.1.extra.weight"] = np.zeros(3, np.float32)
+    state_dict["backbone.blocks.0.attn.proj.weight"] = np.zeros((EMBED, EMBED + 1), np.float32)
+    with pytest.raises(torch_ckpt.CheckpointFormatError) as error:
+        torch_ckpt.dino_from_torch(state_dict)
+    message = str(error.value)
+    assert "missing keys (1): backbone.blocks.1.mlp.fc2.bias" in message
+    assert "unexpected keys (1): backbone.blocks.1.extra.weight" in message
+    assert (
+        f"backbone.blocks.0.attn.proj.weight: got ({EMBED}, {EMBED + 1}), expected "
+        f"({EMBED}, {EMBED})" in message
+    )
 
 
 class _RunsCodeWhenUnpickled:
-  def __init__(self, marker):
-    self.marker = marker
+    def __init__(self, marker):
+        self.marker = marker
 
-  def __reduce__(self):
-    return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
 def test_pickle_with_code_is_refused_and_not_run(tmp_path):
-  marker = tmp_path / "code_ran"
-  path = str(tmp_path / "evil.pth")
-  torch.save({"cls_token": torch.zeros(1, 1, 4), "payload": _RunsCodeWhenUnpickled(str(marker))},
-             path)
-  with pytest.raises(torch_ckpt.UnsafeCheckpointError, match="refused to load .*evil.pth"):
-    torch_ckpt.import_checkpoint(path)
-  assert not marker.exists()
+    marker = tmp_path / "code_ran"
+    path = str(tmp_path / "evil.pth")
+    torch.save({"cls_token": torch.zeros(1, 1, 4), "payload": _RunsCodeWhenUnpickled(str(marker))}, path)
+    with pytest.raises(torch_ckpt.UnsafeCheckpointError, match="refused to load .*evil.pth"):
+        torch_ckpt.import_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_safetensors_round_trip_without_torch(tmp_path, monkeypatch):
-  state_dict = numpy_state(reference_wrapper(3))
-  path = str(tmp_path / "dino.safetensors")
-  tree = {"teacher": state_dict, "dino_loss": {"center": np.ones((1, 32), np.float32)}}
-  torch_ckpt.save_checkpoint_file(tree, path)
-  monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now fails
-  imported = torch_ckpt.import_checkpoint(path)
-  assert imported.student is None and imported.head_config.out_dim == 32
-  np.testing.assert_array_equal(imported.center, 1.0)
-  assert_same_tensors(
-      torch_ckpt.dino_to_torch(imported.teacher, imported.vit_config, imported.head_config),
-      state_dict)
+    state_dict = numpy_state(reference_wrapper(3))
+    path = str(tmp_path / "dino.safetensors")
+    tree = {"teacher": state_dict, "dino_loss": {"center": np.ones((1, 32), np.float32)}}
+    torch_ckpt.save_checkpoint_file(tree, path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now fails
+    imported = torch_ckpt.import_checkpoint(path)
+    assert imported.student is None and imported.head_config.out_dim == 32
+    np.testing.assert_array_equal(imported.center, 1.0)
+    assert_same_tensors(
+        torch_ckpt.dino_to_torch(imported.teacher, imported.vit_config, imported.head_config), state_dict
+    )
 
 
 def test_resolution_change_resizes_pos_embed_like_the_reference():
-  torch.manual_seed(0)
-  model = ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
-  state_dict = numpy_state(model)
-  config, params = torch_ckpt.backbone_from_torch(state_dict, image_size=24)
-  assert config.image_size == 24 and params["pos_embed"].shape == (1, 37, EMBED)
-  expected = interpolate_pos_embed(jnp.asarray(state_dict["pos_embed"]), 6, 6)
-  np.testing.assert_array_equal(params["pos_embed"].get_value(), expected)
-  images = np.random.default_rng(0).standard_normal((2, 24, 24, 3)).astype(np.float32)
-  model_ours = nnx.merge(nnx.split(nnx.eval_shape(
-      lambda: VisionTransformer(config, rngs=nnx.Rngs(0))))[0], params)
-  with torch.no_grad():  # the reference interpolates at run time, to the same values
-    expected_cls = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-  np.testing.assert_allclose(jax.jit(model_ours)(images), expected_cls, atol=2e-5)
+    torch.manual_seed(0)
+    model = ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
+    state_dict = numpy_state(model)
+    config, params = torch_ckpt.backbone_from_torch(state_dict, image_size=24)
+    assert config.image_size == 24 and params["pos_embed"].shape == (1, 37, EMBED)
+    expected = interpolate_pos_embed(jnp.asarray(state_dict["pos_embed"]), 6, 6)
+    np.testing.assert_array_equal(params["pos_embed"].get_value(), expected)
+    images = np.random.default_rng(0).standard_normal((2, 24, 24, 3)).astype(np.float32)
+    model_ours = nnx.merge(
+        nnx.split(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))))[0], params
+    )
+    with torch.no_grad():  # the reference interpolates at run time, to the same values
+        expected_cls = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(jax.jit(model_ours)(images), expected_cls, atol=2e-5)
 
 
 def test_convert_both_ways_and_embed(tmp_path):
-  source = str(tmp_path / "checkpoint.pth")
-  student, teacher, _ = reference_training_checkpoint(source)
-  converted = str(tmp_path / "converted")
-  assert "converted" in cli.convert(source, converted)
-  loaded = cli.load_checkpoint(converted)
-  assert loaded.model.vit_config.embed_dim == EMBED and loaded.model.epoch == 2
-  # Ours -> the reference's training layout again, and the backbone-only form.
-  back = str(tmp_path / "back.pth")
-  cli.convert(converted, back)
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    written = torch.load(back, weights_only=True)
-  assert_same_tensors({k: v.numpy() for k, v in written["teacher"].items()}, numpy_state(teacher))
-  backbone = str(tmp_path / "backbone.safetensors")
-  cli.convert(converted, backbone, backbone_only=True)
-  from safetensors.numpy import load_file
-  assert_same_tensors(load_file(backbone), numpy_state(teacher.backbone))
+    source = str(tmp_path / "checkpoint.pth")
+    student, teacher, _ = reference_training_checkpoint(source)
+    converted = str(tmp_path / "converted")
+    assert "converted" in cli.convert(source, converted)
+    loaded = cli.load_checkpoint(converted)
+    assert loaded.model.vit_config.embed_dim == EMBED and loaded.model.epoch == 2
+    # Ours -> the reference's training layout again, and the backbone-only form.
+    back = str(tmp_path / "back.pth")
+    cli.convert(converted, back)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        written = torch.load(back, weights_only=True)
+    assert_same_tensors({k: v.numpy() for k, v in written["teacher"].items()}, numpy_state(teacher))
+    backbone = str(tmp_path / "backbone.safetensors")
+    cli.convert(converted, backbone, backbone_only=True)
+    from safetensors.numpy import load_file
 
-  # Embeddings of image files: one of the model's size, one resized.
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  folder = tmp_path / "images"
-  folder.mkdir()
-  Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "a.png")
-  Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / "b.png")
-  out = str(tmp_path / "features.npz")
-  result = cli.embed(source, str(folder), out, batch_size=4)
-  stored = np.load(out)
-  assert [os.path.basename(p) for p in stored["paths"]] == ["a.png", "b.png"]
-  pixels = np.stack([cli.load_image(str(folder / name), 16) for name in ("a.png", "b.png")])
-  with torch.no_grad():
-    expected = teacher.backbone(torch.from_numpy(normalize_images(
-        pixels, IMAGENET_MEAN, IMAGENET_STD).transpose(0, 3, 1, 2).copy())).numpy()
-  np.testing.assert_allclose(stored["features"], expected, atol=1e-4)
-  np.testing.assert_array_equal(result["features"], stored["features"])
+    assert_same_tensors(load_file(backbone), numpy_state(teacher.backbone))
+
+    # Embeddings of image files: one of the model's size, one resized.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / "b.png")
+    out = str(tmp_path / "features.npz")
+    result = cli.embed(source, str(folder), out, batch_size=4)
+    stored = np.load(out)
+    assert [os.path.basename(p) for p in stored["paths"]] == ["a.png", "b.png"]
+    pixels = np.stack([cli.load_image(str(folder / name), 16) for name in ("a.png", "b.png")])
+    with torch.no_grad():
+        expected = teacher.backbone(
+            torch.from_numpy(
+                normalize_images(pixels, IMAGENET_MEAN, IMAGENET_STD).transpose(0, 3, 1, 2).copy()
+            )
+        ).numpy()
+    np.testing.assert_allclose(stored["features"], expected, atol=1e-4)
+    np.testing.assert_array_equal(result["features"], stored["features"])
 
 
 def test_training_workdir_exports_to_reference(tmp_path):
-  from configs import digits
-  from dino_jax import checkpointing, config as config_lib
-  from dino_jax.state import TrainState
+    from configs import digits
+    from dino_jax import checkpointing, config as config_lib
+    from dino_jax.state import TrainState
 
-  config = digits.get_config("smoke")
-  vit_config = config_lib.vit_config(config, drop_path=False)
-  head_config = config_lib.head_config(config, vit_config.embed_dim)
-  _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(0)), nnx.Param)
-  teacher = jax.tree.map(lambda x: x * 0.5, params)
-  state = TrainState(step=jnp.asarray(7), student=params, teacher=teacher, opt_state=(),
-                     center=jnp.full((1, head_config.out_dim), 0.25), rng=jax.random.key(0))
-  workdir = tmp_path / "run"
-  checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"))
-  checkpointer.save(7, state, force=True)
-  checkpointer.close()
-  (workdir / "config.json").write_text(config.to_json_best_effort())
+    config = digits.get_config("smoke")
+    vit_config = config_lib.vit_config(config, drop_path=False)
+    head_config = config_lib.head_config(config, vit_config.embed_dim)
+    _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(0)), nnx.Param)
+    teacher = jax.tree.map(lambda x: x * 0.5, params)
+    state = TrainState(
+        step=jnp.asarray(7),
+        student=params,
+        teacher=teacher,
+        opt_state=(),
+        center=jnp.full((1, head_config.out_dim), 0.25),
+        rng=jax.random.key(0),
+    )
+    workdir = tmp_path / "run"
+    checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+    checkpointer.save(7, state, force=True)
+    checkpointer.close()
+    (workdir / "config.json").write_text(config.to_json_best_effort())
 
-  out = str(tmp_path / "run.pth")
-  cli.convert(str(workdir), out)
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    written = torch.load(out, weights_only=True)
-  # BatchNorm head: the reference wraps the teacher in DDP too, hence `module.` on both.
-  network = ref.MultiCropWrapper(
-      ref.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
-      ref.DINOHead(32, 256, use_bn=True, hidden_dim=64, bottleneck_dim=32))
-  network.load_state_dict({k[len("module."):]: v for k, v in written["teacher"].items()},
-                          strict=True)
-  np.testing.assert_array_equal(written["dino_loss"]["center"].numpy(), 0.25)
-  expected = torch_ckpt.dino_to_torch(teacher, vit_config, head_config)
-  assert_same_tensors({k: v.numpy() for k, v in network.state_dict().items()}, expected)
+    out = str(tmp_path / "run.pth")
+    cli.convert(str(workdir), out)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        written = torch.load(out, weights_only=True)
+    # BatchNorm head: the reference wraps the teacher in DDP too, hence `module.` on both.
+    network = ref.MultiCropWrapper(
+        ref.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+        ref.DINOHead(32, 256, use_bn=True, hidden_dim=64, bottleneck_dim=32),
+    )
+    network.load_state_dict({k[len("module.") :]: v for k, v in written["teacher"].items()}, strict=True)
+    np.testing.assert_array_equal(written["dino_loss"]["center"].numpy(), 0.25)
+    expected = torch_ckpt.dino_to_torch(teacher, vit_config, head_config)
+    assert_same_tensors({k: v.numpy() for k, v in network.state_dict().items()}, expected)
 
 
 def test_reference_adam_moments_fill_our_optimizer(tmp_path):
-  from dino_jax import optim
+    from dino_jax import optim
 
-  path = str(tmp_path / "checkpoint.pth")
-  student, _, _ = reference_training_checkpoint(path)  # one step, last layer not frozen
-  imported = torch_ckpt.import_checkpoint(path)
-  moments = torch_ckpt.torch_adam_moments(imported.optimizer, imported.vit_config,
-                                          imported.head_config)
-  tx = optim.make_optimizer(lr_fn=lambda count: 1e-3, weight_decay_fn=lambda count: 0.04,
-                            clip_grad=3.0, freeze_last_layer_steps=0, norm_last_layer=False)
-  opt_state = torch_ckpt.fill_adam_moments(tx.init(imported.student), moments)
-  ours = torch_ckpt.adam_moments(opt_state)
-  table = {e.torch: e for e in torch_ckpt.dino_key_table(imported.vit_config,
-                                                         imported.head_config)}
-  # The reference's own resume path; the file was written by this test, so full unpickling.
-  reference = torch.optim.AdamW(ref.get_params_groups(student))
-  reference.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
-  for key, param in student.named_parameters():
-    state = reference.state[param]
-    first, second, count = ours[table[key].ours]
-    assert count == int(state["step"]) == 1
-    layout = table[key].layout
-    np.testing.assert_array_equal(torch_ckpt.to_torch_layout(first, layout),
-                                  state["exp_avg"].numpy(), err_msg=key)
-    np.testing.assert_array_equal(torch_ckpt.to_torch_layout(second, layout),
-                                  state["exp_avg_sq"].numpy(), err_msg=key)
+    path = str(tmp_path / "checkpoint.pth")
+    student, _, _ = reference_training_checkpoint(path)  # one step, last layer not frozen
+    imported = torch_ckpt.import_checkpoint(path)
+    moments = torch_ckpt.torch_adam_moments(imported.optimizer, imported.vit_config, imported.head_config)
+    tx = optim.make_optimizer(
+        lr_fn=lambda count: 1e-3,
+        weight_decay_fn=lambda count: 0.04,
+        clip_grad=3.0,
+        freeze_last_layer_steps=0,
+        norm_last_layer=False,
+    )
+    opt_state = torch_ckpt.fill_adam_moments(tx.init(imported.student), moments)
+    ours = torch_ckpt.adam_moments(opt_state)
+    table = {e.torch: e for e in torch_ckpt.dino_key_table(imported.vit_config, imported.head_config)}
+    # The reference's own resume path; the file was written by this test, so full unpickling.
+    reference = torch.optim.AdamW(ref.get_params_groups(student))
+    reference.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
+    for key, param in student.named_parameters():
+        state = reference.state[param]
+        first, second, count = ours[table[key].ours]
+        assert count == int(state["step"]) == 1
+        layout = table[key].layout
+        np.testing.assert_array_equal(
+            torch_ckpt.to_torch_layout(first, layout), state["exp_avg"].numpy(), err_msg=key
+        )
+        np.testing.assert_array_equal(
+            torch_ckpt.to_torch_layout(second, layout), state["exp_avg_sq"].numpy(), err_msg=key
+        )

@@ -13,7 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(*args, timeout=900, env=None):
     return subprocess.run(
-        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=dict(os.environ, **(env or {})),
     )
 
@@ -26,8 +30,11 @@ def digits_data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, digits_data_dir):
     workdir = str(tmp_path_factory.mktemp("digits_smoke"))
-    out = launch("--config=configs/digits.py:smoke", f"--workdir={workdir}",
-                 f"--config.dataset.data_dir={digits_data_dir}")
+    out = launch(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={digits_data_dir}",
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return workdir, out
 
@@ -36,7 +43,13 @@ def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
     workdir, out = smoke_run
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    for key in ("knn_k5_top1", "knn_k20_top1", "knn_k20_top5", "random_init_knn_k20_top1", "random_init_knn_k5_top1"):
+    for key in (
+        "knn_k5_top1",
+        "knn_k20_top1",
+        "knn_k20_top5",
+        "random_init_knn_k20_top1",
+        "random_init_knn_k5_top1",
+    ):
         assert 0.0 <= results[key] <= 100.0, key
     assert results["knn_k20_top5"] >= results["knn_k20_top1"]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -49,8 +62,11 @@ def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
 
 def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, digits_data_dir):
     workdir, _ = smoke_run
-    out = launch("--config=configs/digits.py:smoke", f"--workdir={workdir}",
-                 f"--config.dataset.data_dir={digits_data_dir}")
+    out = launch(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={digits_data_dir}",
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "resumed from" in out.stderr and "at step 6" in out.stderr
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -59,8 +75,12 @@ def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, di
 
 def test_cifar100_without_the_dataset_or_internet_stops_at_once(tmp_path):
     started = time.perf_counter()
-    out = launch("--config=configs/cifar100.py", f"--workdir={tmp_path / 'run'}",
-                 f"--config.dataset.data_dir={tmp_path / 'empty'}", timeout=120)
+    out = launch(
+        "--config=configs/cifar100.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.dataset.data_dir={tmp_path / 'empty'}",
+        timeout=120,
+    )
     elapsed = time.perf_counter() - started
     assert out.returncode != 0
     assert "cifar100" in out.stderr and "Traceback" not in out.stderr
@@ -75,8 +95,17 @@ def test_eval_mode_evaluates_the_latest_checkpoint_of_a_workdir(smoke_run, tmp_p
     assert "step 6" in out.stderr
     with open(out_dir / "results.json") as f:
         results = json.load(f)
-    for key in ("knn_k5_top1", "knn_k20_top1", "linear_train_top1", "linear_test_top1", "linear_best_test_top1",
-                "linear_train_loss", "linear_test_loss", "fewshot_5shot_ncm", "fewshot_5shot_ncm_ci95"):
+    for key in (
+        "knn_k5_top1",
+        "knn_k20_top1",
+        "linear_train_top1",
+        "linear_test_top1",
+        "linear_best_test_top1",
+        "linear_train_loss",
+        "linear_test_loss",
+        "fewshot_5shot_ncm",
+        "fewshot_5shot_ncm_ci95",
+    ):
         assert key in results, key
     # The training run's own evaluation of the same teacher gives the same kNN.
     with open(os.path.join(workdir, "results.json")) as f:
@@ -99,7 +128,9 @@ def test_visualize_mode_writes_attention_maps_for_photo_files(smoke_run, tmp_pat
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
         paths.append(str(path))
     out_dir = tmp_path / "viz"
-    out = launch("--mode=visualize", f"--checkpoint={workdir}", f"--workdir={out_dir}", f"--images={','.join(paths)}")
+    out = launch(
+        "--mode=visualize", f"--checkpoint={workdir}", f"--workdir={out_dir}", f"--images={','.join(paths)}"
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     written = sorted(os.listdir(out_dir / "attention"))
     assert {"a", "b", "attention_grid.png"} <= set(written)

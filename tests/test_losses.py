@@ -10,6 +10,7 @@ from dino_jax import losses
 
 def reference_loss(student, teacher, center, num_crops, teacher_temp, student_temp=0.1):
     """The reference's loop over (teacher view, student view) pairs, in numpy."""
+
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
@@ -20,7 +21,11 @@ def reference_loss(student, teacher, center, num_crops, teacher_temp, student_te
     for iq, v in itertools.product(range(2), range(num_crops)):
         if v == iq:
             continue
-        log_p = s[v] - np.log(np.exp(s[v] - s[v].max(-1, keepdims=True)).sum(-1, keepdims=True)) - s[v].max(-1, keepdims=True)
+        log_p = (
+            s[v]
+            - np.log(np.exp(s[v] - s[v].max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - s[v].max(-1, keepdims=True)
+        )
         total += np.mean(np.sum(-q[iq] * log_p, axis=-1))
         terms += 1
     return total / terms, terms
@@ -41,8 +46,9 @@ def test_matches_the_pairwise_loop_with_a_nonzero_center():
 def test_uniform_student_gives_log_k_whatever_the_teacher():
     k = 64
     teacher = np.random.default_rng(1).normal(size=(4, k)).astype(np.float32)
-    loss, monitors = losses.dino_loss(np.zeros((10, k), np.float32), teacher, np.zeros((1, k)), num_crops=5,
-                                      teacher_temperature=0.04)
+    loss, monitors = losses.dino_loss(
+        np.zeros((10, k), np.float32), teacher, np.zeros((1, k)), num_crops=5, teacher_temperature=0.04
+    )
     assert float(loss) == pytest.approx(np.log(k), rel=1e-6)
     assert float(monitors["teacher_entropy"]) < np.log(k)
 
@@ -54,8 +60,9 @@ def test_identical_sharp_distributions_give_near_zero_loss():
     logits[:, 3] = 1.0
     student = np.tile(logits, (4, 1))
     teacher = np.tile(logits, (2, 1))
-    loss, _ = losses.dino_loss(student, teacher, np.zeros((1, k)), num_crops=4, teacher_temperature=0.01,
-                               student_temperature=0.01)
+    loss, _ = losses.dino_loss(
+        student, teacher, np.zeros((1, k)), num_crops=4, teacher_temperature=0.01, student_temperature=0.01
+    )
     assert float(loss) < 1e-6
 
 
@@ -70,8 +77,9 @@ def test_same_view_pairs_are_skipped():
     other[:batch] = rng.normal(size=(batch, k))
 
     def grad_view0(t):
-        g = jax.grad(lambda s: losses.dino_loss(s, t, np.zeros((1, k)), num_crops=crops,
-                                                teacher_temperature=0.04)[0])(student)
+        g = jax.grad(
+            lambda s: losses.dino_loss(s, t, np.zeros((1, k)), num_crops=crops, teacher_temperature=0.04)[0]
+        )(student)
         return np.asarray(g[:batch])
 
     np.testing.assert_allclose(grad_view0(teacher), grad_view0(other), atol=1e-7)
@@ -82,7 +90,9 @@ def test_center_update_is_an_ema_of_the_raw_teacher_batch_mean():
     teacher = np.arange(12, dtype=np.float32).reshape(4, 3)
     center = np.ones((1, 3), np.float32)
     updated = losses.update_center(center, teacher, momentum=0.9)
-    np.testing.assert_allclose(np.asarray(updated), 0.9 * center + 0.1 * teacher.mean(0, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(updated), 0.9 * center + 0.1 * teacher.mean(0, keepdims=True), rtol=1e-6
+    )
 
 
 def test_teacher_monitors_tell_uniform_from_one_hot():
@@ -95,4 +105,6 @@ def test_teacher_monitors_tell_uniform_from_one_hot():
 
 def test_rows_that_do_not_split_into_crops_are_rejected():
     with pytest.raises(ValueError, match="do not split into 4 crops"):
-        losses.dino_loss(np.zeros((10, 3)), np.zeros((4, 3)), np.zeros((1, 3)), num_crops=4, teacher_temperature=0.04)
+        losses.dino_loss(
+            np.zeros((10, 3)), np.zeros((4, 3)), np.zeros((1, 3)), num_crops=4, teacher_temperature=0.04
+        )

@@ -18,292 +18,302 @@ TINY = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compilation():
-  # Tiny models: XLA's optimisation passes cost more compile time than they save at run time
-  # (this file runs in about half the time). Restored afterwards for other test files.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time
+    # (this file runs in about half the time). Restored afterwards for other test files.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def images(key, batch=2, size=16):
-  return jax.random.normal(jax.random.key(key), (batch, size, size, 3))
+    return jax.random.normal(jax.random.key(key), (batch, size, size, 3))
 
 
 # Forward passes go through jit: op-by-op dispatch compiles every primitive per new shape, which
 # costs several seconds per test on a 2-core machine.
 @nnx.jit
 def features(model, x, rng=None):
-  return model(x, drop_path_rng=rng)
+    return model(x, drop_path_rng=rng)
 
 
 @nnx.jit
 def attention_of(model, x):
-  return model.last_self_attention(x)
+    return model.last_self_attention(x)
 
 
 @nnx.jit(static_argnames="n")
 def layers_of(model, x, n):
-  return model.intermediate_layers(x, n)
+    return model.intermediate_layers(x, n)
 
 
 def flat_params(model):
-  _, params = nnx.split(model)
-  return {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(params)}
+    _, params = nnx.split(model)
+    return {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(params)}
 
 
 @pytest.fixture(scope="module")
 def tiny_vit():
-  return VisionTransformer(TINY, rngs=nnx.Rngs(0))
+    return VisionTransformer(TINY, rngs=nnx.Rngs(0))
 
 
 def test_variants_and_validation():
-  small = ViTConfig.from_variant("small", patch_size=8, image_size=32)
-  assert (small.embed_dim, small.depth, small.num_heads, small.grid_size) == (384, 12, 6, 4)
-  assert ViTConfig.from_variant("base").num_patches == 196
-  with pytest.raises(ValueError, match="unknown ViT variant 'huge'"):
-    ViTConfig.from_variant("huge")
-  with pytest.raises(ValueError, match="not a positive multiple of patch_size 5"):
-    ViTConfig(image_size=16, patch_size=5, embed_dim=32, depth=1, num_heads=2)
-  with pytest.raises(ValueError, match="dtype 'float16'"):
-    ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, dtype="float16")
+    small = ViTConfig.from_variant("small", patch_size=8, image_size=32)
+    assert (small.embed_dim, small.depth, small.num_heads, small.grid_size) == (384, 12, 6, 4)
+    assert ViTConfig.from_variant("base").num_patches == 196
+    with pytest.raises(ValueError, match="unknown ViT variant 'huge'"):
+        ViTConfig.from_variant("huge")
+    with pytest.raises(ValueError, match="not a positive multiple of patch_size 5"):
+        ViTConfig(image_size=16, patch_size=5, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="dtype 'float16'"):
+        ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, dtype="float16")
 
 
 def test_output_shapes(tiny_vit):
-  x = images(0, batch=3)
-  assert features(tiny_vit, x).shape == (3, 32)
-  layers = layers_of(tiny_vit, x, n=2)
-  assert [layer.shape for layer in layers] == [(3, 17, 32)] * 2
-  assert attention_of(tiny_vit, x).shape == (3, 2, 17, 17)
-  # A local crop of another size, and a non-square image, interpolate the position embedding.
-  assert features(tiny_vit, images(1, size=8)).shape == (2, 32)
-  assert attention_of(tiny_vit, jnp.zeros((1, 12, 8, 3))).shape == (1, 2, 7, 7)
+    x = images(0, batch=3)
+    assert features(tiny_vit, x).shape == (3, 32)
+    layers = layers_of(tiny_vit, x, n=2)
+    assert [layer.shape for layer in layers] == [(3, 17, 32)] * 2
+    assert attention_of(tiny_vit, x).shape == (3, 2, 17, 17)
+    # A local crop of another size, and a non-square image, interpolate the position embedding.
+    assert features(tiny_vit, images(1, size=8)).shape == (2, 32)
+    assert attention_of(tiny_vit, jnp.zeros((1, 12, 8, 3))).shape == (1, 2, 7, 7)
 
 
 def test_features_are_final_norm_of_last_layer(tiny_vit):
-  x = images(2)
-  np.testing.assert_allclose(features(tiny_vit, x), layers_of(tiny_vit, x, n=1)[0][:, 0],
-                             atol=1e-6)
+    x = images(2)
+    np.testing.assert_allclose(features(tiny_vit, x), layers_of(tiny_vit, x, n=1)[0][:, 0], atol=1e-6)
 
 
 def test_attention_rows_sum_to_one_and_match_manual_qkv_layout():
-  config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-  model = VisionTransformer(config, rngs=nnx.Rngs(1))
-  x = images(3)
-  attention = np.asarray(attention_of(model, x))
-  np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
-  # Manual attention with the documented layout: kernel columns [q | k | v], head h in columns
-  # h*hd:(h+1)*hd of each, scale hd**-0.5.
-  block = model.blocks[0]
-  tokens = block.norm1(model.prepare_tokens(x))
-  qkv = tokens @ block.attn.qkv.kernel[...] + block.attn.qkv.bias[...]
-  dim, heads = 32, 2
-  head_dim = dim // heads
-  for h in range(heads):
-    cols = slice(h * head_dim, (h + 1) * head_dim)
-    q = qkv[..., :dim][..., cols]
-    k = qkv[..., dim:2 * dim][..., cols]
-    expected = jax.nn.softmax(q @ k.transpose(0, 2, 1) * head_dim ** -0.5, axis=-1)
-    np.testing.assert_allclose(attention[:, h], expected, atol=1e-6)
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    model = VisionTransformer(config, rngs=nnx.Rngs(1))
+    x = images(3)
+    attention = np.asarray(attention_of(model, x))
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+    # Manual attention with the documented layout: kernel columns [q | k | v], head h in columns
+    # h*hd:(h+1)*hd of each, scale hd**-0.5.
+    block = model.blocks[0]
+    tokens = block.norm1(model.prepare_tokens(x))
+    qkv = tokens @ block.attn.qkv.kernel[...] + block.attn.qkv.bias[...]
+    dim, heads = 32, 2
+    head_dim = dim // heads
+    for h in range(heads):
+        cols = slice(h * head_dim, (h + 1) * head_dim)
+        q = qkv[..., :dim][..., cols]
+        k = qkv[..., dim : 2 * dim][..., cols]
+        expected = jax.nn.softmax(q @ k.transpose(0, 2, 1) * head_dim**-0.5, axis=-1)
+        np.testing.assert_allclose(attention[:, h], expected, atol=1e-6)
 
 
 def test_mlp_uses_exact_gelu():
-  mlp = vit_lib.Mlp(TINY, rngs=nnx.Rngs(0))
-  # Weights of order 1 so that hidden units span the range where the two GELUs differ (~1e-3).
-  mlp.fc1.kernel[...] = jax.random.normal(jax.random.key(4), (32, 128)) / math.sqrt(32)
-  mlp.fc2.kernel[...] = jax.random.normal(jax.random.key(5), (128, 32))
-  x = 2.0 * jax.random.normal(jax.random.key(6), (4, 32))
-  hidden = np.asarray(x @ mlp.fc1.kernel[...], np.float64)
-  fc2 = np.asarray(mlp.fc2.kernel[...], np.float64)
-  erf = np.vectorize(math.erf)
-  expected = (0.5 * hidden * (1.0 + erf(hidden / math.sqrt(2.0)))) @ fc2
-  np.testing.assert_allclose(mlp(x), expected, atol=1e-4)
-  tanh = np.asarray(jax.nn.gelu(hidden, approximate=True)) @ fc2
-  assert np.abs(tanh - expected).max() > 1e-3
+    mlp = vit_lib.Mlp(TINY, rngs=nnx.Rngs(0))
+    # Weights of order 1 so that hidden units span the range where the two GELUs differ (~1e-3).
+    mlp.fc1.kernel[...] = jax.random.normal(jax.random.key(4), (32, 128)) / math.sqrt(32)
+    mlp.fc2.kernel[...] = jax.random.normal(jax.random.key(5), (128, 32))
+    x = 2.0 * jax.random.normal(jax.random.key(6), (4, 32))
+    hidden = np.asarray(x @ mlp.fc1.kernel[...], np.float64)
+    fc2 = np.asarray(mlp.fc2.kernel[...], np.float64)
+    erf = np.vectorize(math.erf)
+    expected = (0.5 * hidden * (1.0 + erf(hidden / math.sqrt(2.0)))) @ fc2
+    np.testing.assert_allclose(mlp(x), expected, atol=1e-4)
+    tanh = np.asarray(jax.nn.gelu(hidden, approximate=True)) @ fc2
+    assert np.abs(tanh - expected).max() > 1e-3
 
 
 def test_drop_path_is_per_sample_and_rescaled():
-  x = jnp.ones((64, 3, 4))
-  out = np.asarray(vit_lib.drop_path(x, 0.5, jax.random.key(0)))
-  rows = out.reshape(64, -1)
-  dropped = np.all(rows == 0.0, axis=1)
-  kept = np.all(rows == 2.0, axis=1)
-  assert np.all(dropped | kept) and dropped.any() and kept.any()
-  assert vit_lib.drop_path(x, 0.5, None) is x
+    x = jnp.ones((64, 3, 4))
+    out = np.asarray(vit_lib.drop_path(x, 0.5, jax.random.key(0)))
+    rows = out.reshape(64, -1)
+    dropped = np.all(rows == 0.0, axis=1)
+    kept = np.all(rows == 2.0, axis=1)
+    assert np.all(dropped | kept) and dropped.any() and kept.any()
+    assert vit_lib.drop_path(x, 0.5, None) is x
 
 
 def test_stochastic_depth_only_with_a_key():
-  config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
-                     drop_path_rate=0.5)
-  model = VisionTransformer(config, rngs=nnx.Rngs(2))
-  assert [block.drop_path_rate for block in model.blocks] == [0.0, 0.25, 0.5]
-  x = images(5, batch=16)
-  plain = np.asarray(features(model, x))
-  np.testing.assert_array_equal(plain, np.asarray(features(model, x)))
-  dropped = np.asarray(features(model, x, jax.random.key(0)))
-  again = np.asarray(features(model, x, jax.random.key(0)))
-  other = np.asarray(features(model, x, jax.random.key(1)))
-  np.testing.assert_array_equal(dropped, again)
-  assert not np.allclose(dropped, other)
-  assert not np.allclose(dropped, plain)
-  # Per sample: a row whose two branches are both dropped leaves the block unchanged.
-  block = model.blocks[2]
-  tokens = jax.random.normal(jax.random.key(6), (32, 5, 32))
-  out = np.asarray(block(tokens, drop_path_rng=jax.random.key(3)))
-  untouched = np.all(out == np.asarray(tokens), axis=(1, 2))
-  assert untouched.any() and not untouched.all()
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.5)
+    model = VisionTransformer(config, rngs=nnx.Rngs(2))
+    assert [block.drop_path_rate for block in model.blocks] == [0.0, 0.25, 0.5]
+    x = images(5, batch=16)
+    plain = np.asarray(features(model, x))
+    np.testing.assert_array_equal(plain, np.asarray(features(model, x)))
+    dropped = np.asarray(features(model, x, jax.random.key(0)))
+    again = np.asarray(features(model, x, jax.random.key(0)))
+    other = np.asarray(features(model, x, jax.random.key(1)))
+    np.testing.assert_array_equal(dropped, again)
+    assert not np.allclose(dropped, other)
+    assert not np.allclose(dropped, plain)
+    # Per sample: a row whose two branches are both dropped leaves the block unchanged.
+    block = model.blocks[2]
+    tokens = jax.random.normal(jax.random.key(6), (32, 5, 32))
+    out = np.asarray(block(tokens, drop_path_rng=jax.random.key(3)))
+    untouched = np.all(out == np.asarray(tokens), axis=(1, 2))
+    assert untouched.any() and not untouched.all()
 
 
 @pytest.mark.parametrize("grid, out_h, out_w", [(8, 4, 4), (8, 6, 5), (14, 12, 12), (4, 8, 8)])
 def test_pos_embed_interpolation_matches_torch(grid, out_h, out_w):
-  torch = pytest.importorskip("torch")
-  pos_embed = np.random.default_rng(grid * out_w).standard_normal(
-      (1, grid * grid + 1, 5)).astype(np.float32)
-  patch = torch.from_numpy(pos_embed[:, 1:]).reshape(1, grid, grid, 5).permute(0, 3, 1, 2)
-  resized = torch.nn.functional.interpolate(
-      patch, scale_factor=((out_h + 0.1) / grid, (out_w + 0.1) / grid), mode="bicubic",
-      align_corners=False)
-  expected = np.concatenate(
-      [pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()], axis=1)
-  ours = np.asarray(vit_lib.interpolate_pos_embed(jnp.asarray(pos_embed), out_h, out_w))
-  # Weights agree bit for bit; what remains is float32 summation order on values of size ~3.
-  np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-6)
+    torch = pytest.importorskip("torch")
+    pos_embed = (
+        np.random.default_rng(grid * out_w).standard_normal((1, grid * grid + 1, 5)).astype(np.float32)
+    )
+    patch = torch.from_numpy(pos_embed[:, 1:]).reshape(1, grid, grid, 5).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(
+        patch, scale_factor=((out_h + 0.1) / grid, (out_w + 0.1) / grid), mode="bicubic", align_corners=False
+    )
+    expected = np.concatenate(
+        [pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()], axis=1
+    )
+    ours = np.asarray(vit_lib.interpolate_pos_embed(jnp.asarray(pos_embed), out_h, out_w))
+    # Weights agree bit for bit; what remains is float32 summation order on values of size ~3.
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-6)
 
 
 def test_pos_embed_unchanged_when_grid_matches():
-  pos_embed = jnp.arange(17 * 2, dtype=jnp.float32).reshape(1, 17, 2)
-  assert vit_lib.interpolate_pos_embed(pos_embed, 4, 4) is pos_embed
-  # A non-square grid of the same patch count is still resampled, as in the reference.
-  assert not np.array_equal(vit_lib.interpolate_pos_embed(pos_embed, 2, 8)[:, 1:],
-                            pos_embed[:, 1:])
+    pos_embed = jnp.arange(17 * 2, dtype=jnp.float32).reshape(1, 17, 2)
+    assert vit_lib.interpolate_pos_embed(pos_embed, 4, 4) is pos_embed
+    # A non-square grid of the same patch count is still resampled, as in the reference.
+    assert not np.array_equal(vit_lib.interpolate_pos_embed(pos_embed, 2, 8)[:, 1:], pos_embed[:, 1:])
 
 
 def test_init_statistics():
-  config = ViTConfig(image_size=32, patch_size=4, embed_dim=96, depth=1, num_heads=2)
-  params = flat_params(VisionTransformer(config, rngs=nnx.Rngs(3)))
-  qkv = np.asarray(params["blocks.0.attn.qkv.kernel"][...])
-  assert qkv.shape == (96, 288)
-  assert abs(qkv.std() - 0.02) < 0.001 and abs(qkv.mean()) < 0.001
-  # Not cut at 2 sigma (jax's truncated_normal would be): ~4.6% of normal draws lie beyond.
-  assert np.mean(np.abs(qkv) > 0.04) > 0.03
-  pos = np.asarray(params["pos_embed"][...])
-  assert pos.shape == (1, 65, 96) and abs(pos.std() - 0.02) < 0.002
-  assert abs(np.asarray(params["cls_token"][...]).std() - 0.02) < 0.006
-  for name in ["blocks.0.attn.qkv.bias", "blocks.0.mlp.fc1.bias", "norm.bias",
-               "blocks.0.norm1.bias"]:
-    np.testing.assert_array_equal(params[name][...], 0.0)
-  np.testing.assert_array_equal(params["blocks.0.norm2.scale"][...], 1.0)
-  bound = 1 / math.sqrt(3 * 4 * 4)
-  conv = np.asarray(params["patch_embed.kernel"][...])
-  assert conv.shape == (4, 4, 3, 96) and np.abs(conv).max() <= bound
-  assert abs(conv.std() - bound / math.sqrt(3)) < 0.05 * bound
-  conv_bias = np.asarray(params["patch_embed.bias"][...])
-  assert np.abs(conv_bias).max() <= bound and conv_bias.std() > 0.3 * bound
+    config = ViTConfig(image_size=32, patch_size=4, embed_dim=96, depth=1, num_heads=2)
+    params = flat_params(VisionTransformer(config, rngs=nnx.Rngs(3)))
+    qkv = np.asarray(params["blocks.0.attn.qkv.kernel"][...])
+    assert qkv.shape == (96, 288)
+    assert abs(qkv.std() - 0.02) < 0.001 and abs(qkv.mean()) < 0.001
+    # Not cut at 2 sigma (jax's truncated_normal would be): ~4.6% of normal draws lie beyond.
+    assert np.mean(np.abs(qkv) > 0.04) > 0.03
+    pos = np.asarray(params["pos_embed"][...])
+    assert pos.shape == (1, 65, 96) and abs(pos.std() - 0.02) < 0.002
+    assert abs(np.asarray(params["cls_token"][...]).std() - 0.02) < 0.006
+    for name in ["blocks.0.attn.qkv.bias", "blocks.0.mlp.fc1.bias", "norm.bias", "blocks.0.norm1.bias"]:
+        np.testing.assert_array_equal(params[name][...], 0.0)
+    np.testing.assert_array_equal(params["blocks.0.norm2.scale"][...], 1.0)
+    bound = 1 / math.sqrt(3 * 4 * 4)
+    conv = np.asarray(params["patch_embed.kernel"][...])
+    assert conv.shape == (4, 4, 3, 96) and np.abs(conv).max() <= bound
+    assert abs(conv.std() - bound / math.sqrt(3)) < 0.05 * bound
+    conv_bias = np.asarray(params["patch_embed.bias"][...])
+    assert np.abs(conv_bias).max() <= bound and conv_bias.std() > 0.3 * bound
 
 
 def test_params_only_and_jit_of_merge(tiny_vit):
-  graphdef, params = nnx.split(tiny_vit)
-  for _, variable in nnx.to_flat_state(params):
-    assert type(variable) is nnx.Param and variable[...].dtype == jnp.float32
-  x = images(6)
+    graphdef, params = nnx.split(tiny_vit)
+    for _, variable in nnx.to_flat_state(params):
+        assert type(variable) is nnx.Param and variable[...].dtype == jnp.float32
+    x = images(6)
 
-  @jax.jit
-  def forward(params, x, rng):
-    model = nnx.merge(graphdef, params)
-    return model(x, drop_path_rng=rng), model.last_self_attention(x)
+    @jax.jit
+    def forward(params, x, rng):
+        model = nnx.merge(graphdef, params)
+        return model(x, drop_path_rng=rng), model.last_self_attention(x)
 
-  cls, attention = forward(params, x, jax.random.key(0))
-  # Drop-path rate 0: the key changes nothing.
-  np.testing.assert_allclose(cls, features(tiny_vit, x), atol=1e-5)
-  assert attention.shape == (2, 2, 17, 17)
-  # Running the model (with attention capture) added no state to it.
-  _, params_after = nnx.split(tiny_vit)
-  assert len(jax.tree.leaves(params_after)) == len(jax.tree.leaves(params))
+    cls, attention = forward(params, x, jax.random.key(0))
+    # Drop-path rate 0: the key changes nothing.
+    np.testing.assert_allclose(cls, features(tiny_vit, x), atol=1e-5)
+    assert attention.shape == (2, 2, 17, 17)
+    # Running the model (with attention capture) added no state to it.
+    _, params_after = nnx.split(tiny_vit)
+    assert len(jax.tree.leaves(params_after)) == len(jax.tree.leaves(params))
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                     dtype="bfloat16")
-  model = VisionTransformer(config, rngs=nnx.Rngs(0))
-  reference = VisionTransformer(TINY, rngs=nnx.Rngs(0))
-  for _, variable in nnx.to_flat_state(nnx.split(model)[1]):
-    assert variable[...].dtype == jnp.float32
-  x = images(7)
-  out = features(model, x)
-  assert out.dtype == jnp.float32
-  assert attention_of(model, x).dtype == jnp.float32
-  np.testing.assert_allclose(out, features(reference, x), atol=0.1)
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, dtype="bfloat16")
+    model = VisionTransformer(config, rngs=nnx.Rngs(0))
+    reference = VisionTransformer(TINY, rngs=nnx.Rngs(0))
+    for _, variable in nnx.to_flat_state(nnx.split(model)[1]):
+        assert variable[...].dtype == jnp.float32
+    x = images(7)
+    out = features(model, x)
+    assert out.dtype == jnp.float32
+    assert attention_of(model, x).dtype == jnp.float32
+    np.testing.assert_allclose(out, features(reference, x), atol=0.1)
 
 
 def head_config(**overrides):
-  return HeadConfig(**{"in_dim": 32, "out_dim": 64, "hidden_dim": 48, "bottleneck_dim": 16,
-                       **overrides})
+    return HeadConfig(**{"in_dim": 32, "out_dim": 64, "hidden_dim": 48, "bottleneck_dim": 16, **overrides})
 
 
 def test_head_shapes_init_and_weight_norm():
-  head = DINOHead(head_config(), rngs=nnx.Rngs(0))
-  params = flat_params(head)
-  assert [name for name in params if name.startswith("mlp.")] == [
-      "mlp.0.bias", "mlp.0.kernel", "mlp.1.bias", "mlp.1.kernel", "mlp.2.bias", "mlp.2.kernel"]
-  assert params["mlp.1.kernel"][...].shape == (48, 48)
-  assert params["mlp.2.kernel"][...].shape == (48, 16)
-  assert params["last_layer.weight_v"][...].shape == (16, 64)
-  np.testing.assert_array_equal(params["last_layer.weight_g"][...], np.ones((1, 64)))
-  v = np.asarray(params["last_layer.weight_v"][...])
-  assert np.abs(v).max() <= 0.25 and v.std() > 0.1  # uniform(+-1/sqrt(16))
-  np.testing.assert_allclose(np.linalg.norm(head.last_layer.weight(), axis=0), 1.0, atol=1e-6)
-  logits = np.asarray(head(10 * jax.random.normal(jax.random.key(1), (8, 32))))
-  assert logits.shape == (8, 64) and np.abs(logits).max() <= 1.0 + 1e-6
-  # weight_g scales each output column.
-  ones = jnp.ones((2, 32))
-  unit_logits = head(ones)
-  head.last_layer.weight_g[...] = jnp.full((1, 64), 2.0)
-  np.testing.assert_allclose(head(ones), 2 * unit_logits, rtol=1e-6)
+    head = DINOHead(head_config(), rngs=nnx.Rngs(0))
+    params = flat_params(head)
+    assert [name for name in params if name.startswith("mlp.")] == [
+        "mlp.0.bias",
+        "mlp.0.kernel",
+        "mlp.1.bias",
+        "mlp.1.kernel",
+        "mlp.2.bias",
+        "mlp.2.kernel",
+    ]
+    assert params["mlp.1.kernel"][...].shape == (48, 48)
+    assert params["mlp.2.kernel"][...].shape == (48, 16)
+    assert params["last_layer.weight_v"][...].shape == (16, 64)
+    np.testing.assert_array_equal(params["last_layer.weight_g"][...], np.ones((1, 64)))
+    v = np.asarray(params["last_layer.weight_v"][...])
+    assert np.abs(v).max() <= 0.25 and v.std() > 0.1  # uniform(+-1/sqrt(16))
+    np.testing.assert_allclose(np.linalg.norm(head.last_layer.weight(), axis=0), 1.0, atol=1e-6)
+    logits = np.asarray(head(10 * jax.random.normal(jax.random.key(1), (8, 32))))
+    assert logits.shape == (8, 64) and np.abs(logits).max() <= 1.0 + 1e-6
+    # weight_g scales each output column.
+    ones = jnp.ones((2, 32))
+    unit_logits = head(ones)
+    head.last_layer.weight_g[...] = jnp.full((1, 64), 2.0)
+    np.testing.assert_allclose(head(ones), 2 * unit_logits, rtol=1e-6)
 
 
 def test_head_single_layer_and_no_activation_after_bottleneck():
-  head = DINOHead(head_config(nlayers=1), rngs=nnx.Rngs(0))
-  assert len(head.mlp) == 1 and head.mlp[0].kernel[...].shape == (32, 16)
-  x = jax.random.normal(jax.random.key(2), (4, 32))
-  bottleneck = x @ head.mlp[0].kernel[...]
-  bottleneck = bottleneck / jnp.linalg.norm(bottleneck, axis=-1, keepdims=True)
-  np.testing.assert_allclose(head(x), bottleneck @ head.last_layer.weight(), atol=1e-6)
+    head = DINOHead(head_config(nlayers=1), rngs=nnx.Rngs(0))
+    assert len(head.mlp) == 1 and head.mlp[0].kernel[...].shape == (32, 16)
+    x = jax.random.normal(jax.random.key(2), (4, 32))
+    bottleneck = x @ head.mlp[0].kernel[...]
+    bottleneck = bottleneck / jnp.linalg.norm(bottleneck, axis=-1, keepdims=True)
+    np.testing.assert_allclose(head(x), bottleneck @ head.last_layer.weight(), atol=1e-6)
 
 
 def test_batch_norm_uses_batch_statistics():
-  x = 5.0 + 3.0 * jax.random.normal(jax.random.key(3), (32, 6))
-  y = np.asarray(BatchNorm(6)(x))
-  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
-  np.testing.assert_allclose(y.var(0), 1.0, atol=1e-3)  # biased variance, eps 1e-5
-  x = jax.random.normal(jax.random.key(4), (6, 32))
-  changed = x.at[5].set(10.0)
-  with_bn = DINOHead(head_config(use_bn=True), rngs=nnx.Rngs(0))
-  without_bn = DINOHead(head_config(use_bn=False), rngs=nnx.Rngs(0))
-  assert not np.allclose(with_bn(x)[0], with_bn(changed)[0], atol=1e-4)
-  np.testing.assert_allclose(without_bn(x)[0], without_bn(changed)[0], atol=1e-6)
-  assert "bn.1.scale" in flat_params(with_bn) and not any(
-      name.startswith("bn.") for name in flat_params(without_bn))
+    x = 5.0 + 3.0 * jax.random.normal(jax.random.key(3), (32, 6))
+    y = np.asarray(BatchNorm(6)(x))
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(0), 1.0, atol=1e-3)  # biased variance, eps 1e-5
+    x = jax.random.normal(jax.random.key(4), (6, 32))
+    changed = x.at[5].set(10.0)
+    with_bn = DINOHead(head_config(use_bn=True), rngs=nnx.Rngs(0))
+    without_bn = DINOHead(head_config(use_bn=False), rngs=nnx.Rngs(0))
+    assert not np.allclose(with_bn(x)[0], with_bn(changed)[0], atol=1e-4)
+    np.testing.assert_allclose(without_bn(x)[0], without_bn(changed)[0], atol=1e-6)
+    assert "bn.1.scale" in flat_params(with_bn) and not any(
+        name.startswith("bn.") for name in flat_params(without_bn)
+    )
 
 
 def test_dino_wrapper_groups_and_param_paths():
-  head = head_config()
-  config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                     drop_path_rate=0.5)
-  model = DINO(config, head, rngs=nnx.Rngs(0))
-  names = flat_params(model)
-  for name in ["head.last_layer.weight_g", "head.last_layer.weight_v", "head.mlp.0.bias",
-               "backbone.pos_embed", "backbone.cls_token", "backbone.patch_embed.kernel",
-               "backbone.blocks.1.attn.qkv.kernel", "backbone.norm.scale"]:
-    assert name in names
-  globals_ = images(8, batch=4)
-  locals_ = images(9, batch=6, size=8)
-  logits = features(model, [globals_, locals_])
-  assert logits.shape == (10, 64)
-  expected = model.head(jnp.concatenate(
-      [features(model.backbone, globals_), features(model.backbone, locals_)]))
-  np.testing.assert_allclose(logits, expected, atol=1e-6)
-  # Two groups of identical crops get different drop-path masks.
-  twice = features(model, [globals_, globals_], jax.random.key(0))
-  assert not np.allclose(twice[:4], twice[4:], atol=1e-5)
-  with pytest.raises(ValueError, match="does not match the backbone's embed_dim 32"):
-    DINO(config, head_config(in_dim=16), rngs=nnx.Rngs(0))
+    head = head_config()
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.5)
+    model = DINO(config, head, rngs=nnx.Rngs(0))
+    names = flat_params(model)
+    for name in [
+        "head.last_layer.weight_g",
+        "head.last_layer.weight_v",
+        "head.mlp.0.bias",
+        "backbone.pos_embed",
+        "backbone.cls_token",
+        "backbone.patch_embed.kernel",
+        "backbone.blocks.1.attn.qkv.kernel",
+        "backbone.norm.scale",
+    ]:
+        assert name in names
+    globals_ = images(8, batch=4)
+    locals_ = images(9, batch=6, size=8)
+    logits = features(model, [globals_, locals_])
+    assert logits.shape == (10, 64)
+    expected = model.head(
+        jnp.concatenate([features(model.backbone, globals_), features(model.backbone, locals_)])
+    )
+    np.testing.assert_allclose(logits, expected, atol=1e-6)
+    # Two groups of identical crops get different drop-path masks.
+    twice = features(model, [globals_, globals_], jax.random.key(0))
+    assert not np.allclose(twice[:4], twice[4:], atol=1e-5)
+    with pytest.raises(ValueError, match="does not match the backbone's embed_dim 32"):
+        DINO(config, head_config(in_dim=16), rngs=nnx.Rngs(0))

@@ -27,10 +27,21 @@ def test_there_is_a_notebook():
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path):
-    env = dict(os.environ, DINO_JAX_NOTEBOOK_SMOKE="1", DINO_JAX_NOTEBOOK_WORKDIR=str(tmp_path / "run"),
-               DINO_JAX_NOTEBOOK_DATA_DIR=str(tmp_path / "tfds"), MPLBACKEND="Agg")
-    out = subprocess.run([sys.executable, "-c", notebook_source(os.path.join(ROOT, "notebooks", name))],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        DINO_JAX_NOTEBOOK_SMOKE="1",
+        DINO_JAX_NOTEBOOK_WORKDIR=str(tmp_path / "run"),
+        DINO_JAX_NOTEBOOK_DATA_DIR=str(tmp_path / "tfds"),
+        MPLBACKEND="Agg",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", notebook_source(os.path.join(ROOT, "notebooks", name))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "knn_k20_top1" in out.stdout
     difference = float(out.stdout.split("max |JAX - PyTorch| of the CLS features:")[1].split()[0])

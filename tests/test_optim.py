@@ -13,21 +13,36 @@ def make_params(rng):
     return {
         "backbone": {
             "pos_embed": rng.normal(size=(1, 5, 4)).astype(np.float32),
-            "fc": {"kernel": rng.normal(size=(4, 6)).astype(np.float32), "bias": rng.normal(size=(6,)).astype(np.float32)},
+            "fc": {
+                "kernel": rng.normal(size=(4, 6)).astype(np.float32),
+                "bias": rng.normal(size=(6,)).astype(np.float32),
+            },
             "norm": {"scale": rng.normal(size=(4,)).astype(np.float32)},
         },
-        "head": {"last_layer": {"weight_v": rng.normal(size=(6, 3)).astype(np.float32),
-                                "weight_g": np.ones((1, 3), np.float32)}},
+        "head": {
+            "last_layer": {
+                "weight_v": rng.normal(size=(6, 3)).astype(np.float32),
+                "weight_g": np.ones((1, 3), np.float32),
+            }
+        },
     }
 
 
 def test_groups_follow_get_params_groups():
     params = make_params(np.random.default_rng(0))
-    decayed = {optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
-    assert decayed["backbone.pos_embed"] and decayed["backbone.fc.kernel"] and decayed["head.last_layer.weight_v"]
+    decayed = {
+        optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
+    }
+    assert (
+        decayed["backbone.pos_embed"]
+        and decayed["backbone.fc.kernel"]
+        and decayed["head.last_layer.weight_v"]
+    )
     assert not decayed["backbone.fc.bias"] and not decayed["backbone.norm.scale"]
-    labels = {optim.path_name(p): v for p, v in
-              jax.tree_util.tree_flatten_with_path(optim.param_labels(params, norm_last_layer=True))[0]}
+    labels = {
+        optim.path_name(p): v
+        for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(params, norm_last_layer=True))[0]
+    }
     assert labels["head.last_layer.weight_g"] == optim.GROUP_FIXED
     assert labels["head.last_layer.weight_v"] == optim.GROUP_LAST_LAYER
     assert labels["backbone.fc.kernel"] == optim.GROUP_MAIN
@@ -45,7 +60,10 @@ def test_clip_is_per_tensor_not_global():
 def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_layer):
     """The reference's loop (REFERENCE.md §2.1, §2.6) with torch.optim.AdamW."""
     flat = {optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    tensors = {n: torch.tensor(v, requires_grad=not (norm_last_layer and n.endswith("weight_g"))) for n, v in flat.items()}
+    tensors = {
+        n: torch.tensor(v, requires_grad=not (norm_last_layer and n.endswith("weight_g")))
+        for n, v in flat.items()
+    }
     trainable = {n: t for n, t in tensors.items() if t.requires_grad}
     regularized = [t for n, t in trainable.items() if not (n.endswith("bias") or t.ndim == 1)]
     not_regularized = [t for n, t in trainable.items() if n.endswith("bias") or t.ndim == 1]
@@ -79,11 +97,21 @@ def test_update_rule_matches_torch_adamw_with_groups_clip_and_freeze(norm_last_l
     lr = schedules.cosine_schedule(1e-2, 1e-4, epochs=1, steps_per_epoch=steps, warmup_epochs=0)
     wd = schedules.cosine_schedule(0.04, 0.4, epochs=1, steps_per_epoch=steps)
     names = [optim.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    grads_per_step = [{n: (rng.normal(size=np.shape(v)) * 4).astype(np.float32)
-                       for n, v in zip(names, jax.tree.leaves(params))} for _ in range(steps)]
+    grads_per_step = [
+        {
+            n: (rng.normal(size=np.shape(v)) * 4).astype(np.float32)
+            for n, v in zip(names, jax.tree.leaves(params))
+        }
+        for _ in range(steps)
+    ]
 
-    tx = optim.make_optimizer(lr_fn=lambda c: schedules.lookup(lr, c), weight_decay_fn=lambda c: schedules.lookup(wd, c),
-                              clip_grad=3.0, freeze_last_layer_steps=freeze_steps, norm_last_layer=norm_last_layer)
+    tx = optim.make_optimizer(
+        lr_fn=lambda c: schedules.lookup(lr, c),
+        weight_decay_fn=lambda c: schedules.lookup(wd, c),
+        clip_grad=3.0,
+        freeze_last_layer_steps=freeze_steps,
+        norm_last_layer=norm_last_layer,
+    )
     ours = jax.tree.map(jnp.asarray, params)
     opt_state = tx.init(ours)
     treedef = jax.tree.structure(params)
@@ -96,7 +124,9 @@ def test_update_rule_matches_torch_adamw_with_groups_clip_and_freeze(norm_last_l
 
     expected = run_reference(params, grads_per_step, lr, wd, 3.0, freeze_steps, norm_last_layer)
     for name, leaf in zip(names, jax.tree.leaves(ours)):
-        np.testing.assert_allclose(np.asarray(leaf), expected[name], rtol=1e-6, atol=1e-6, err_msg=name)  # a few float32 ulps at |x|~1
+        np.testing.assert_allclose(
+            np.asarray(leaf), expected[name], rtol=1e-6, atol=1e-6, err_msg=name
+        )  # a few float32 ulps at |x|~1
     # The last layer did not move while frozen and moved after.
     np.testing.assert_array_equal(history[freeze_steps - 1], params["head"]["last_layer"]["weight_v"])
     assert not np.allclose(history[freeze_steps], history[freeze_steps - 1])
@@ -106,4 +136,6 @@ def test_ema_with_momentum_one_keeps_the_teacher():
     teacher = {"w": jnp.arange(3.0)}
     student = {"w": jnp.ones(3) * 7}
     np.testing.assert_array_equal(np.asarray(optim.ema(teacher, student, 1.0)["w"]), np.arange(3.0))
-    np.testing.assert_allclose(np.asarray(optim.ema(teacher, student, 0.9)["w"]), 0.9 * np.arange(3.0) + 0.7, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(optim.ema(teacher, student, 0.9)["w"]), 0.9 * np.arange(3.0) + 0.7, rtol=1e-6
+    )

@@ -11,126 +11,176 @@ from dino_jax.eval import suite
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compilation():
-  # Tiny models: XLA's optimisation passes cost more compile time than they save at run time.
-  # Restored afterwards for other test files.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time.
+    # Restored afterwards for other test files.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
-_FAST = suite.SuiteSettings(knn_ks=(5, 20, 500), linear_epochs=3, linear_batch_size=32,
-                            fewshot_episodes=20, linear_n_last_blocks=2)
+_FAST = suite.SuiteSettings(
+    knn_ks=(5, 20, 500), linear_epochs=3, linear_batch_size=32, fewshot_episodes=20, linear_n_last_blocks=2
+)
 
 
 def _split_features(name, rng, num_classes, centres, spread=0.2):
-  def draw(per_class):
-    labels = np.repeat(np.arange(num_classes), per_class)
-    blocks = np.concatenate([centres[labels], centres[labels]], axis=1)
-    return (blocks + spread * rng.standard_normal(blocks.shape)).astype(np.float32), labels
-  train_blocks, train_labels = draw(30)
-  test_blocks, test_labels = draw(25)
-  dim = centres.shape[1]
-  return suite.SplitFeatures(name, num_classes, train_blocks[:, -dim:], train_blocks, train_labels,
-                             test_blocks[:, -dim:], test_blocks, test_labels)
+    def draw(per_class):
+        labels = np.repeat(np.arange(num_classes), per_class)
+        blocks = np.concatenate([centres[labels], centres[labels]], axis=1)
+        return (blocks + spread * rng.standard_normal(blocks.shape)).astype(np.float32), labels
+
+    train_blocks, train_labels = draw(30)
+    test_blocks, test_labels = draw(25)
+    dim = centres.shape[1]
+    return suite.SplitFeatures(
+        name,
+        num_classes,
+        train_blocks[:, -dim:],
+        train_blocks,
+        train_labels,
+        test_blocks[:, -dim:],
+        test_blocks,
+        test_labels,
+    )
 
 
 def test_evaluate_features_names_and_values():
-  rng = np.random.default_rng(0)
-  main = _split_features("digits", rng, 4, rng.standard_normal((4, 64)))
-  transfer = _split_features("stl10", rng, 3, rng.standard_normal((3, 64)))
-  results = suite.evaluate_features(main, [transfer], _FAST)
-  for key in ("knn_k5_top1", "knn_k20_top5", "linear_test_top1", "linear_best_test_top1",
-              "linear_train_loss", "linear_test_loss", "fewshot_5shot_ncm",
-              "fewshot_5shot_ncm_ci95", "fewshot_5shot_logreg", "stl10_knn_k20_top1",
-              "stl10_linear_test_top1", "stl10_fewshot_5shot_ncm_ci95"):
-    assert key in results, key
-  # k=500 exceeds the 120 training rows: left out rather than failing the suite.
-  assert "knn_k500_top1" not in results
-  assert results["knn_k20_top1"] == 100.0
-  assert results["stl10_fewshot_5shot_ncm"] == 100.0
+    rng = np.random.default_rng(0)
+    main = _split_features("digits", rng, 4, rng.standard_normal((4, 64)))
+    transfer = _split_features("stl10", rng, 3, rng.standard_normal((3, 64)))
+    results = suite.evaluate_features(main, [transfer], _FAST)
+    for key in (
+        "knn_k5_top1",
+        "knn_k20_top5",
+        "linear_test_top1",
+        "linear_best_test_top1",
+        "linear_train_loss",
+        "linear_test_loss",
+        "fewshot_5shot_ncm",
+        "fewshot_5shot_ncm_ci95",
+        "fewshot_5shot_logreg",
+        "stl10_knn_k20_top1",
+        "stl10_linear_test_top1",
+        "stl10_fewshot_5shot_ncm_ci95",
+    ):
+        assert key in results, key
+    # k=500 exceeds the 120 training rows: left out rather than failing the suite.
+    assert "knn_k500_top1" not in results
+    assert results["knn_k20_top1"] == 100.0
+    assert results["stl10_fewshot_5shot_ncm"] == 100.0
 
-  markdown = suite.results_markdown(results, main_name="digits", transfer_names=["stl10"],
-                                    settings=_FAST, command="python launch.py --mode=eval")
-  assert markdown.count("Command: `python launch.py --mode=eval`") == 4
-  assert "| 20 | 100.00 | 100.00 |" in markdown
-  assert "k = [500] not computed" in markdown
-  assert "| stl10 | 100.00 |" in markdown
+    markdown = suite.results_markdown(
+        results,
+        main_name="digits",
+        transfer_names=["stl10"],
+        settings=_FAST,
+        command="python launch.py --mode=eval",
+    )
+    assert markdown.count("Command: `python launch.py --mode=eval`") == 4
+    assert "| 20 | 100.00 | 100.00 |" in markdown
+    assert "k = [500] not computed" in markdown
+    assert "| stl10 | 100.00 |" in markdown
 
 
 def test_linear_rate_sweep_reports_the_chosen_rate():
-  rng = np.random.default_rng(3)
-  data = _split_features("sweep", rng, 3, rng.standard_normal((3, 16)), spread=1.0)
-  settings = suite.SuiteSettings(evaluators=("linear",), linear_epochs=2, linear_batch_size=16,
-                                 linear_base_lrs=(1e-4, 0.1))
-  results = suite.evaluate_features(data, (), settings)
-  assert results["linear_base_lr"] in (1e-4, 0.1)
-  markdown = suite.results_markdown(results, main_name="sweep", settings=settings, command="x")
-  assert "best of base rates [0.0001, 0.1]" in markdown
+    rng = np.random.default_rng(3)
+    data = _split_features("sweep", rng, 3, rng.standard_normal((3, 16)), spread=1.0)
+    settings = suite.SuiteSettings(
+        evaluators=("linear",), linear_epochs=2, linear_batch_size=16, linear_base_lrs=(1e-4, 0.1)
+    )
+    results = suite.evaluate_features(data, (), settings)
+    assert results["linear_base_lr"] in (1e-4, 0.1)
+    markdown = suite.results_markdown(results, main_name="sweep", settings=settings, command="x")
+    assert "best of base rates [0.0001, 0.1]" in markdown
 
 
 def test_unknown_evaluator_is_rejected():
-  with pytest.raises(ValueError, match=r"unknown evaluators \['svm'\]"):
-    suite.SuiteSettings(evaluators=("knn", "svm"))
+    with pytest.raises(ValueError, match=r"unknown evaluators \['svm'\]"):
+        suite.SuiteSettings(evaluators=("knn", "svm"))
 
 
 def test_logreg_is_skipped_for_wide_episodes():
-  rng = np.random.default_rng(1)
-  data = _split_features("wide", rng, 4, rng.standard_normal((4, 8)))
-  settings = suite.SuiteSettings(evaluators=("fewshot",), fewshot_episodes=5,
-                                 fewshot_logreg_max_way=3)
-  results = suite.evaluate_features(data, (), settings)
-  assert "fewshot_5shot_ncm" in results and "fewshot_5shot_logreg" not in results
+    rng = np.random.default_rng(1)
+    data = _split_features("wide", rng, 4, rng.standard_normal((4, 8)))
+    settings = suite.SuiteSettings(evaluators=("fewshot",), fewshot_episodes=5, fewshot_logreg_max_way=3)
+    results = suite.evaluate_features(data, (), settings)
+    assert "fewshot_5shot_ncm" in results and "fewshot_5shot_logreg" not in results
 
 
 def test_write_results_merges_json(tmp_path):
-  (tmp_path / "results.json").write_text(json.dumps({"final_loss": 3.5, "knn_k20_top1": 1.0}))
-  json_path, md_path = suite.write_results(str(tmp_path), {"knn_k20_top1": 90.0}, "# table")
-  payload = json.loads(open(json_path).read())
-  assert payload == {"final_loss": 3.5, "knn_k20_top1": 90.0}
-  assert open(md_path).read() == "# table\n"
+    (tmp_path / "results.json").write_text(json.dumps({"final_loss": 3.5, "knn_k20_top1": 1.0}))
+    json_path, md_path = suite.write_results(str(tmp_path), {"knn_k20_top1": 90.0}, "# table")
+    payload = json.loads(open(json_path).read())
+    assert payload == {"final_loss": 3.5, "knn_k20_top1": 90.0}
+    assert open(md_path).read() == "# table\n"
 
 
 def test_evaluate_backbone_end_to_end_on_a_tiny_vit(tmp_path):
-  from flax import nnx
-  from dino_jax.models.vit import ViTConfig, VisionTransformer
-  model = VisionTransformer(ViTConfig(image_size=8, patch_size=4, embed_dim=8, depth=2,
-                                      num_heads=2), rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
-  rng = np.random.default_rng(2)
-  # Class = a flat colour: trivially separable even for random features.
-  def batches(count):
-    labels = np.arange(count) % 3
-    images = np.zeros((count, 8, 8, 3), np.uint8) + (labels * 100)[:, None, None, None].astype(
-        np.uint8) + rng.integers(0, 5, (count, 8, 8, 3), dtype=np.uint8)
-    for start in range(0, count, 16):
-      chunk = slice(start, start + 16)
-      size = len(labels[chunk])
-      yield {"image": np.pad(images[chunk], ((0, 16 - size), (0, 0), (0, 0), (0, 0))),
-             "label": np.pad(labels[chunk], (0, 16 - size)), "mask": np.arange(16) < size}
-  data = suite.EvalData("colours", 3, lambda: batches(60), lambda: batches(63))
-  settings = suite.SuiteSettings(knn_ks=(5,), linear_epochs=2, linear_n_last_blocks=4,
-                                 fewshot_episodes=10)
-  results, extracted = suite.evaluate_backbone(graphdef, params, data, mean=(0.5,), std=(0.25,),
-                                               settings=settings)
-  # `run` = the same plus the two files.
-  out_dir = tmp_path / "workdir"
-  ran = suite.run(graphdef, params, data, [data], out_dir=str(out_dir), mean=(0.5,), std=(0.25,),
-                  settings=settings, command="python launch.py --mode=eval")
-  assert json.loads((out_dir / "results.json").read_text())["colours_knn_k5_top1"] == 100.0
-  assert "## Transfer" in (out_dir / "results.md").read_text()
-  assert ran["knn_k5_top1"] == results["knn_k5_top1"]
-  # The linear feature is capped at the depth (2 blocks of 8), the kNN feature is the last 8.
-  assert extracted[0].train_blocks.shape == (60, 16)
-  assert extracted[0].test_cls.shape == (63, 8)
-  np.testing.assert_allclose(extracted[0].test_cls, extracted[0].test_blocks[:, 8:])
-  assert results["knn_k5_top1"] == 100.0
-  assert "linear_test_top1" in results and "fewshot_5shot_ncm" in results
-  assert results["linear_n_last_blocks"] == 2
-  # Without the linear probe one block is enough.
-  _, knn_only = suite.evaluate_backbone(graphdef, params, data, mean=(0.5,), std=(0.25,),
-                                        settings=suite.SuiteSettings(evaluators=("knn",),
-                                                                     knn_ks=(5,)))
-  assert knn_only[0].train_blocks.shape == (60, 8)
-  assert "CLS of the last 2 blocks" in suite.results_markdown(results, main_name="colours",
-                                                              settings=settings, command="x")
+    from flax import nnx
+    from dino_jax.models.vit import ViTConfig, VisionTransformer
+
+    model = VisionTransformer(
+        ViTConfig(image_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2), rngs=nnx.Rngs(0)
+    )
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(2)
+
+    # Class = a flat colour: trivially separable even for random features.
+    def batches(count):
+        labels = np.arange(count) % 3
+        images = (
+            np.zeros((count, 8, 8, 3), np.uint8)
+            + (labels * 100)[:, None, None, None].astype(np.uint8)
+            + rng.integers(0, 5, (count, 8, 8, 3), dtype=np.uint8)
+        )
+        for start in range(0, count, 16):
+            chunk = slice(start, start + 16)
+            size = len(labels[chunk])
+            yield {
+                "image": np.pad(images[chunk], ((0, 16 - size), (0, 0), (0, 0), (0, 0))),
+                "label": np.pad(labels[chunk], (0, 16 - size)),
+                "mask": np.arange(16) < size,
+            }
+
+    data = suite.EvalData("colours", 3, lambda: batches(60), lambda: batches(63))
+    settings = suite.SuiteSettings(knn_ks=(5,), linear_epochs=2, linear_n_last_blocks=4, fewshot_episodes=10)
+    results, extracted = suite.evaluate_backbone(
+        graphdef, params, data, mean=(0.5,), std=(0.25,), settings=settings
+    )
+    # `run` = the same plus the two files.
+    out_dir = tmp_path / "workdir"
+    ran = suite.run(
+        graphdef,
+        params,
+        data,
+        [data],
+        out_dir=str(out_dir),
+        mean=(0.5,),
+        std=(0.25,),
+        settings=settings,
+        command="python launch.py --mode=eval",
+    )
+    assert json.loads((out_dir / "results.json").read_text())["colours_knn_k5_top1"] == 100.0
+    assert "## Transfer" in (out_dir / "results.md").read_text()
+    assert ran["knn_k5_top1"] == results["knn_k5_top1"]
+    # The linear feature is capped at the depth (2 blocks of 8), the kNN feature is the last 8.
+    assert extracted[0].train_blocks.shape == (60, 16)
+    assert extracted[0].test_cls.shape == (63, 8)
+    np.testing.assert_allclose(extracted[0].test_cls, extracted[0].test_blocks[:, 8:])
+    assert results["knn_k5_top1"] == 100.0
+    assert "linear_test_top1" in results and "fewshot_5shot_ncm" in results
+    assert results["linear_n_last_blocks"] == 2
+    # Without the linear probe one block is enough.
+    _, knn_only = suite.evaluate_backbone(
+        graphdef,
+        params,
+        data,
+        mean=(0.5,),
+        std=(0.25,),
+        settings=suite.SuiteSettings(evaluators=("knn",), knn_ks=(5,)),
+    )
+    assert knn_only[0].train_blocks.shape == (60, 8)
+    assert "CLS of the last 2 blocks" in suite.results_markdown(
+        results, main_name="colours", settings=settings, command="x"
+    )

@@ -43,8 +43,9 @@ def tiny_run_config(get_config, data_dir, augment_on):
 
 
 @pytest.mark.parametrize("augment_on", ["host", "device"])
-@pytest.mark.parametrize("name,get_config", [("cifar100", cifar100.get_config),
-                                             ("tiny_imagenet", tiny_imagenet_config.get_config)])
+@pytest.mark.parametrize(
+    "name,get_config", [("cifar100", cifar100.get_config), ("tiny_imagenet", tiny_imagenet_config.get_config)]
+)
 def test_trains_from_real_format_tfds_datasets(data_dir, tmp_path, monkeypatch, name, get_config, augment_on):
     # Everything is prepared: the run must not look for the internet.
     monkeypatch.setattr(sources, "has_internet", lambda *a, **k: pytest.fail("network probed"))

@@ -32,7 +32,9 @@ def test_golden_first_step():
     got = {k: metrics[k] for k in GOLDEN_FIRST_STEP}
     print("first-step metrics:", json.dumps(got))
     for key, expected in GOLDEN_FIRST_STEP.items():
-        assert metrics[key] == pytest.approx(expected, rel=2e-5), f"{key}: got {metrics[key]!r}, pinned {expected!r}"
+        assert metrics[key] == pytest.approx(expected, rel=2e-5), (
+            f"{key}: got {metrics[key]!r}, pinned {expected!r}"
+        )
 
 
 def leaf(state_params, *path):
@@ -70,7 +72,10 @@ def test_teacher_momentum_one_leaves_the_teacher_unchanged():
     state, _ = th.run_steps(parts, mesh, [th.fixed_batch(config, seed=i) for i in range(2)])
     for before, after in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(state.teacher)):
         np.testing.assert_array_equal(np.asarray(after), before)
-    moved = [not np.allclose(np.asarray(a), b) for b, a in zip(jax.tree.leaves(student_before), jax.tree.leaves(state.student))]
+    moved = [
+        not np.allclose(np.asarray(a), b)
+        for b, a in zip(jax.tree.leaves(student_before), jax.tree.leaves(state.student))
+    ]
     assert any(moved)
 
 
@@ -81,7 +86,9 @@ def test_teacher_follows_the_updated_student_by_ema():
     # Momentum is a cosine from 0.5 to 1 over the run; read the value used at step 0.
     m = float(parts.schedules.momentum[0])
     state, _ = th.run_steps(parts, mesh, [th.fixed_batch(config)])
-    for t0, s1, t1 in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(state.student), jax.tree.leaves(state.teacher)):
+    for t0, s1, t1 in zip(
+        jax.tree.leaves(teacher_before), jax.tree.leaves(state.student), jax.tree.leaves(state.teacher)
+    ):
         np.testing.assert_allclose(np.asarray(t1), m * t0 + (1 - m) * np.asarray(s1), rtol=1e-5, atol=1e-7)
 
 
@@ -119,11 +126,12 @@ print("RESULT" + json.dumps({"devices": jax.device_count(), "history": history, 
 def run_with_devices(count):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def test_one_device_and_eight_devices_take_the_same_step():

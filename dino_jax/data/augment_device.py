@@ -33,217 +33,249 @@ import jax.numpy as jnp
 import numpy as np
 
 from dino_jax.data import augment
-from dino_jax.data.augment import (_AREA, _BLUR, _FACTORS, _FLIP, _GRAY, _JITTER, _LEFT,
-                                   _LOG_RATIO, _ORDER_KEYS, _SIGMA, _SOLARIZE, _TOP, CONTRAST, HUE,
-                                   NUM_UNIFORMS, SATURATION, MultiCropConfig)
+from dino_jax.data.augment import (
+    _AREA,
+    _BLUR,
+    _FACTORS,
+    _FLIP,
+    _GRAY,
+    _JITTER,
+    _LEFT,
+    _LOG_RATIO,
+    _ORDER_KEYS,
+    _SIGMA,
+    _SOLARIZE,
+    _TOP,
+    CONTRAST,
+    HUE,
+    NUM_UNIFORMS,
+    SATURATION,
+    MultiCropConfig,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # Resampling must not run in bf16/TF32 on GPUs and TPUs.
 
 
 def _round_to_uint8_range(x):
-  return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
+    return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
 
 
 def crop_boxes(u, height: int, width: int, scale, ratio):
-  """RandomResizedCrop boxes from uniforms (n, NUM_UNIFORMS): int32 (n, 4) (top, left, h, w)."""
-  area = height * width
-  target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA])
-  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-  aspect = jnp.exp(log_low + (log_high - log_low) * u[:, _LOG_RATIO])
-  crop_w = jnp.rint(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
-  crop_h = jnp.rint(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
-  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
-  first = jnp.argmax(fits, axis=1)
-  found = jnp.take_along_axis(fits, first[:, None], axis=1)[:, 0]
-  crop_h = jnp.take_along_axis(crop_h, first[:, None], axis=1)[:, 0]
-  crop_w = jnp.take_along_axis(crop_w, first[:, None], axis=1)[:, 0]
-  top = jnp.floor(u[:, _TOP] * (height - crop_h + 1)).astype(jnp.int32)
-  left = jnp.floor(u[:, _LEFT] * (width - crop_w + 1)).astype(jnp.int32)
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fallback_w, fallback_h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    fallback_w, fallback_h = int(round(height * max(ratio))), height
-  else:
-    fallback_w, fallback_h = width, height
-  crop_h = jnp.where(found, crop_h, fallback_h)
-  crop_w = jnp.where(found, crop_w, fallback_w)
-  top = jnp.where(found, top, (height - fallback_h) // 2)
-  left = jnp.where(found, left, (width - fallback_w) // 2)
-  return jnp.stack([top, left, crop_h, crop_w], axis=1)
+    """RandomResizedCrop boxes from uniforms (n, NUM_UNIFORMS): int32 (n, 4) (top, left, h, w)."""
+    area = height * width
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = jnp.exp(log_low + (log_high - log_low) * u[:, _LOG_RATIO])
+    crop_w = jnp.rint(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
+    crop_h = jnp.rint(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    first = jnp.argmax(fits, axis=1)
+    found = jnp.take_along_axis(fits, first[:, None], axis=1)[:, 0]
+    crop_h = jnp.take_along_axis(crop_h, first[:, None], axis=1)[:, 0]
+    crop_w = jnp.take_along_axis(crop_w, first[:, None], axis=1)[:, 0]
+    top = jnp.floor(u[:, _TOP] * (height - crop_h + 1)).astype(jnp.int32)
+    left = jnp.floor(u[:, _LEFT] * (width - crop_w + 1)).astype(jnp.int32)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    crop_h = jnp.where(found, crop_h, fallback_h)
+    crop_w = jnp.where(found, crop_w, fallback_w)
+    top = jnp.where(found, top, (height - fallback_h) // 2)
+    left = jnp.where(found, left, (width - fallback_w) // 2)
+    return jnp.stack([top, left, crop_h, crop_w], axis=1)
 
 
 def _pil_bicubic(x):
-  a = -0.5
-  x = jnp.abs(x)
-  return jnp.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
-                   jnp.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+    a = -0.5
+    x = jnp.abs(x)
+    return jnp.where(
+        x < 1.0,
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+        jnp.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0),
+    )
 
 
 def resize_weights(start, length, in_size: int, out_size: int, flip=None):
-  """(n, out_size, in_size) weights of PIL's bicubic resize of [start, start + length) of an axis.
+    """(n, out_size, in_size) weights of PIL's bicubic resize of [start, start + length) of an axis.
 
-  The same coefficients as `augment.resize_matrix(length, out_size)` placed at `start`:
-  antialiased when shrinking, taps limited to the crop and renormalised. `flip` (n,) bool
-  reverses the output order.
-  """
-  length = length.astype(jnp.float32)[:, None, None]
-  scale = length / out_size
-  filter_scale = jnp.maximum(scale, 1.0)
-  support = 2.0 * filter_scale
-  out_index = jnp.arange(out_size, dtype=jnp.float32)[None, :, None]
-  if flip is not None:
-    out_index = jnp.where(flip[:, None, None], out_size - 1 - out_index, out_index)
-  centre = (out_index + 0.5) * scale
-  first = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
-  last = jnp.minimum(jnp.floor(centre + support + 0.5), length)
-  position = jnp.arange(in_size, dtype=jnp.float32)[None, None, :] - start[:, None, None]
-  inside = (position >= first) & (position < last)
-  weights = jnp.where(inside, _pil_bicubic((position - centre + 0.5) / filter_scale), 0.0)
-  return weights / jnp.sum(weights, axis=-1, keepdims=True)
+    The same coefficients as `augment.resize_matrix(length, out_size)` placed at `start`:
+    antialiased when shrinking, taps limited to the crop and renormalised. `flip` (n,) bool
+    reverses the output order.
+    """
+    length = length.astype(jnp.float32)[:, None, None]
+    scale = length / out_size
+    filter_scale = jnp.maximum(scale, 1.0)
+    support = 2.0 * filter_scale
+    out_index = jnp.arange(out_size, dtype=jnp.float32)[None, :, None]
+    if flip is not None:
+        out_index = jnp.where(flip[:, None, None], out_size - 1 - out_index, out_index)
+    centre = (out_index + 0.5) * scale
+    first = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
+    last = jnp.minimum(jnp.floor(centre + support + 0.5), length)
+    position = jnp.arange(in_size, dtype=jnp.float32)[None, None, :] - start[:, None, None]
+    inside = (position >= first) & (position < last)
+    weights = jnp.where(inside, _pil_bicubic((position - centre + 0.5) / filter_scale), 0.0)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def resized_crops(images_BxHxWx3, boxes_BxNx4, flips_BxN, size: int):
-  """Float (B, N, size, size, 3) crops, resized like PIL (horizontal pass first, 8-bit between)."""
-  batch, num_crops = boxes_BxNx4.shape[:2]
-  _, height, width, _ = images_BxHxWx3.shape
-  boxes = boxes_BxNx4.reshape(batch * num_crops, 4)
-  rows = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
-  cols = resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips_BxN.reshape(-1))
-  rows = rows.reshape(batch, num_crops, size, height)
-  cols = cols.reshape(batch, num_crops, size, width)
-  images = images_BxHxWx3.astype(jnp.float32)
-  horizontal = jnp.einsum("bhwc,bnsw->bnhsc", images, cols, precision=_HIGHEST)
-  horizontal = _round_to_uint8_range(horizontal)
-  out = jnp.einsum("bnth,bnhsc->bntsc", rows, horizontal, precision=_HIGHEST)
-  return _round_to_uint8_range(out)
+    """Float (B, N, size, size, 3) crops, resized like PIL (horizontal pass first, 8-bit between)."""
+    batch, num_crops = boxes_BxNx4.shape[:2]
+    _, height, width, _ = images_BxHxWx3.shape
+    boxes = boxes_BxNx4.reshape(batch * num_crops, 4)
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips_BxN.reshape(-1))
+    rows = rows.reshape(batch, num_crops, size, height)
+    cols = cols.reshape(batch, num_crops, size, width)
+    images = images_BxHxWx3.astype(jnp.float32)
+    horizontal = jnp.einsum("bhwc,bnsw->bnhsc", images, cols, precision=_HIGHEST)
+    horizontal = _round_to_uint8_range(horizontal)
+    out = jnp.einsum("bnth,bnhsc->bntsc", rows, horizontal, precision=_HIGHEST)
+    return _round_to_uint8_range(out)
 
 
 def luma(rgb):
-  """Rounded ITU-R 601 luma of 0..255 RGB (channels last), shape without the channel axis."""
-  return jnp.floor(dm_pix.rgb_to_grayscale(rgb / 255.0)[..., 0] * 255.0 + 0.5)
+    """Rounded ITU-R 601 luma of 0..255 RGB (channels last), shape without the channel axis."""
+    return jnp.floor(dm_pix.rgb_to_grayscale(rgb / 255.0)[..., 0] * 255.0 + 0.5)
 
 
 def _hue(x_NxSxSx3, shift):
-  # dm-pix adds the shift to the (N, S, S) hue plane.
-  rotated = dm_pix.adjust_hue(x_NxSxSx3 / 255.0, shift[:, None, None]) * 255.0
-  return _round_to_uint8_range(rotated)
+    # dm-pix adds the shift to the (N, S, S) hue plane.
+    rotated = dm_pix.adjust_hue(x_NxSxSx3 / 255.0, shift[:, None, None]) * 255.0
+    return _round_to_uint8_range(rotated)
 
 
 def color_jitter(x_NxSxSx3, apply, order, factors):
-  """torchvision ColorJitter with given parameters per crop (see augment.color_jitter)."""
-  rows = jnp.arange(x_NxSxSx3.shape[0])
-  x = x_NxSxSx3
-  for step in range(4):
-    op = order[:, step]
-    factor = factors[rows, op]
-    gray = luma(x)
-    mean_gray = jnp.floor(jnp.mean(gray, axis=(1, 2)) + 0.5)
-    degenerate = jnp.where((op == SATURATION)[:, None, None], gray,
-                           jnp.where(op == CONTRAST, mean_gray, 0.0)[:, None, None])[..., None]
-    blend_factor = jnp.where(apply & (op != HUE), factor, 1.0)[:, None, None, None]
-    x = jnp.floor(jnp.clip(degenerate + blend_factor * (x - degenerate), 0.0, 255.0))
-    hue_shift = jnp.where(apply & (op == HUE), factor, 0.0)
-    x = jnp.where((apply & (op == HUE))[:, None, None, None], _hue(x, hue_shift), x)
-  return x
+    """torchvision ColorJitter with given parameters per crop (see augment.color_jitter)."""
+    rows = jnp.arange(x_NxSxSx3.shape[0])
+    x = x_NxSxSx3
+    for step in range(4):
+        op = order[:, step]
+        factor = factors[rows, op]
+        gray = luma(x)
+        mean_gray = jnp.floor(jnp.mean(gray, axis=(1, 2)) + 0.5)
+        degenerate = jnp.where(
+            (op == SATURATION)[:, None, None], gray, jnp.where(op == CONTRAST, mean_gray, 0.0)[:, None, None]
+        )[..., None]
+        blend_factor = jnp.where(apply & (op != HUE), factor, 1.0)[:, None, None, None]
+        x = jnp.floor(jnp.clip(degenerate + blend_factor * (x - degenerate), 0.0, 255.0))
+        hue_shift = jnp.where(apply & (op == HUE), factor, 0.0)
+        x = jnp.where((apply & (op == HUE))[:, None, None, None], _hue(x, hue_shift), x)
+    return x
 
 
 def blur_operators(sigma, size: int, max_sigma: float):
-  """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis (augment.py)."""
-  radius = _box_radius(jnp.maximum(sigma, 1e-6))
-  whole = jnp.floor(radius)
-  frac = radius - whole
-  reach = int(np.floor(augment.pil_box_radius(np.array([max_sigma]))[0])) + 1
-  distance = np.arange(-reach, reach + 1)
-  weights = jnp.where(np.abs(distance)[None] <= whole[:, None], 1.0,
-                      jnp.where(np.abs(distance)[None] == whole[:, None] + 1, frac[:, None], 0.0))
-  weights = weights / (2.0 * radius + 1.0)[:, None]
-  source = np.clip(np.arange(size)[:, None] + distance[None], 0, size - 1)
-  taps = np.eye(size, dtype=np.float32)[source]  # (size, taps, size) one-hot of the source row.
-  one_pass = jnp.einsum("nt,ytx->nyx", weights, taps, precision=_HIGHEST)
-  operator = jnp.einsum("nab,nbc->nac", one_pass, one_pass, precision=_HIGHEST)
-  return jnp.einsum("nab,nbc->nac", one_pass, operator, precision=_HIGHEST)
+    """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis (augment.py)."""
+    radius = _box_radius(jnp.maximum(sigma, 1e-6))
+    whole = jnp.floor(radius)
+    frac = radius - whole
+    reach = int(np.floor(augment.pil_box_radius(np.array([max_sigma]))[0])) + 1
+    distance = np.arange(-reach, reach + 1)
+    weights = jnp.where(
+        np.abs(distance)[None] <= whole[:, None],
+        1.0,
+        jnp.where(np.abs(distance)[None] == whole[:, None] + 1, frac[:, None], 0.0),
+    )
+    weights = weights / (2.0 * radius + 1.0)[:, None]
+    source = np.clip(np.arange(size)[:, None] + distance[None], 0, size - 1)
+    taps = np.eye(size, dtype=np.float32)[source]  # (size, taps, size) one-hot of the source row.
+    one_pass = jnp.einsum("nt,ytx->nyx", weights, taps, precision=_HIGHEST)
+    operator = jnp.einsum("nab,nbc->nac", one_pass, one_pass, precision=_HIGHEST)
+    return jnp.einsum("nab,nbc->nac", one_pass, operator, precision=_HIGHEST)
 
 
 def _box_radius(sigma):
-  sigma2 = sigma**2 / 3.0
-  box_length = jnp.sqrt(12.0 * sigma2 + 1.0)
-  whole = jnp.floor((box_length - 1.0) / 2.0)
-  frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (
-      6 * (sigma2 - (whole + 1) * (whole + 1)))
-  return whole + frac
+    sigma2 = sigma**2 / 3.0
+    box_length = jnp.sqrt(12.0 * sigma2 + 1.0)
+    whole = jnp.floor((box_length - 1.0) / 2.0)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (6 * (sigma2 - (whole + 1) * (whole + 1)))
+    return whole + frac
 
 
 def gaussian_blur(x_NxSxSx3, sigma, blur, max_sigma: float):
-  """Blurs the crops where `blur` (N,) is set, each with its own sigma in crop pixels."""
-  operator = blur_operators(sigma, x_NxSxSx3.shape[1], max_sigma)
-  blurred = jnp.einsum("nyh,nhwc,nxw->nyxc", operator, x_NxSxSx3, operator, precision=_HIGHEST)
-  return jnp.where(blur[:, None, None, None], _round_to_uint8_range(blurred), x_NxSxSx3)
+    """Blurs the crops where `blur` (N,) is set, each with its own sigma in crop pixels."""
+    operator = blur_operators(sigma, x_NxSxSx3.shape[1], max_sigma)
+    blurred = jnp.einsum("nyh,nhwc,nxw->nyxc", operator, x_NxSxSx3, operator, precision=_HIGHEST)
+    return jnp.where(blur[:, None, None, None], _round_to_uint8_range(blurred), x_NxSxSx3)
 
 
-def _crop_group(images_BxHxWx3, u_BxNxU, config: MultiCropConfig, size, scale, blur_p,
-                solarize_p):
-  batch, num_crops = u_BxNxU.shape[:2]
-  if num_crops == 0:
-    return jnp.zeros((batch, 0, size, size, 3), jnp.float32)
-  _, height, width, _ = images_BxHxWx3.shape
-  u = u_BxNxU.reshape(batch * num_crops, NUM_UNIFORMS)
-  boxes = crop_boxes(u, height, width, scale, config.aspect_ratio)
-  flips = u[:, _FLIP] < config.flip_p
-  x = resized_crops(images_BxHxWx3, boxes.reshape(batch, num_crops, 4),
-                    flips.reshape(batch, num_crops), size)
-  x = x.reshape(batch * num_crops, size, size, 3)
+def _crop_group(images_BxHxWx3, u_BxNxU, config: MultiCropConfig, size, scale, blur_p, solarize_p):
+    batch, num_crops = u_BxNxU.shape[:2]
+    if num_crops == 0:
+        return jnp.zeros((batch, 0, size, size, 3), jnp.float32)
+    _, height, width, _ = images_BxHxWx3.shape
+    u = u_BxNxU.reshape(batch * num_crops, NUM_UNIFORMS)
+    boxes = crop_boxes(u, height, width, scale, config.aspect_ratio)
+    flips = u[:, _FLIP] < config.flip_p
+    x = resized_crops(
+        images_BxHxWx3, boxes.reshape(batch, num_crops, 4), flips.reshape(batch, num_crops), size
+    )
+    x = x.reshape(batch * num_crops, size, size, 3)
 
-  ranges = jnp.asarray(config.jitter_ranges(), jnp.float32)
-  factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, _FACTORS]
-  order = jnp.argsort(u[:, _ORDER_KEYS], axis=1)
-  x = color_jitter(x, u[:, _JITTER] < config.color_jitter_p, order, factors)
+    ranges = jnp.asarray(config.jitter_ranges(), jnp.float32)
+    factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, _FACTORS]
+    order = jnp.argsort(u[:, _ORDER_KEYS], axis=1)
+    x = color_jitter(x, u[:, _JITTER] < config.color_jitter_p, order, factors)
 
-  gray = u[:, _GRAY] < config.grayscale_p
-  x = jnp.where(gray[:, None, None, None], luma(x)[..., None], x)
+    gray = u[:, _GRAY] < config.grayscale_p
+    x = jnp.where(gray[:, None, None, None], luma(x)[..., None], x)
 
-  blur = u[:, _BLUR] <= jnp.tile(jnp.asarray(blur_p, jnp.float32), batch)
-  if float(np.max(blur_p)) > 0:
-    low, high = config.blur_sigma
-    x = gaussian_blur(x, low + (high - low) * u[:, _SIGMA], blur, high)
+    blur = u[:, _BLUR] <= jnp.tile(jnp.asarray(blur_p, jnp.float32), batch)
+    if float(np.max(blur_p)) > 0:
+        low, high = config.blur_sigma
+        x = gaussian_blur(x, low + (high - low) * u[:, _SIGMA], blur, high)
 
-  solarize = u[:, _SOLARIZE] < jnp.tile(jnp.asarray(solarize_p, jnp.float32), batch)
-  x = jnp.where(solarize[:, None, None, None], dm_pix.solarize(x / 255.0, 128.0 / 255.0) * 255.0,
-                x)
-  return jnp.round(x).reshape(batch, num_crops, size, size, 3)
+    solarize = u[:, _SOLARIZE] < jnp.tile(jnp.asarray(solarize_p, jnp.float32), batch)
+    x = jnp.where(solarize[:, None, None, None], dm_pix.solarize(x / 255.0, 128.0 / 255.0) * 255.0, x)
+    return jnp.round(x).reshape(batch, num_crops, size, size, 3)
 
 
 def multicrop_from_uniforms(images_BxHxWx3, uniforms_BxVxU, config: MultiCropConfig):
-  """The recipe given each image's uniforms (B, 2 + L, NUM_UNIFORMS), as on the host."""
-  if images_BxHxWx3.ndim != 4 or images_BxHxWx3.shape[-1] != 3:
-    raise ValueError(f"multicrop_batch: expected images of shape (B, H, W, 3), got "
-                     f"{images_BxHxWx3.shape}")
-  expected = (images_BxHxWx3.shape[0], 2 + config.num_local_crops, NUM_UNIFORMS)
-  if tuple(uniforms_BxVxU.shape) != expected:
-    raise ValueError(f"multicrop_batch: uniforms have shape {uniforms_BxVxU.shape}; "
-                     f"expected {expected}")
-  global_crops = _crop_group(images_BxHxWx3, uniforms_BxVxU[:, :2], config, config.global_size,
-                             config.global_scale, np.array(config.blur_p[:2]),
-                             np.array(config.solarize_p[:2]))
-  local_crops = _crop_group(images_BxHxWx3, uniforms_BxVxU[:, 2:], config, config.local_size,
-                            config.local_scale, np.full(config.num_local_crops, config.blur_p[2]),
-                            np.full(config.num_local_crops, config.solarize_p[2]))
-  return global_crops, local_crops
+    """The recipe given each image's uniforms (B, 2 + L, NUM_UNIFORMS), as on the host."""
+    if images_BxHxWx3.ndim != 4 or images_BxHxWx3.shape[-1] != 3:
+        raise ValueError(
+            f"multicrop_batch: expected images of shape (B, H, W, 3), got {images_BxHxWx3.shape}"
+        )
+    expected = (images_BxHxWx3.shape[0], 2 + config.num_local_crops, NUM_UNIFORMS)
+    if tuple(uniforms_BxVxU.shape) != expected:
+        raise ValueError(f"multicrop_batch: uniforms have shape {uniforms_BxVxU.shape}; expected {expected}")
+    global_crops = _crop_group(
+        images_BxHxWx3,
+        uniforms_BxVxU[:, :2],
+        config,
+        config.global_size,
+        config.global_scale,
+        np.array(config.blur_p[:2]),
+        np.array(config.solarize_p[:2]),
+    )
+    local_crops = _crop_group(
+        images_BxHxWx3,
+        uniforms_BxVxU[:, 2:],
+        config,
+        config.local_size,
+        config.local_scale,
+        np.full(config.num_local_crops, config.blur_p[2]),
+        np.full(config.num_local_crops, config.solarize_p[2]),
+    )
+    return global_crops, local_crops
 
 
 def multicrop_batch(images_uint8_BxHxWx3, rng, config: MultiCropConfig):
-  """DINO multi-crop of a batch on the accelerator; traceable (call it inside your jit).
+    """DINO multi-crop of a batch on the accelerator; traceable (call it inside your jit).
 
-  Args:
-    images_uint8_BxHxWx3: uint8 images, one size for the whole batch.
-    rng: a JAX PRNG key. One uniform draw of shape (B, 2 + L, NUM_UNIFORMS) feeds every
-      decision, so under jit with a sharded batch XLA splits it like any other array.
-    config: the recipe (static).
-  Returns:
-    (global_crops float32 (B, 2, G, G, 3), local_crops float32 (B, L, l, l, 3)), whole numbers in
-    [0, 255], ready for `normalize.normalize_images`.
-  """
-  batch = images_uint8_BxHxWx3.shape[0]
-  uniforms = jax.random.uniform(rng, (batch, 2 + config.num_local_crops, NUM_UNIFORMS),
-                                jnp.float32)
-  return multicrop_from_uniforms(images_uint8_BxHxWx3, uniforms, config)
+    Args:
+      images_uint8_BxHxWx3: uint8 images, one size for the whole batch.
+      rng: a JAX PRNG key. One uniform draw of shape (B, 2 + L, NUM_UNIFORMS) feeds every
+        decision, so under jit with a sharded batch XLA splits it like any other array.
+      config: the recipe (static).
+    Returns:
+      (global_crops float32 (B, 2, G, G, 3), local_crops float32 (B, L, l, l, 3)), whole numbers in
+      [0, 255], ready for `normalize.normalize_images`.
+    """
+    batch = images_uint8_BxHxWx3.shape[0]
+    uniforms = jax.random.uniform(rng, (batch, 2 + config.num_local_crops, NUM_UNIFORMS), jnp.float32)
+    return multicrop_from_uniforms(images_uint8_BxHxWx3, uniforms, config)

@@ -30,167 +30,191 @@ AUGMENT_PLACES = ("host", "device")
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-  """Full global batches in one pass over `num_examples` (floor, like torch's drop_last)."""
-  if global_batch_size <= 0:
-    raise ValueError(f"global_batch_size={global_batch_size}: expected > 0")
-  steps = num_examples // global_batch_size
-  if steps == 0:
-    raise ValueError(f"global batch size {global_batch_size} is larger than the dataset "
-                     f"({num_examples} examples): an epoch would have no step")
-  return steps
+    """Full global batches in one pass over `num_examples` (floor, like torch's drop_last)."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size={global_batch_size}: expected > 0")
+    steps = num_examples // global_batch_size
+    if steps == 0:
+        raise ValueError(
+            f"global batch size {global_batch_size} is larger than the dataset "
+            f"({num_examples} examples): an epoch would have no step"
+        )
+    return steps
 
 
 def example_rng(seed: int, position: int) -> np.random.Generator:
-  """The generator of the example at `position` in the global training stream.
+    """The generator of the example at `position` in the global training stream.
 
-  Philox is counter-based: keys (position, seed) give independent streams, and building one
-  costs microseconds, where hashing a SeedSequence per example would cost more than the crops.
-  """
-  return np.random.Generator(np.random.Philox(key=np.array([position, seed], np.uint64)))
+    Philox is counter-based: keys (position, seed) give independent streams, and building one
+    costs microseconds, where hashing a SeedSequence per example would cost more than the crops.
+    """
+    return np.random.Generator(np.random.Philox(key=np.array([position, seed], np.uint64)))
 
 
 class _GlobalPosition:
-  """Pairs each element of this host's shard with its position in the global stream."""
+    """Pairs each element of this host's shard with its position in the global stream."""
 
-  def __init__(self, shard_index: int, shard_count: int):
-    self.shard_index = shard_index
-    self.shard_count = shard_count
+    def __init__(self, shard_index: int, shard_count: int):
+        self.shard_index = shard_index
+        self.shard_count = shard_count
 
-  def __call__(self, index_in_shard: int, example: dict[str, Any]):
-    return index_in_shard * self.shard_count + self.shard_index, example["image"]
+    def __call__(self, index_in_shard: int, example: dict[str, Any]):
+        return index_in_shard * self.shard_count + self.shard_index, example["image"]
 
 
 class _HostMultiCrop:
-  """Batch of (positions, images) -> {"global_crops", "local_crops"}, uint8."""
+    """Batch of (positions, images) -> {"global_crops", "local_crops"}, uint8."""
 
-  def __init__(self, config: augment.MultiCropConfig, seed: int):
-    self.config = config
-    self.seed = seed
+    def __init__(self, config: augment.MultiCropConfig, seed: int):
+        self.config = config
+        self.seed = seed
 
-  def __call__(self, batch):
-    positions, images = batch
-    rngs = [example_rng(self.seed, int(position)) for position in positions]
-    global_crops, local_crops = augment.multicrop_batch(images, rngs, self.config)
-    return {"global_crops": global_crops, "local_crops": local_crops}
+    def __call__(self, batch):
+        positions, images = batch
+        rngs = [example_rng(self.seed, int(position)) for position in positions]
+        global_crops, local_crops = augment.multicrop_batch(images, rngs, self.config)
+        return {"global_crops": global_crops, "local_crops": local_crops}
 
 
 def _image_only(example: dict[str, Any]) -> np.ndarray:
-  return example["image"]
+    return example["image"]
 
 
 def _as_image_batch(images: np.ndarray) -> dict[str, np.ndarray]:
-  return {"image": images}
+    return {"image": images}
 
 
 def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-  if shard_index is None or shard_count is None:
-    import jax  # Only for the defaults: the pipeline itself runs without JAX.
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index={shard_index} with shard_count={shard_count}: expected "
-                     "0 <= shard_index < shard_count")
-  return shard_index, shard_count
+    if shard_index is None or shard_count is None:
+        import jax  # Only for the defaults: the pipeline itself runs without JAX.
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index={shard_index} with shard_count={shard_count}: expected "
+            "0 <= shard_index < shard_count"
+        )
+    return shard_index, shard_count
 
 
-def train_dataset(source: Sequence[dict[str, Any]], crop_config: augment.MultiCropConfig, *,
-                  global_batch_size: int, seed: int, augment_on: str = "host",
-                  shard_index: int | None = None, shard_count: int | None = None,
-                  num_workers: int = 0, prefetch_batches: int = 2) -> grain.IterDataset:
-  """The infinite, resumable training stream of this host's batches.
+def train_dataset(
+    source: Sequence[dict[str, Any]],
+    crop_config: augment.MultiCropConfig,
+    *,
+    global_batch_size: int,
+    seed: int,
+    augment_on: str = "host",
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_workers: int = 0,
+    prefetch_batches: int = 2,
+) -> grain.IterDataset:
+    """The infinite, resumable training stream of this host's batches.
 
-  Args:
-    source: random access `{"image": uint8 (H, W, 3), "label": int}` (see sources.load_source).
-    crop_config: the multi-crop recipe (used when augment_on="host").
-    global_batch_size: images per step over all hosts; each host yields
-      global_batch_size // shard_count of them.
-    seed: shuffling and augmentation seed, in [0, 2**32).
-    augment_on: "host" yields {"global_crops": uint8 (b, 2, G, G, 3), "local_crops": uint8
-      (b, L, l, l, 3)}; "device" yields {"image": uint8 (b, H, W, 3)} for augment_device.
-    shard_index, shard_count: this host's shard; default jax.process_index() / process_count().
-    num_workers: worker processes for augmentation (0: in this process, in a thread).
-    prefetch_batches: batches prepared ahead of the consumer.
-  Returns:
-    A grain IterDataset; `iter()` of it gives an iterator with get_state() / set_state().
-  """
-  if augment_on not in AUGMENT_PLACES:
-    raise ValueError(f"augment_on={augment_on!r}: expected one of {AUGMENT_PLACES}")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed={seed}: expected an integer in [0, 2**32)")
-  if len(source) == 0:
-    raise ValueError("the training source is empty")
-  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
-  if global_batch_size % shard_count:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{shard_count} hosts reading the data")
-  host_batch_size = global_batch_size // shard_count
+    Args:
+      source: random access `{"image": uint8 (H, W, 3), "label": int}` (see sources.load_source).
+      crop_config: the multi-crop recipe (used when augment_on="host").
+      global_batch_size: images per step over all hosts; each host yields
+        global_batch_size // shard_count of them.
+      seed: shuffling and augmentation seed, in [0, 2**32).
+      augment_on: "host" yields {"global_crops": uint8 (b, 2, G, G, 3), "local_crops": uint8
+        (b, L, l, l, 3)}; "device" yields {"image": uint8 (b, H, W, 3)} for augment_device.
+      shard_index, shard_count: this host's shard; default jax.process_index() / process_count().
+      num_workers: worker processes for augmentation (0: in this process, in a thread).
+      prefetch_batches: batches prepared ahead of the consumer.
+    Returns:
+      A grain IterDataset; `iter()` of it gives an iterator with get_state() / set_state().
+    """
+    if augment_on not in AUGMENT_PLACES:
+        raise ValueError(f"augment_on={augment_on!r}: expected one of {AUGMENT_PLACES}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed}: expected an integer in [0, 2**32)")
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
+    shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+    if global_batch_size % shard_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the "
+            f"{shard_count} hosts reading the data"
+        )
+    host_batch_size = global_batch_size // shard_count
 
-  stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  stream = stream[shard_index::shard_count]
-  if augment_on == "host":
-    stream = stream.map_with_index(_GlobalPosition(shard_index, shard_count))
-    stream = stream.batch(host_batch_size, drop_remainder=True)
-    stream = stream.map(_HostMultiCrop(crop_config, seed))
-  else:
-    stream = stream.map(_image_only).batch(host_batch_size, drop_remainder=True)
-    stream = stream.map(_as_image_batch)
-  # Each element is a whole batch: a few threads and a short buffer are enough to stay ahead.
-  batches = stream.to_iter_dataset(grain.ReadOptions(
-      num_threads=max(1, min(prefetch_batches, 4)), prefetch_buffer_size=prefetch_batches))
-  if num_workers > 0:
-    # grain's workers read absl flags; outside an absl app (tests, notebooks) nothing parsed
-    # them, and grain would fail on its first read. Their defaults are what we want.
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_batches))
-  return batches
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    stream = stream[shard_index::shard_count]
+    if augment_on == "host":
+        stream = stream.map_with_index(_GlobalPosition(shard_index, shard_count))
+        stream = stream.batch(host_batch_size, drop_remainder=True)
+        stream = stream.map(_HostMultiCrop(crop_config, seed))
+    else:
+        stream = stream.map(_image_only).batch(host_batch_size, drop_remainder=True)
+        stream = stream.map(_as_image_batch)
+    # Each element is a whole batch: a few threads and a short buffer are enough to stay ahead.
+    batches = stream.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(prefetch_batches, 4)), prefetch_buffer_size=prefetch_batches)
+    )
+    if num_workers > 0:
+        # grain's workers read absl flags; outside an absl app (tests, notebooks) nothing parsed
+        # them, and grain would fail on its first read. Their defaults are what we want.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_batches)
+        )
+    return batches
 
 
 def resize_images(images_NxHxWx3: np.ndarray, size: int) -> np.ndarray:
-  """Bicubic, antialiased resize to (size, size), as PIL's `Image.resize(BICUBIC)` does it."""
-  images = np.asarray(images_NxHxWx3)
-  _, height, width, _ = images.shape
-  if (height, width) == (size, size):
-    return images
-  planar = images.transpose(0, 3, 1, 2).astype(np.float32)
-  rows = np.matmul(planar, augment.resize_matrix(width, size).T)
-  rows = np.clip(np.floor(rows + 0.5), 0, 255)
-  out = np.matmul(augment.resize_matrix(height, size), rows)
-  out = np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
-  return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+    """Bicubic, antialiased resize to (size, size), as PIL's `Image.resize(BICUBIC)` does it."""
+    images = np.asarray(images_NxHxWx3)
+    _, height, width, _ = images.shape
+    if (height, width) == (size, size):
+        return images
+    planar = images.transpose(0, 3, 1, 2).astype(np.float32)
+    rows = np.matmul(planar, augment.resize_matrix(width, size).T)
+    rows = np.clip(np.floor(rows + 0.5), 0, 255)
+    out = np.matmul(augment.resize_matrix(height, size), rows)
+    out = np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
 
 
-def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, image_size: int,
-                 shard_index: int | None = None,
-                 shard_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass over this host's share of `source` in batches of exactly `batch_size`.
+def eval_batches(
+    source: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+    image_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass over this host's share of `source` in batches of exactly `batch_size`.
 
-  Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,), "mask": bool
-  (batch_size,)}. The last batch is padded with zero images (mask False, label -1), so a jitted
-  evaluator compiles once. Images of another size than `image_size` are resized (bicubic,
-  antialiased). On several hosts each reads rows `shard_index::shard_count` (default: this
-  process's), and every host yields the same number of batches, so their batches form global
-  arrays whose gathered rows cover the split once.
-  """
-  if batch_size <= 0:
-    raise ValueError(f"batch_size={batch_size}: expected > 0")
-  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
-  num_examples = len(source)
-  rows = list(range(shard_index, num_examples, shard_count))
-  rows_per_host = -(-num_examples // shard_count)
-  for start in range(0, max(rows_per_host, 1), batch_size):
-    indices = rows[start:start + batch_size]
-    image_batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-    labels = np.full(batch_size, -1, np.int32)
-    if indices:
-      if hasattr(source, "__getitems__"):
-        examples = source.__getitems__(indices)
-      else:
-        examples = [source[i] for i in indices]
-      image_batch[:len(examples)] = resize_images(
-          np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]), image_size)
-      labels[:len(examples)] = [int(ex["label"]) for ex in examples]
-    mask = np.arange(batch_size) < len(indices)
-    yield {"image": image_batch, "label": labels, "mask": mask}
+    Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,), "mask": bool
+    (batch_size,)}. The last batch is padded with zero images (mask False, label -1), so a jitted
+    evaluator compiles once. Images of another size than `image_size` are resized (bicubic,
+    antialiased). On several hosts each reads rows `shard_index::shard_count` (default: this
+    process's), and every host yields the same number of batches, so their batches form global
+    arrays whose gathered rows cover the split once.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}: expected > 0")
+    shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+    num_examples = len(source)
+    rows = list(range(shard_index, num_examples, shard_count))
+    rows_per_host = -(-num_examples // shard_count)
+    for start in range(0, max(rows_per_host, 1), batch_size):
+        indices = rows[start : start + batch_size]
+        image_batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+        labels = np.full(batch_size, -1, np.int32)
+        if indices:
+            if hasattr(source, "__getitems__"):
+                examples = source.__getitems__(indices)
+            else:
+                examples = [source[i] for i in indices]
+            image_batch[: len(examples)] = resize_images(
+                np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]), image_size
+            )
+            labels[: len(examples)] = [int(ex["label"]) for ex in examples]
+        mask = np.arange(batch_size) < len(indices)
+        yield {"image": image_batch, "label": labels, "mask": mask}

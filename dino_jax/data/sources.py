@@ -20,35 +20,57 @@ import numpy as np
 
 
 class DatasetUnavailableError(RuntimeError):
-  """A dataset is not in the data dir and cannot be prepared here (e.g. no internet)."""
+    """A dataset is not in the data dir and cannot be prepared here (e.g. no internet)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """What the rest of the project needs to know about one dataset."""
-  tfds_name: str
-  train_split: str
-  eval_split: str
-  num_classes: int
-  image_size: int  # Side of the stored square images, in pixels.
-  download_url: str | None  # The archive the builder fetches; None when nothing is fetched.
-  # Sizes of the splits we use, as the finished dataset has them (tests build smaller ones, so
-  # code must read sizes from len(source); these are for messages and docs).
-  num_train: int
-  num_eval: int
+    """What the rest of the project needs to know about one dataset."""
+
+    tfds_name: str
+    train_split: str
+    eval_split: str
+    num_classes: int
+    image_size: int  # Side of the stored square images, in pixels.
+    download_url: str | None  # The archive the builder fetches; None when nothing is fetched.
+    # Sizes of the splits we use, as the finished dataset has them (tests build smaller ones, so
+    # code must read sizes from len(source); these are for messages and docs).
+    num_train: int
+    num_eval: int
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", "train", "test", 10, 32, None, 1437, 360),
     "cifar100": DatasetSpec(
-        "cifar100", "train", "test", 100, 32,
-        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", 50000, 10000),
+        "cifar100",
+        "train",
+        "test",
+        100,
+        32,
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        50000,
+        10000,
+    ),
     "stl10": DatasetSpec(
-        "stl10", "train", "test", 10, 96,
-        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", 5000, 8000),
+        "stl10",
+        "train",
+        "test",
+        10,
+        96,
+        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+        5000,
+        8000,
+    ),
     "tiny_imagenet": DatasetSpec(
-        "tiny_imagenet", "train", "validation", 200, 64,
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip", 100000, 10000),
+        "tiny_imagenet",
+        "train",
+        "validation",
+        200,
+        64,
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+        100000,
+        10000,
+    ),
 }
 
 # How long the internet check may take before we call the machine offline.
@@ -56,149 +78,164 @@ CONNECT_TIMEOUT_S = 2.0
 
 
 def default_data_dir() -> str:
-  """`$TFDS_DATA_DIR` if set, else `~/tensorflow_datasets` (TFDS's own default)."""
-  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    """`$TFDS_DATA_DIR` if set, else `~/tensorflow_datasets` (TFDS's own default)."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def has_internet(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
-  """Whether a TCP connection to `url`'s host opens within `timeout_s` seconds.
+    """Whether a TCP connection to `url`'s host opens within `timeout_s` seconds.
 
-  The connection runs in a daemon thread because a socket timeout does not bound the DNS
-  look-up, which can stall far longer on a machine with a broken resolver.
-  """
-  parsed = urllib.parse.urlparse(url)
-  port = parsed.port or (443 if parsed.scheme == "https" else 80)
-  result = []
+    The connection runs in a daemon thread because a socket timeout does not bound the DNS
+    look-up, which can stall far longer on a machine with a broken resolver.
+    """
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result = []
 
-  def connect():
-    try:
-      with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
-        result.append(True)
-    except OSError:
-      result.append(False)
+    def connect():
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+                result.append(True)
+        except OSError:
+            result.append(False)
 
-  thread = threading.Thread(target=connect, daemon=True)
-  thread.start()
-  thread.join(timeout_s)
-  return bool(result and result[0])
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
 
 
 class ImageLabelSource:
-  """A TFDS data source narrowed to `{"image", "label"}`, the contract the pipelines rely on.
+    """A TFDS data source narrowed to `{"image", "label"}`, the contract the pipelines rely on.
 
-  Other features (CIFAR-100's `coarse_label` and `id`, say) are dropped so batches have one
-  structure whichever dataset they come from. Picklable, so grain worker processes can hold it.
-  """
+    Other features (CIFAR-100's `coarse_label` and `id`, say) are dropped so batches have one
+    structure whichever dataset they come from. Picklable, so grain worker processes can hold it.
+    """
 
-  def __init__(self, source, name: str, split: str):
-    self._source = source
-    self.name = name
-    self.split = split
+    def __init__(self, source, name: str, split: str):
+        self._source = source
+        self.name = name
+        self.split = split
 
-  def __len__(self) -> int:
-    return len(self._source)
+    def __len__(self) -> int:
+        return len(self._source)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._narrow(self._source[index])
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._narrow(self._source[index])
 
-  def __getitems__(self, indices):
-    return [self._narrow(record) for record in self._source.__getitems__(indices)]
+    def __getitems__(self, indices):
+        return [self._narrow(record) for record in self._source.__getitems__(indices)]
 
-  @staticmethod
-  def _narrow(record) -> dict[str, Any]:
-    return {"image": np.asarray(record["image"], np.uint8), "label": int(record["label"])}
+    @staticmethod
+    def _narrow(record) -> dict[str, Any]:
+        return {"image": np.asarray(record["image"], np.uint8), "label": int(record["label"])}
 
-  def __repr__(self) -> str:
-    return f"ImageLabelSource({self.name!r}, split={self.split!r}, size={len(self)})"
+    def __repr__(self) -> str:
+        return f"ImageLabelSource({self.name!r}, split={self.split!r}, size={len(self)})"
 
 
 def _builder(name: str, data_dir: str):
-  """The TFDS builder of `name`, our own class for our datasets, the catalog's otherwise."""
-  import tensorflow_datasets as tfds
+    """The TFDS builder of `name`, our own class for our datasets, the catalog's otherwise."""
+    import tensorflow_datasets as tfds
 
-  if name == "digits":
-    from dino_jax.data import digits
-    return digits.Digits(data_dir=data_dir)
-  if name == "tiny_imagenet":
-    from dino_jax.data import tiny_imagenet
-    return tiny_imagenet.TinyImagenet(data_dir=data_dir)
-  return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    if name == "digits":
+        from dino_jax.data import digits
+
+        return digits.Digits(data_dir=data_dir)
+    if name == "tiny_imagenet":
+        from dino_jax.data import tiny_imagenet
+
+        return tiny_imagenet.TinyImagenet(data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir, try_gcs=False)
 
 
 def _manual_dir(data_dir: str, manual_dir: str | None) -> str:
-  """TFDS's manual dir: where a user puts archives that cannot be downloaded here."""
-  return os.path.expanduser(manual_dir) if manual_dir else os.path.join(
-      data_dir, "downloads", "manual")
+    """TFDS's manual dir: where a user puts archives that cannot be downloaded here."""
+    return os.path.expanduser(manual_dir) if manual_dir else os.path.join(data_dir, "downloads", "manual")
 
 
-def _unavailable_message(name: str, data_dir: str, reason: str,
-                         manual_dir: str | None = None) -> str:
-  spec = DATASETS[name]
-  if name == "tiny_imagenet":
-    from dino_jax.data import tiny_imagenet
+def _unavailable_message(name: str, data_dir: str, reason: str, manual_dir: str | None = None) -> str:
+    spec = DATASETS[name]
+    if name == "tiny_imagenet":
+        from dino_jax.data import tiny_imagenet
+
+        return (
+            f"dataset 'tiny_imagenet' is not prepared in data dir {data_dir} and cannot be prepared "
+            f"here: {reason}. To provide it: download {spec.download_url} "
+            f"({tiny_imagenet.ZIP_BYTES} bytes, md5 {tiny_imagenet.ZIP_MD5}) on any machine and put "
+            f"it at {os.path.join(_manual_dir(data_dir, manual_dir), tiny_imagenet.ZIP_NAME)}; the "
+            f"next run builds the dataset from it, offline."
+        )
     return (
-        f"dataset 'tiny_imagenet' is not prepared in data dir {data_dir} and cannot be prepared "
-        f"here: {reason}. To provide it: download {spec.download_url} "
-        f"({tiny_imagenet.ZIP_BYTES} bytes, md5 {tiny_imagenet.ZIP_MD5}) on any machine and put "
-        f"it at {os.path.join(_manual_dir(data_dir, manual_dir), tiny_imagenet.ZIP_NAME)}; the "
-        f"next run builds the dataset from it, offline.")
-  return (
-      f"dataset '{name}' is not prepared in data dir {data_dir} and cannot be prepared here: "
-      f"{reason}. To provide it: on a machine with internet run\n"
-      f"  pip install tensorflow-datasets tensorflow-cpu array-record\n"
-      f"  tfds build {spec.tfds_name} --data_dir=<dir> --file_format=array_record\n"
-      f"(it downloads {spec.download_url}), then copy <dir>/{spec.tfds_name} into {data_dir}; or "
-      f"point --config.dataset.data_dir (or $TFDS_DATA_DIR) at a directory that already holds "
-      f"'{spec.tfds_name}' in array_record format.")
+        f"dataset '{name}' is not prepared in data dir {data_dir} and cannot be prepared here: "
+        f"{reason}. To provide it: on a machine with internet run\n"
+        f"  pip install tensorflow-datasets tensorflow-cpu array-record\n"
+        f"  tfds build {spec.tfds_name} --data_dir=<dir> --file_format=array_record\n"
+        f"(it downloads {spec.download_url}), then copy <dir>/{spec.tfds_name} into {data_dir}; or "
+        f"point --config.dataset.data_dir (or $TFDS_DATA_DIR) at a directory that already holds "
+        f"'{spec.tfds_name}' in array_record format."
+    )
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None):
-  """Makes sure `name` is prepared (array_record) in `data_dir`; returns its TFDS builder.
+    """Makes sure `name` is prepared (array_record) in `data_dir`; returns its TFDS builder.
 
-  `manual_dir` holds archives placed by hand (default `<data_dir>/downloads/manual`); a
-  Tiny-ImageNet zip found there is built without the internet.
-  """
-  import tensorflow_datasets as tfds
+    `manual_dir` holds archives placed by hand (default `<data_dir>/downloads/manual`); a
+    Tiny-ImageNet zip found there is built without the internet.
+    """
+    import tensorflow_datasets as tfds
 
-  if name not in DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-  data_dir = os.path.expanduser(data_dir or default_data_dir())
-  builder = _builder(name, data_dir)
-  if not builder.is_prepared():
-    url = DATASETS[name].download_url
-    manual = _manual_dir(data_dir, manual_dir)
-    has_manual_archive = name == "tiny_imagenet" and os.path.exists(
-        os.path.join(manual, os.path.basename(url)))
-    if url is not None and not has_manual_archive and not has_internet(url):
-      raise DatasetUnavailableError(_unavailable_message(
-          name, data_dir, "no internet connection (could not reach "
-          f"{urllib.parse.urlparse(url).hostname} within {CONNECT_TIMEOUT_S:.0f} s)", manual_dir))
-    try:
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual))
-    except Exception as error:  # Any failure to fetch or build means the same to the user.
-      raise DatasetUnavailableError(_unavailable_message(
-          name, data_dir, f"preparing it failed with {type(error).__name__}: {error}",
-          manual_dir)) from error
-  file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
-  if file_format != "array_record":
-    raise DatasetUnavailableError(
-        f"dataset '{name}' in {data_dir} is stored as {file_format}; random access needs "
-        f"array_record. Rebuild it with: tfds build {DATASETS[name].tfds_name} "
-        f"--data_dir={data_dir} --file_format=array_record")
-  return builder
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    data_dir = os.path.expanduser(data_dir or default_data_dir())
+    builder = _builder(name, data_dir)
+    if not builder.is_prepared():
+        url = DATASETS[name].download_url
+        manual = _manual_dir(data_dir, manual_dir)
+        has_manual_archive = name == "tiny_imagenet" and os.path.exists(
+            os.path.join(manual, os.path.basename(url))
+        )
+        if url is not None and not has_manual_archive and not has_internet(url):
+            raise DatasetUnavailableError(
+                _unavailable_message(
+                    name,
+                    data_dir,
+                    "no internet connection (could not reach "
+                    f"{urllib.parse.urlparse(url).hostname} within {CONNECT_TIMEOUT_S:.0f} s)",
+                    manual_dir,
+                )
+            )
+        try:
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual),
+            )
+        except Exception as error:  # Any failure to fetch or build means the same to the user.
+            raise DatasetUnavailableError(
+                _unavailable_message(
+                    name, data_dir, f"preparing it failed with {type(error).__name__}: {error}", manual_dir
+                )
+            ) from error
+    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    if file_format != "array_record":
+        raise DatasetUnavailableError(
+            f"dataset '{name}' in {data_dir} is stored as {file_format}; random access needs "
+            f"array_record. Rebuild it with: tfds build {DATASETS[name].tfds_name} "
+            f"--data_dir={data_dir} --file_format=array_record"
+        )
+    return builder
 
 
-def load_source(name: str, split: str, data_dir: str | None = None,
-                manual_dir: str | None = None) -> ImageLabelSource:
-  """Random-access source of `{"image": uint8 (S, S, 3), "label": int}` for a split of `name`.
+def load_source(
+    name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None
+) -> ImageLabelSource:
+    """Random-access source of `{"image": uint8 (S, S, 3), "label": int}` for a split of `name`.
 
-  Prepares the dataset on first use where possible; raises `DatasetUnavailableError` (at once,
-  never after a network hang) where it is not. `manual_dir`: see `prepare`.
-  """
-  builder = prepare(name, data_dir, manual_dir)
-  available = sorted(builder.info.splits.keys())
-  if split not in builder.info.splits:
-    raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {available}")
-  return ImageLabelSource(builder.as_data_source(split=split), name, split)
+    Prepares the dataset on first use where possible; raises `DatasetUnavailableError` (at once,
+    never after a network hang) where it is not. `manual_dir`: see `prepare`.
+    """
+    builder = prepare(name, data_dir, manual_dir)
+    available = sorted(builder.info.splits.keys())
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {available}")
+    return ImageLabelSource(builder.as_data_source(split=split), name, split)

@@ -33,93 +33,112 @@ from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 FeatureFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def backbone_features(model, images_BxHxWxC, *, n_last_blocks: int = 1,
-                      avgpool: bool = False) -> jax.Array:
-  """Features `(B, F)` of a `VisionTransformer` on normalised float images (see module doc)."""
-  if n_last_blocks < 1:
-    raise ValueError(f"n_last_blocks={n_last_blocks}; expected >= 1")
-  if avgpool and n_last_blocks != 1:
-    raise ValueError(f"avgpool=True with n_last_blocks={n_last_blocks}; the reference defines "
-                     "average-pooled patch tokens only with n_last_blocks=1")
-  if n_last_blocks == 1 and not avgpool:
-    return model(images_BxHxWxC)
-  blocks = model.intermediate_layers(images_BxHxWxC, n_last_blocks)
-  cls_BxF = jnp.concatenate([tokens_BxTxD[:, 0] for tokens_BxTxD in blocks], axis=-1)
-  if not avgpool:
-    return cls_BxF
-  patch_mean_BxD = jnp.mean(blocks[-1][:, 1:], axis=1)
-  return jnp.stack([cls_BxF, patch_mean_BxD], axis=-1).reshape(cls_BxF.shape[0], -1)
+def backbone_features(model, images_BxHxWxC, *, n_last_blocks: int = 1, avgpool: bool = False) -> jax.Array:
+    """Features `(B, F)` of a `VisionTransformer` on normalised float images (see module doc)."""
+    if n_last_blocks < 1:
+        raise ValueError(f"n_last_blocks={n_last_blocks}; expected >= 1")
+    if avgpool and n_last_blocks != 1:
+        raise ValueError(
+            f"avgpool=True with n_last_blocks={n_last_blocks}; the reference defines "
+            "average-pooled patch tokens only with n_last_blocks=1"
+        )
+    if n_last_blocks == 1 and not avgpool:
+        return model(images_BxHxWxC)
+    blocks = model.intermediate_layers(images_BxHxWxC, n_last_blocks)
+    cls_BxF = jnp.concatenate([tokens_BxTxD[:, 0] for tokens_BxTxD in blocks], axis=-1)
+    if not avgpool:
+        return cls_BxF
+    patch_mean_BxD = jnp.mean(blocks[-1][:, 1:], axis=1)
+    return jnp.stack([cls_BxF, patch_mean_BxD], axis=-1).reshape(cls_BxF.shape[0], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mean", "std", "n_last_blocks",
-                                             "avgpool"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mean", "std", "n_last_blocks", "avgpool"))
 def _features(params, images_uint8_BxHxWxC, *, graphdef, mean, std, n_last_blocks, avgpool):
-  model = nnx.merge(graphdef, params)
-  images = normalize_images(images_uint8_BxHxWxC, mean, std)
-  return backbone_features(model, images, n_last_blocks=n_last_blocks,
-                           avgpool=avgpool).astype(jnp.float32)
+    model = nnx.merge(graphdef, params)
+    images = normalize_images(images_uint8_BxHxWxC, mean, std)
+    return backbone_features(model, images, n_last_blocks=n_last_blocks, avgpool=avgpool).astype(jnp.float32)
 
 
-def make_feature_fn(graphdef, *, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD, n_last_blocks: int = 1,
-                    avgpool: bool = False) -> FeatureFn:
-  """Jitted `fn(params, images_uint8) -> float32 features (B, F)` for a ViT `graphdef`.
+def make_feature_fn(
+    graphdef,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+) -> FeatureFn:
+    """Jitted `fn(params, images_uint8) -> float32 features (B, F)` for a ViT `graphdef`.
 
-  `params` is the state from `nnx.split(model)` (or any pytree of the same structure, e.g. the
-  teacher's). One compilation per input batch shape and feature kind: functions made again for
-  an equal graphdef and settings (the next data set, the next evaluation) reuse it.
-  """
-  if avgpool and n_last_blocks != 1:
-    raise ValueError(f"avgpool=True with n_last_blocks={n_last_blocks}; the reference defines "
-                     "average-pooled patch tokens only with n_last_blocks=1")
-  return functools.partial(_features, graphdef=graphdef,
-                           mean=tuple(float(m) for m in np.ravel(mean)),
-                           std=tuple(float(s) for s in np.ravel(std)),
-                           n_last_blocks=int(n_last_blocks), avgpool=bool(avgpool))
+    `params` is the state from `nnx.split(model)` (or any pytree of the same structure, e.g. the
+    teacher's). One compilation per input batch shape and feature kind: functions made again for
+    an equal graphdef and settings (the next data set, the next evaluation) reuse it.
+    """
+    if avgpool and n_last_blocks != 1:
+        raise ValueError(
+            f"avgpool=True with n_last_blocks={n_last_blocks}; the reference defines "
+            "average-pooled patch tokens only with n_last_blocks=1"
+        )
+    return functools.partial(
+        _features,
+        graphdef=graphdef,
+        mean=tuple(float(m) for m in np.ravel(mean)),
+        std=tuple(float(s) for s in np.ravel(std)),
+        n_last_blocks=int(n_last_blocks),
+        avgpool=bool(avgpool),
+    )
 
 
-def extract_features(feature_fn: FeatureFn, params, batches: Iterable[Mapping[str, Any]], *,
-                     mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Runs `feature_fn` over `batches` and returns `(features (N, F) float32, labels (N,))`.
+def extract_features(
+    feature_fn: FeatureFn,
+    params,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs `feature_fn` over `batches` and returns `(features (N, F) float32, labels (N,))`.
 
-  Each batch is `{"image": uint8 (b, H, W, C), "label": (b,), "mask": (b,) bool}`, host-local;
-  rows whose mask is false (the padding of a last, partial batch) are dropped, so keeping one
-  batch shape costs no recompilation. With more than one device the batch is sharded over the
-  mesh's `data` axis (the host-local batch size must then divide by the local device count) and
-  the parameters are replicated. Without a mesh, one is built over all devices; a given mesh
-  contributes its devices. On several
-  hosts every host returns the rows of all hosts.
-  """
-  # Rebuilt with Auto axes whatever the caller's axis types (see `sharding.make_mesh`).
-  mesh = sharding.make_mesh(None if mesh is None else list(mesh.devices.flat))
-  batch_sharding = NamedSharding(mesh, P("data"))
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-  feature_chunks, label_chunks = [], []
-  for batch in batches:
-    images = np.asarray(batch["image"])
-    if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(f"extract_features: batch images are {images.dtype} {images.shape}; "
-                       "expected uint8 (b, H, W, C)")
-    if images.shape[0] % local_devices:
-      raise ValueError(f"extract_features: batch of {images.shape[0]} images does not split over "
-                       f"{local_devices} local devices; use a batch size divisible by it")
-    global_images = jax.make_array_from_process_local_data(batch_sharding, images)
-    features = feature_fn(params, global_images)
-    # Kept on device: the next batch is dispatched before this one is fetched.
-    feature_chunks.append((features, np.asarray(batch["mask"], bool)))
-    label_chunks.append(np.asarray(batch["label"]))
-  if not feature_chunks:
-    raise ValueError("extract_features: `batches` yielded no batch; expected at least one")
-  multi_host = jax.process_count() > 1
-  features_out, labels_out = [], []
-  for (features, mask), labels in zip(feature_chunks, label_chunks):
-    if multi_host:
-      # Every host gets every row: kNN and the probes need the whole split. Global rows are in
-      # process order, as the tiled gather of the host-local masks and labels.
-      features = multihost_utils.process_allgather(features)
-      mask = multihost_utils.process_allgather(mask, tiled=True)
-      labels = multihost_utils.process_allgather(labels, tiled=True)
-    features_out.append(np.asarray(features)[mask])
-    labels_out.append(np.asarray(labels)[mask])
-  return np.concatenate(features_out), np.concatenate(labels_out)
+    Each batch is `{"image": uint8 (b, H, W, C), "label": (b,), "mask": (b,) bool}`, host-local;
+    rows whose mask is false (the padding of a last, partial batch) are dropped, so keeping one
+    batch shape costs no recompilation. With more than one device the batch is sharded over the
+    mesh's `data` axis (the host-local batch size must then divide by the local device count) and
+    the parameters are replicated. Without a mesh, one is built over all devices; a given mesh
+    contributes its devices. On several
+    hosts every host returns the rows of all hosts.
+    """
+    # Rebuilt with Auto axes whatever the caller's axis types (see `sharding.make_mesh`).
+    mesh = sharding.make_mesh(None if mesh is None else list(mesh.devices.flat))
+    batch_sharding = NamedSharding(mesh, P("data"))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    feature_chunks, label_chunks = [], []
+    for batch in batches:
+        images = np.asarray(batch["image"])
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"extract_features: batch images are {images.dtype} {images.shape}; "
+                "expected uint8 (b, H, W, C)"
+            )
+        if images.shape[0] % local_devices:
+            raise ValueError(
+                f"extract_features: batch of {images.shape[0]} images does not split over "
+                f"{local_devices} local devices; use a batch size divisible by it"
+            )
+        global_images = jax.make_array_from_process_local_data(batch_sharding, images)
+        features = feature_fn(params, global_images)
+        # Kept on device: the next batch is dispatched before this one is fetched.
+        feature_chunks.append((features, np.asarray(batch["mask"], bool)))
+        label_chunks.append(np.asarray(batch["label"]))
+    if not feature_chunks:
+        raise ValueError("extract_features: `batches` yielded no batch; expected at least one")
+    multi_host = jax.process_count() > 1
+    features_out, labels_out = [], []
+    for (features, mask), labels in zip(feature_chunks, label_chunks):
+        if multi_host:
+            # Every host gets every row: kNN and the probes need the whole split. Global rows are in
+            # process order, as the tiled gather of the host-local masks and labels.
+            features = multihost_utils.process_allgather(features)
+            mask = multihost_utils.process_allgather(mask, tiled=True)
+            labels = multihost_utils.process_allgather(labels, tiled=True)
+        features_out.append(np.asarray(features)[mask])
+        labels_out.append(np.asarray(labels)[mask])
+    return np.concatenate(features_out), np.concatenate(labels_out)

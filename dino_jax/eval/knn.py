@@ -34,122 +34,157 @@ _MAX_CHUNK_SIZE = 1024
 
 
 def _l2_normalize(x_NxD):
-  # Same epsilon as torch.nn.functional.normalize, which the reference uses.
-  norm_Nx1 = jnp.linalg.norm(x_NxD, axis=-1, keepdims=True)
-  return x_NxD / jnp.maximum(norm_Nx1, 1e-12)
+    # Same epsilon as torch.nn.functional.normalize, which the reference uses.
+    norm_Nx1 = jnp.linalg.norm(x_NxD, axis=-1, keepdims=True)
+    return x_NxD / jnp.maximum(norm_Nx1, 1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "num_classes", "temperature"))
-def _chunk_correct_counts(train_x_NxD, train_y_N, test_x_BxD, test_y_B, mask_B, *,
-                          ks: tuple[int, ...], num_classes: int, temperature: float):
-  """Returns `(len(ks), 2)` int32: per k, correct top-1 and top-min(5,k) among unmasked rows."""
-  similarity_BxN = _l2_normalize(test_x_BxD) @ train_x_NxD.T
-  top_sim_BxK, top_idx_BxK = jax.lax.top_k(similarity_BxN, max(ks))
-  neighbour_labels_BxK = train_y_N[top_idx_BxK]
-  weights_BxK = jnp.exp(top_sim_BxK / temperature)
+def _chunk_correct_counts(
+    train_x_NxD,
+    train_y_N,
+    test_x_BxD,
+    test_y_B,
+    mask_B,
+    *,
+    ks: tuple[int, ...],
+    num_classes: int,
+    temperature: float,
+):
+    """Returns `(len(ks), 2)` int32: per k, correct top-1 and top-min(5,k) among unmasked rows."""
+    similarity_BxN = _l2_normalize(test_x_BxD) @ train_x_NxD.T
+    top_sim_BxK, top_idx_BxK = jax.lax.top_k(similarity_BxN, max(ks))
+    neighbour_labels_BxK = train_y_N[top_idx_BxK]
+    weights_BxK = jnp.exp(top_sim_BxK / temperature)
 
-  batch = test_x_BxD.shape[0]
-  rows_Bx1 = jnp.arange(batch)[:, None]
-  scores_BxC = jnp.zeros((batch, num_classes), jnp.float32)
-  counts = []
-  previous_k = 0
-  for k in ks:  # ks is sorted: each k adds only its new neighbours' votes to the smaller k's.
-    scores_BxC = scores_BxC.at[rows_Bx1, neighbour_labels_BxK[:, previous_k:k]].add(
-        weights_BxK[:, previous_k:k])
-    previous_k = k
-    # Rank of the true class under "descending score, lower class index first on ties"; counting
-    # beats sorting all classes.
-    true_score_Bx1 = jnp.take_along_axis(scores_BxC, test_y_B[:, None], axis=1)
-    class_ids_1xC = jnp.arange(num_classes)[None, :]
-    ahead_BxC = (scores_BxC > true_score_Bx1) | (
-        (scores_BxC == true_score_Bx1) & (class_ids_1xC < test_y_B[:, None]))
-    rank_B = jnp.sum(ahead_BxC, axis=1)
-    top1 = jnp.sum((rank_B < 1) & mask_B)
-    top5 = jnp.sum((rank_B < min(5, k)) & mask_B)
-    counts.append(jnp.stack([top1, top5]))
-  return jnp.stack(counts).astype(jnp.int32)
+    batch = test_x_BxD.shape[0]
+    rows_Bx1 = jnp.arange(batch)[:, None]
+    scores_BxC = jnp.zeros((batch, num_classes), jnp.float32)
+    counts = []
+    previous_k = 0
+    for k in ks:  # ks is sorted: each k adds only its new neighbours' votes to the smaller k's.
+        scores_BxC = scores_BxC.at[rows_Bx1, neighbour_labels_BxK[:, previous_k:k]].add(
+            weights_BxK[:, previous_k:k]
+        )
+        previous_k = k
+        # Rank of the true class under "descending score, lower class index first on ties"; counting
+        # beats sorting all classes.
+        true_score_Bx1 = jnp.take_along_axis(scores_BxC, test_y_B[:, None], axis=1)
+        class_ids_1xC = jnp.arange(num_classes)[None, :]
+        ahead_BxC = (scores_BxC > true_score_Bx1) | (
+            (scores_BxC == true_score_Bx1) & (class_ids_1xC < test_y_B[:, None])
+        )
+        rank_B = jnp.sum(ahead_BxC, axis=1)
+        top1 = jnp.sum((rank_B < 1) & mask_B)
+        top5 = jnp.sum((rank_B < min(5, k)) & mask_B)
+        counts.append(jnp.stack([top1, top5]))
+    return jnp.stack(counts).astype(jnp.int32)
 
 
 def _check_labels(name: str, labels: np.ndarray, count: int, num_classes: int) -> None:
-  if labels.shape != (count,):
-    raise ValueError(f"weighted_knn: {name} has shape {labels.shape}; expected ({count},), one "
-                     "integer label per feature row")
-  if count and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"weighted_knn: {name} span [{labels.min()}, {labels.max()}]; expected "
-                     f"integers in [0, {num_classes - 1}] for num_classes={num_classes}")
+    if labels.shape != (count,):
+        raise ValueError(
+            f"weighted_knn: {name} has shape {labels.shape}; expected ({count},), one "
+            "integer label per feature row"
+        )
+    if count and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"weighted_knn: {name} span [{labels.min()}, {labels.max()}]; expected "
+            f"integers in [0, {num_classes - 1}] for num_classes={num_classes}"
+        )
 
 
-def weighted_knn(train_features, train_labels, test_features, test_labels, *, num_classes: int,
-                 ks: Sequence[int] = (5, 10, 20, 100), temperature: float = 0.07,
-                 chunk_size: int | None = None) -> dict[str, float]:
-  """Weighted kNN accuracy of `test_features` against `train_features`, in percent.
+def weighted_knn(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    ks: Sequence[int] = (5, 10, 20, 100),
+    temperature: float = 0.07,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Weighted kNN accuracy of `test_features` against `train_features`, in percent.
 
-  Args:
-    train_features: `(N, D)` float features (need not be normalised).
-    train_labels: `(N,)` integer labels in `[0, num_classes)`.
-    test_features: `(M, D)` float features, any `M >= 1`.
-    test_labels: `(M,)` integer labels in `[0, num_classes)`.
-    num_classes: number of classes (width of the vote vector).
-    ks: neighbour counts, each in `[1, N]`.
-    temperature: vote weight is `exp(cosine_similarity / temperature)`.
-    chunk_size: test rows per device call; default keeps a chunk's `(chunk, N)` similarity block
-      under 256 MiB. Larger is faster up to the memory limit.
+    Args:
+      train_features: `(N, D)` float features (need not be normalised).
+      train_labels: `(N,)` integer labels in `[0, num_classes)`.
+      test_features: `(M, D)` float features, any `M >= 1`.
+      test_labels: `(M,)` integer labels in `[0, num_classes)`.
+      num_classes: number of classes (width of the vote vector).
+      ks: neighbour counts, each in `[1, N]`.
+      temperature: vote weight is `exp(cosine_similarity / temperature)`.
+      chunk_size: test rows per device call; default keeps a chunk's `(chunk, N)` similarity block
+        under 256 MiB. Larger is faster up to the memory limit.
 
-  Returns:
-    `{"knn_k{k}_top1": %, "knn_k{k}_top5": %}` for each k; top-5 counts a hit among the first
-    `min(5, k)` predicted classes.
+    Returns:
+      `{"knn_k{k}_top1": %, "knn_k{k}_top5": %}` for each k; top-5 counts a hit among the first
+      `min(5, k)` predicted classes.
 
-  Raises:
-    ValueError: on mismatched shapes, labels outside `[0, num_classes)`, an empty set, or a k
-      outside `[1, N]`.
-  """
-  train_x = np.asarray(train_features, np.float32)
-  test_x = np.asarray(test_features, np.float32)
-  train_y = np.asarray(train_labels).astype(np.int32)
-  test_y = np.asarray(test_labels).astype(np.int32)
-  if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-    raise ValueError(f"weighted_knn: features have shapes {train_x.shape} (train) and "
-                     f"{test_x.shape} (test); expected (N, D) and (M, D) with the same D")
-  num_train, num_test = train_x.shape[0], test_x.shape[0]
-  if num_train == 0 or num_test == 0:
-    raise ValueError(f"weighted_knn: got {num_train} train and {num_test} test features; "
-                     "expected at least one of each")
-  if num_classes < 1:
-    raise ValueError(f"weighted_knn: num_classes={num_classes}; expected >= 1")
-  _check_labels("train_labels", train_y, num_train, num_classes)
-  _check_labels("test_labels", test_y, num_test, num_classes)
-  sorted_ks = tuple(sorted({int(k) for k in ks}))
-  if not sorted_ks or sorted_ks[0] < 1 or sorted_ks[-1] > num_train:
-    raise ValueError(f"weighted_knn: ks={tuple(ks)}; expected a non-empty set of neighbour counts "
-                     f"in [1, {num_train}] (the number of training features)")
-  if temperature <= 0:
-    raise ValueError(f"weighted_knn: temperature={temperature}; expected > 0")
+    Raises:
+      ValueError: on mismatched shapes, labels outside `[0, num_classes)`, an empty set, or a k
+        outside `[1, N]`.
+    """
+    train_x = np.asarray(train_features, np.float32)
+    test_x = np.asarray(test_features, np.float32)
+    train_y = np.asarray(train_labels).astype(np.int32)
+    test_y = np.asarray(test_labels).astype(np.int32)
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            f"weighted_knn: features have shapes {train_x.shape} (train) and "
+            f"{test_x.shape} (test); expected (N, D) and (M, D) with the same D"
+        )
+    num_train, num_test = train_x.shape[0], test_x.shape[0]
+    if num_train == 0 or num_test == 0:
+        raise ValueError(
+            f"weighted_knn: got {num_train} train and {num_test} test features; expected at least one of each"
+        )
+    if num_classes < 1:
+        raise ValueError(f"weighted_knn: num_classes={num_classes}; expected >= 1")
+    _check_labels("train_labels", train_y, num_train, num_classes)
+    _check_labels("test_labels", test_y, num_test, num_classes)
+    sorted_ks = tuple(sorted({int(k) for k in ks}))
+    if not sorted_ks or sorted_ks[0] < 1 or sorted_ks[-1] > num_train:
+        raise ValueError(
+            f"weighted_knn: ks={tuple(ks)}; expected a non-empty set of neighbour counts "
+            f"in [1, {num_train}] (the number of training features)"
+        )
+    if temperature <= 0:
+        raise ValueError(f"weighted_knn: temperature={temperature}; expected > 0")
 
-  if chunk_size is None:
-    chunk_size = max(1, min(_MAX_CHUNK_SIZE, _MAX_SIMILARITY_VALUES // num_train))
-  if chunk_size < 1:
-    raise ValueError(f"weighted_knn: chunk_size={chunk_size}; expected >= 1")
-  # A small test set needs no padding up to a large chunk.
-  chunk_size = min(chunk_size, num_test)
-  num_chunks = -(-num_test // chunk_size)
-  padded = num_chunks * chunk_size
-  test_x = np.pad(test_x, ((0, padded - num_test), (0, 0)))
-  test_y = np.pad(test_y, (0, padded - num_test))
-  mask = np.arange(padded) < num_test
+    if chunk_size is None:
+        chunk_size = max(1, min(_MAX_CHUNK_SIZE, _MAX_SIMILARITY_VALUES // num_train))
+    if chunk_size < 1:
+        raise ValueError(f"weighted_knn: chunk_size={chunk_size}; expected >= 1")
+    # A small test set needs no padding up to a large chunk.
+    chunk_size = min(chunk_size, num_test)
+    num_chunks = -(-num_test // chunk_size)
+    padded = num_chunks * chunk_size
+    test_x = np.pad(test_x, ((0, padded - num_test), (0, 0)))
+    test_y = np.pad(test_y, (0, padded - num_test))
+    mask = np.arange(padded) < num_test
 
-  train_x_NxD = jax.jit(_l2_normalize)(jnp.asarray(train_x))
-  train_y_N = jnp.asarray(train_y)
-  counts = jnp.zeros((len(sorted_ks), 2), jnp.int32)
-  # Chunks are dispatched asynchronously; the only host sync is the final fetch.
-  for start in range(0, padded, chunk_size):
-    stop = start + chunk_size
-    counts = counts + _chunk_correct_counts(
-        train_x_NxD, train_y_N, test_x[start:stop], test_y[start:stop], mask[start:stop],
-        ks=sorted_ks, num_classes=int(num_classes), temperature=float(temperature))
-  counts = np.asarray(counts)
+    train_x_NxD = jax.jit(_l2_normalize)(jnp.asarray(train_x))
+    train_y_N = jnp.asarray(train_y)
+    counts = jnp.zeros((len(sorted_ks), 2), jnp.int32)
+    # Chunks are dispatched asynchronously; the only host sync is the final fetch.
+    for start in range(0, padded, chunk_size):
+        stop = start + chunk_size
+        counts = counts + _chunk_correct_counts(
+            train_x_NxD,
+            train_y_N,
+            test_x[start:stop],
+            test_y[start:stop],
+            mask[start:stop],
+            ks=sorted_ks,
+            num_classes=int(num_classes),
+            temperature=float(temperature),
+        )
+    counts = np.asarray(counts)
 
-  results = {}
-  for i, k in enumerate(sorted_ks):
-    results[f"knn_k{k}_top1"] = 100.0 * float(counts[i, 0]) / num_test
-    results[f"knn_k{k}_top5"] = 100.0 * float(counts[i, 1]) / num_test
-  return results
+    results = {}
+    for i, k in enumerate(sorted_ks):
+        results[f"knn_k{k}_top1"] = 100.0 * float(counts[i, 0]) / num_test
+        results[f"knn_k{k}_top5"] = 100.0 * float(counts[i, 1]) / num_test
+    return results

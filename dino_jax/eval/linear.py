@@ -35,199 +35,290 @@ INIT_STD = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class LinearProbeResult:
-  """Outcome of one probe. Accuracies in percent; losses are mean cross-entropy in nats.
+    """Outcome of one probe. Accuracies in percent; losses are mean cross-entropy in nats.
 
-  `train_top1`/`train_loss` are running means over the minibatches of the last epoch (the
-  reference logs its train loss this way); the `test_*` values are for the final classifier;
-  `best_test_top1` is the maximum over epochs (the reference's reported number), reached after
-  epoch `best_epoch` (1-based). The `*_per_epoch` arrays hold one value per epoch.
-  """
+    `train_top1`/`train_loss` are running means over the minibatches of the last epoch (the
+    reference logs its train loss this way); the `test_*` values are for the final classifier;
+    `best_test_top1` is the maximum over epochs (the reference's reported number), reached after
+    epoch `best_epoch` (1-based). The `*_per_epoch` arrays hold one value per epoch.
+    """
 
-  test_top1: float
-  test_top5: float
-  test_loss: float
-  best_test_top1: float
-  best_epoch: int
-  train_top1: float
-  train_loss: float
-  learning_rate: float
-  test_top1_per_epoch: np.ndarray
-  train_loss_per_epoch: np.ndarray
+    test_top1: float
+    test_top5: float
+    test_loss: float
+    best_test_top1: float
+    best_epoch: int
+    train_top1: float
+    train_loss: float
+    learning_rate: float
+    test_top1_per_epoch: np.ndarray
+    train_loss_per_epoch: np.ndarray
 
-  def metrics(self, prefix: str = "linear") -> dict[str, float]:
-    """Flat `{f"{prefix}_<name>": value}` of the scalar results."""
-    names = ("test_top1", "test_top5", "test_loss", "best_test_top1", "best_epoch",
-             "train_top1", "train_loss")
-    return {f"{prefix}_{name}": float(getattr(self, name)) for name in names}
+    def metrics(self, prefix: str = "linear") -> dict[str, float]:
+        """Flat `{f"{prefix}_<name>": value}` of the scalar results."""
+        names = (
+            "test_top1",
+            "test_top5",
+            "test_loss",
+            "best_test_top1",
+            "best_epoch",
+            "train_top1",
+            "train_loss",
+        )
+        return {f"{prefix}_{name}": float(getattr(self, name)) for name in names}
 
 
 def scaled_learning_rate(batch_size: int, base_lr: float = BASE_LR) -> float:
-  """The reference's linear scaling: `base_lr * batch_size / 256`."""
-  return base_lr * batch_size / 256.0
+    """The reference's linear scaling: `base_lr * batch_size / 256`."""
+    return base_lr * batch_size / 256.0
 
 
 def epoch_cosine_schedule(peak_lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """Learning rate at optimizer step `t`: `peak * (1 + cos(pi * epoch / epochs)) / 2` with
-  `epoch = t // steps_per_epoch`: constant within an epoch, as `CosineAnnealingLR` stepped per
-  epoch with `eta_min=0`. Epoch 0 uses the peak."""
-  def schedule(step):
-    epoch = jnp.asarray(step) // steps_per_epoch
-    return peak_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
-  return schedule
+    """Learning rate at optimizer step `t`: `peak * (1 + cos(pi * epoch / epochs)) / 2` with
+    `epoch = t // steps_per_epoch`: constant within an epoch, as `CosineAnnealingLR` stepped per
+    epoch with `eta_min=0`. Epoch 0 uses the peak."""
+
+    def schedule(step):
+        epoch = jnp.asarray(step) // steps_per_epoch
+        return peak_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+
+    return schedule
 
 
 def _logits(params, x_NxD):
-  # HIGHEST: accelerators would otherwise multiply in bfloat16, which the reference does not.
-  return jnp.dot(x_NxD, params["kernel"], precision=jax.lax.Precision.HIGHEST) + params["bias"]
+    # HIGHEST: accelerators would otherwise multiply in bfloat16, which the reference does not.
+    return jnp.dot(x_NxD, params["kernel"], precision=jax.lax.Precision.HIGHEST) + params["bias"]
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
-def _train(train_x_NxD, train_y_N, test_x_MxD, test_y_M, key, learning_rates_L, *,
-           num_classes: int, epochs: int, batch_size: int):
-  """Per-epoch metrics, each with a leading axis over `learning_rates_L`. All rates share the
-  initial weights and the minibatch order, so they differ in the rate alone."""
-  num_train, dim = train_x_NxD.shape
-  steps_per_epoch = -(-num_train // batch_size)
-  padded = steps_per_epoch * batch_size
-  init_key, shuffle_key = jax.random.split(key)
-  initial_params = {
-      "kernel": INIT_STD * jax.random.normal(init_key, (dim, num_classes), jnp.float32),
-      "bias": jnp.zeros((num_classes,), jnp.float32)}
-  return jax.vmap(lambda learning_rate: _train_one_rate(
-      train_x_NxD, train_y_N, test_x_MxD, test_y_M, shuffle_key, initial_params, learning_rate,
-      num_classes=num_classes, epochs=epochs, batch_size=batch_size,
-      steps_per_epoch=steps_per_epoch, padded=padded))(learning_rates_L)
+def _train(
+    train_x_NxD,
+    train_y_N,
+    test_x_MxD,
+    test_y_M,
+    key,
+    learning_rates_L,
+    *,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+):
+    """Per-epoch metrics, each with a leading axis over `learning_rates_L`. All rates share the
+    initial weights and the minibatch order, so they differ in the rate alone."""
+    num_train, dim = train_x_NxD.shape
+    steps_per_epoch = -(-num_train // batch_size)
+    padded = steps_per_epoch * batch_size
+    init_key, shuffle_key = jax.random.split(key)
+    initial_params = {
+        "kernel": INIT_STD * jax.random.normal(init_key, (dim, num_classes), jnp.float32),
+        "bias": jnp.zeros((num_classes,), jnp.float32),
+    }
+    return jax.vmap(
+        lambda learning_rate: _train_one_rate(
+            train_x_NxD,
+            train_y_N,
+            test_x_MxD,
+            test_y_M,
+            shuffle_key,
+            initial_params,
+            learning_rate,
+            num_classes=num_classes,
+            epochs=epochs,
+            batch_size=batch_size,
+            steps_per_epoch=steps_per_epoch,
+            padded=padded,
+        )
+    )(learning_rates_L)
 
 
-def _train_one_rate(train_x_NxD, train_y_N, test_x_MxD, test_y_M, shuffle_key, params,
-                    learning_rate, *, num_classes, epochs, batch_size, steps_per_epoch, padded):
-  num_train = train_x_NxD.shape[0]
-  optimizer = optax.sgd(epoch_cosine_schedule(learning_rate, epochs, steps_per_epoch),
-                        momentum=MOMENTUM)
-  opt_state = optimizer.init(params)
+def _train_one_rate(
+    train_x_NxD,
+    train_y_N,
+    test_x_MxD,
+    test_y_M,
+    shuffle_key,
+    params,
+    learning_rate,
+    *,
+    num_classes,
+    epochs,
+    batch_size,
+    steps_per_epoch,
+    padded,
+):
+    num_train = train_x_NxD.shape[0]
+    optimizer = optax.sgd(epoch_cosine_schedule(learning_rate, epochs, steps_per_epoch), momentum=MOMENTUM)
+    opt_state = optimizer.init(params)
 
-  def batch_loss(params, x_BxD, y_B, mask_B):
-    logits_BxC = _logits(params, x_BxD)
-    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
-    # Mean over the real rows only: the reference's short last batch averages over its own size.
-    count = jnp.sum(mask_B)
-    loss = jnp.sum(losses_B * mask_B) / count
-    correct = jnp.sum((jnp.argmax(logits_BxC, -1) == y_B) & (mask_B > 0))
-    return loss, (correct, count)
+    def batch_loss(params, x_BxD, y_B, mask_B):
+        logits_BxC = _logits(params, x_BxD)
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
+        # Mean over the real rows only: the reference's short last batch averages over its own size.
+        count = jnp.sum(mask_B)
+        loss = jnp.sum(losses_B * mask_B) / count
+        correct = jnp.sum((jnp.argmax(logits_BxC, -1) == y_B) & (mask_B > 0))
+        return loss, (correct, count)
 
-  def train_step(carry, step_inputs):
-    params, opt_state = carry
-    index_B, mask_B = step_inputs
-    # Indices are always in range (padding points at row 0): "clip" skips the out-of-bounds
-    # fill that plain indexing adds to every gather, ~10% of a step on a CPU.
-    x_BxD = jnp.take(train_x_NxD, index_B, axis=0, mode="clip")
-    y_B = jnp.take(train_y_N, index_B, axis=0, mode="clip")
-    (loss, (correct, count)), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-        params, x_BxD, y_B, mask_B)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), (loss * count, correct, count)
+    def train_step(carry, step_inputs):
+        params, opt_state = carry
+        index_B, mask_B = step_inputs
+        # Indices are always in range (padding points at row 0): "clip" skips the out-of-bounds
+        # fill that plain indexing adds to every gather, ~10% of a step on a CPU.
+        x_BxD = jnp.take(train_x_NxD, index_B, axis=0, mode="clip")
+        y_B = jnp.take(train_y_N, index_B, axis=0, mode="clip")
+        (loss, (correct, count)), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+            params, x_BxD, y_B, mask_B
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (loss * count, correct, count)
 
-  def evaluate(params):
-    logits_MxC = _logits(params, test_x_MxD)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_MxC, test_y_M))
-    top5_MxK = jax.lax.top_k(logits_MxC, min(5, num_classes))[1]
-    # Counts, not fractions: percentages are formed on the host in float64, so 100% is exact.
-    top1 = jnp.sum(top5_MxK[:, 0] == test_y_M)
-    top5 = jnp.sum(jnp.any(top5_MxK == test_y_M[:, None], axis=1))
-    return top1, top5, loss
+    def evaluate(params):
+        logits_MxC = _logits(params, test_x_MxD)
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_MxC, test_y_M))
+        top5_MxK = jax.lax.top_k(logits_MxC, min(5, num_classes))[1]
+        # Counts, not fractions: percentages are formed on the host in float64, so 100% is exact.
+        top1 = jnp.sum(top5_MxK[:, 0] == test_y_M)
+        top5 = jnp.sum(jnp.any(top5_MxK == test_y_M[:, None], axis=1))
+        return top1, top5, loss
 
-  def epoch(carry, epoch_index):
-    params, opt_state = carry
-    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
-    index_SxB = jnp.pad(order, (0, padded - num_train)).reshape(steps_per_epoch, batch_size)
-    mask_SxB = (jnp.arange(padded) < num_train).reshape(steps_per_epoch, batch_size)
-    (params, opt_state), (loss_sums, corrects, counts) = jax.lax.scan(
-        train_step, (params, opt_state), (index_SxB, mask_SxB.astype(jnp.float32)))
-    train_loss = jnp.sum(loss_sums) / num_train
-    train_correct = jnp.sum(corrects)
-    test_top1, test_top5, test_loss = evaluate(params)
-    return (params, opt_state), (train_loss, train_correct, test_top1, test_top5, test_loss)
+    def epoch(carry, epoch_index):
+        params, opt_state = carry
+        order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
+        index_SxB = jnp.pad(order, (0, padded - num_train)).reshape(steps_per_epoch, batch_size)
+        mask_SxB = (jnp.arange(padded) < num_train).reshape(steps_per_epoch, batch_size)
+        (params, opt_state), (loss_sums, corrects, counts) = jax.lax.scan(
+            train_step, (params, opt_state), (index_SxB, mask_SxB.astype(jnp.float32))
+        )
+        train_loss = jnp.sum(loss_sums) / num_train
+        train_correct = jnp.sum(corrects)
+        test_top1, test_top5, test_loss = evaluate(params)
+        return (params, opt_state), (train_loss, train_correct, test_top1, test_top5, test_loss)
 
-  _, per_epoch = jax.lax.scan(epoch, (params, opt_state), jnp.arange(epochs))
-  return per_epoch
-
-
-def linear_probe(train_features, train_labels, test_features, test_labels, *, num_classes: int,
-                 epochs: int = 100, batch_size: int = 128, base_lr: float = BASE_LR,
-                 seed: int = 0) -> LinearProbeResult:
-  """Trains a linear classifier on `train_features` and tests it, the reference's protocol.
-
-  Args:
-    train_features: `(N, D)` float features, used as they are (the reference does not normalise).
-    train_labels: `(N,)` integer labels in `[0, num_classes)`.
-    test_features, test_labels: `(M, D)` and `(M,)`, evaluated after every epoch.
-    num_classes: output width.
-    epochs: training epochs (the reference: 100); the cosine schedule spans them.
-    batch_size: minibatch size; the reference's default is 128 per GPU. The learning rate is
-      `base_lr * batch_size / 256`.
-    base_lr: learning rate per 256 examples.
-    seed: initialisation and shuffling; the same seed gives the same result.
-  """
-  (result,) = linear_probe_sweep(train_features, train_labels, test_features, test_labels,
-                                 num_classes=num_classes, epochs=epochs, batch_size=batch_size,
-                                 base_lrs=(base_lr,), seed=seed)
-  return result
+    _, per_epoch = jax.lax.scan(epoch, (params, opt_state), jnp.arange(epochs))
+    return per_epoch
 
 
-def linear_probe_sweep(train_features, train_labels, test_features, test_labels, *,
-                       num_classes: int, epochs: int = 100, batch_size: int = 128,
-                       base_lrs: Sequence[float] = (BASE_LR,), seed: int = 0
-                       ) -> list[LinearProbeResult]:
-  """`linear_probe` for several base learning rates in one jitted run (vmapped over the rates;
-  same initial weights and minibatch order for all). The paper swept the rate ("we sweep the
-  learning rate"); pick with `best_of`. Costs about `len(base_lrs)` single runs on a CPU, much
-  less on an accelerator, which the single run leaves mostly idle."""
-  train_x = np.asarray(train_features, np.float32)
-  test_x = np.asarray(test_features, np.float32)
-  train_y = np.asarray(train_labels).astype(np.int32)
-  test_y = np.asarray(test_labels).astype(np.int32)
-  if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-    raise ValueError(f"linear_probe: features have shapes {train_x.shape} (train) and "
-                     f"{test_x.shape} (test); expected (N, D) and (M, D) with the same D")
-  for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-    if len(x) == 0 or y.shape != (len(x),):
-      raise ValueError(f"linear_probe: {name} has {len(x)} feature rows and labels of shape "
-                       f"{y.shape}; expected at least one row and one label per row")
-    if y.min() < 0 or y.max() >= num_classes:
-      raise ValueError(f"linear_probe: {name} labels span [{y.min()}, {y.max()}]; expected "
-                       f"[0, {num_classes - 1}] for num_classes={num_classes}")
-  if epochs < 1 or batch_size < 1:
-    raise ValueError(f"linear_probe: epochs={epochs}, batch_size={batch_size}; expected both >= 1")
-  base_lrs = tuple(float(lr) for lr in base_lrs)
-  if not base_lrs or min(base_lrs) <= 0:
-    raise ValueError(f"linear_probe: base_lrs={base_lrs}; expected one or more rates > 0")
-  # The rate follows the requested batch size, as in the reference, even when the data set is
-  # smaller than one batch (the step shape is then clamped to the data set: no wasted padding).
-  learning_rates = [scaled_learning_rate(batch_size, lr) for lr in base_lrs]
-  batch_size = min(batch_size, len(train_x))
+def linear_probe(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 128,
+    base_lr: float = BASE_LR,
+    seed: int = 0,
+) -> LinearProbeResult:
+    """Trains a linear classifier on `train_features` and tests it, the reference's protocol.
 
-  per_epoch = _train(jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(test_x),
-                     jnp.asarray(test_y), jax.random.key(seed),
-                     jnp.asarray(learning_rates, jnp.float32), num_classes=int(num_classes),
-                     epochs=int(epochs), batch_size=int(batch_size))
-  train_loss, train_correct, test_correct, test_correct5, test_loss = (
-      np.asarray(v) for v in per_epoch)
-  results = []
-  for i, learning_rate in enumerate(learning_rates):
-    train_top1 = 100.0 * train_correct[i].astype(np.float64) / len(train_x)
-    test_top1 = 100.0 * test_correct[i].astype(np.float64) / len(test_x)
-    test_top5 = 100.0 * test_correct5[i].astype(np.float64) / len(test_x)
-    best = int(np.argmax(test_top1))
-    results.append(LinearProbeResult(
-        test_top1=float(test_top1[-1]), test_top5=float(test_top5[-1]),
-        test_loss=float(test_loss[i, -1]), best_test_top1=float(test_top1[best]),
-        best_epoch=best + 1, train_top1=float(train_top1[-1]),
-        train_loss=float(train_loss[i, -1]), learning_rate=learning_rate,
-        test_top1_per_epoch=test_top1, train_loss_per_epoch=train_loss[i]))
-  return results
+    Args:
+      train_features: `(N, D)` float features, used as they are (the reference does not normalise).
+      train_labels: `(N,)` integer labels in `[0, num_classes)`.
+      test_features, test_labels: `(M, D)` and `(M,)`, evaluated after every epoch.
+      num_classes: output width.
+      epochs: training epochs (the reference: 100); the cosine schedule spans them.
+      batch_size: minibatch size; the reference's default is 128 per GPU. The learning rate is
+        `base_lr * batch_size / 256`.
+      base_lr: learning rate per 256 examples.
+      seed: initialisation and shuffling; the same seed gives the same result.
+    """
+    (result,) = linear_probe_sweep(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        num_classes=num_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        base_lrs=(base_lr,),
+        seed=seed,
+    )
+    return result
+
+
+def linear_probe_sweep(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 128,
+    base_lrs: Sequence[float] = (BASE_LR,),
+    seed: int = 0,
+) -> list[LinearProbeResult]:
+    """`linear_probe` for several base learning rates in one jitted run (vmapped over the rates;
+    same initial weights and minibatch order for all). The paper swept the rate ("we sweep the
+    learning rate"); pick with `best_of`. Costs about `len(base_lrs)` single runs on a CPU, much
+    less on an accelerator, which the single run leaves mostly idle."""
+    train_x = np.asarray(train_features, np.float32)
+    test_x = np.asarray(test_features, np.float32)
+    train_y = np.asarray(train_labels).astype(np.int32)
+    test_y = np.asarray(test_labels).astype(np.int32)
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            f"linear_probe: features have shapes {train_x.shape} (train) and "
+            f"{test_x.shape} (test); expected (N, D) and (M, D) with the same D"
+        )
+    for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if len(x) == 0 or y.shape != (len(x),):
+            raise ValueError(
+                f"linear_probe: {name} has {len(x)} feature rows and labels of shape "
+                f"{y.shape}; expected at least one row and one label per row"
+            )
+        if y.min() < 0 or y.max() >= num_classes:
+            raise ValueError(
+                f"linear_probe: {name} labels span [{y.min()}, {y.max()}]; expected "
+                f"[0, {num_classes - 1}] for num_classes={num_classes}"
+            )
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"linear_probe: epochs={epochs}, batch_size={batch_size}; expected both >= 1")
+    base_lrs = tuple(float(lr) for lr in base_lrs)
+    if not base_lrs or min(base_lrs) <= 0:
+        raise ValueError(f"linear_probe: base_lrs={base_lrs}; expected one or more rates > 0")
+    # The rate follows the requested batch size, as in the reference, even when the data set is
+    # smaller than one batch (the step shape is then clamped to the data set: no wasted padding).
+    learning_rates = [scaled_learning_rate(batch_size, lr) for lr in base_lrs]
+    batch_size = min(batch_size, len(train_x))
+
+    per_epoch = _train(
+        jnp.asarray(train_x),
+        jnp.asarray(train_y),
+        jnp.asarray(test_x),
+        jnp.asarray(test_y),
+        jax.random.key(seed),
+        jnp.asarray(learning_rates, jnp.float32),
+        num_classes=int(num_classes),
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+    )
+    train_loss, train_correct, test_correct, test_correct5, test_loss = (np.asarray(v) for v in per_epoch)
+    results = []
+    for i, learning_rate in enumerate(learning_rates):
+        train_top1 = 100.0 * train_correct[i].astype(np.float64) / len(train_x)
+        test_top1 = 100.0 * test_correct[i].astype(np.float64) / len(test_x)
+        test_top5 = 100.0 * test_correct5[i].astype(np.float64) / len(test_x)
+        best = int(np.argmax(test_top1))
+        results.append(
+            LinearProbeResult(
+                test_top1=float(test_top1[-1]),
+                test_top5=float(test_top5[-1]),
+                test_loss=float(test_loss[i, -1]),
+                best_test_top1=float(test_top1[best]),
+                best_epoch=best + 1,
+                train_top1=float(train_top1[-1]),
+                train_loss=float(train_loss[i, -1]),
+                learning_rate=learning_rate,
+                test_top1_per_epoch=test_top1,
+                train_loss_per_epoch=train_loss[i],
+            )
+        )
+    return results
 
 
 def best_of(results: Sequence[LinearProbeResult]) -> LinearProbeResult:
-  """The run with the highest best-epoch test top-1 (the reference's selection criterion; the
-  first on ties)."""
-  return max(results, key=lambda result: result.best_test_top1)
+    """The run with the highest best-epoch test top-1 (the reference's selection criterion; the
+    first on ties)."""
+    return max(results, key=lambda result: result.best_test_top1)

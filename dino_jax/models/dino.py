@@ -13,28 +13,31 @@ from dino_jax.models.vit import ViTConfig, VisionTransformer
 
 
 class DINO(nnx.Module):
-  """Parameters live under `backbone.*` and `head.*` (`head.last_layer.weight_v/weight_g`)."""
+    """Parameters live under `backbone.*` and `head.*` (`head.last_layer.weight_v/weight_g`)."""
 
-  def __init__(self, vit_config: ViTConfig, head_config: HeadConfig, *, rngs: nnx.Rngs):
-    if head_config.in_dim != vit_config.embed_dim:
-      raise ValueError(f"head in_dim {head_config.in_dim} does not match the backbone's "
-                       f"embed_dim {vit_config.embed_dim}")
-    self.backbone = VisionTransformer(vit_config, rngs=rngs)
-    self.head = DINOHead(head_config, rngs=rngs)
+    def __init__(self, vit_config: ViTConfig, head_config: HeadConfig, *, rngs: nnx.Rngs):
+        if head_config.in_dim != vit_config.embed_dim:
+            raise ValueError(
+                f"head in_dim {head_config.in_dim} does not match the backbone's "
+                f"embed_dim {vit_config.embed_dim}"
+            )
+        self.backbone = VisionTransformer(vit_config, rngs=rngs)
+        self.head = DINOHead(head_config, rngs=rngs)
 
-  def __call__(self, crop_groups: Sequence[jax.Array], *,
-               drop_path_rng: jax.Array | None = None) -> jax.Array:
-    """Logits (sum of rows of all groups, out_dim), rows in group order.
+    def __call__(
+        self, crop_groups: Sequence[jax.Array], *, drop_path_rng: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits (sum of rows of all groups, out_dim), rows in group order.
 
-    Each group is (V_i*B, H_i, W_i, C) of one resolution and goes through the backbone once; the
-    head then runs once on all feature rows, so a BatchNorm head sees the whole multi-crop batch
-    as the reference's does.
-    """
-    if not crop_groups:
-      raise ValueError("crop_groups is empty; expected at least one (rows, H, W, C) array")
-    features = []
-    for index, crops in enumerate(crop_groups):
-      # A separate key per group: equal-shaped groups must not share drop-path masks.
-      rng = None if drop_path_rng is None else jax.random.fold_in(drop_path_rng, index)
-      features.append(self.backbone(crops, drop_path_rng=rng))
-    return self.head(jnp.concatenate(features, axis=0))
+        Each group is (V_i*B, H_i, W_i, C) of one resolution and goes through the backbone once; the
+        head then runs once on all feature rows, so a BatchNorm head sees the whole multi-crop batch
+        as the reference's does.
+        """
+        if not crop_groups:
+            raise ValueError("crop_groups is empty; expected at least one (rows, H, W, C) array")
+        features = []
+        for index, crops in enumerate(crop_groups):
+            # A separate key per group: equal-shaped groups must not share drop-path masks.
+            rng = None if drop_path_rng is None else jax.random.fold_in(drop_path_rng, index)
+            features.append(self.backbone(crops, drop_path_rng=rng))
+        return self.head(jnp.concatenate(features, axis=0))

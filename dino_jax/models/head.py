@@ -13,98 +13,98 @@ from dino_jax.models.vit import COMPUTE_DTYPES, linear, torch_default_uniform_in
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
-  """The reference's DINOHead(in_dim, out_dim, use_bn, norm_last_layer, nlayers, hidden_dim,
-  bottleneck_dim). `norm_last_layer` is read by the optimizer (it freezes weight_g); the module
-  computes the same either way."""
+    """The reference's DINOHead(in_dim, out_dim, use_bn, norm_last_layer, nlayers, hidden_dim,
+    bottleneck_dim). `norm_last_layer` is read by the optimizer (it freezes weight_g); the module
+    computes the same either way."""
 
-  in_dim: int
-  out_dim: int
-  hidden_dim: int = 2048
-  bottleneck_dim: int = 256
-  nlayers: int = 3
-  use_bn: bool = False
-  norm_last_layer: bool = True
-  dtype: str = "float32"
+    in_dim: int
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    dtype: str = "float32"
 
-  def __post_init__(self):
-    if self.nlayers < 1:
-      raise ValueError(f"nlayers {self.nlayers} must be at least 1")
-    if min(self.in_dim, self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
-      raise ValueError(f"head sizes must be positive, got {self}")
-    if self.dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
+    def __post_init__(self):
+        if self.nlayers < 1:
+            raise ValueError(f"nlayers {self.nlayers} must be at least 1")
+        if min(self.in_dim, self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
+            raise ValueError(f"head sizes must be positive, got {self}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
 
 
 class BatchNorm(nnx.Module):
-  """BatchNorm1d that always normalises with the statistics of the batch at hand.
+    """BatchNorm1d that always normalises with the statistics of the batch at hand.
 
-  The reference never switches its networks to eval mode, so both student and teacher heads use
-  batch statistics (under jit over a sharded batch the mean is global, like SyncBatchNorm).
-  Running averages are not kept: DINO training never reads them and evaluation uses the
-  backbone only, so they would be dead state in every checkpoint.
-  """
+    The reference never switches its networks to eval mode, so both student and teacher heads use
+    batch statistics (under jit over a sharded batch the mean is global, like SyncBatchNorm).
+    Running averages are not kept: DINO training never reads them and evaluation uses the
+    backbone only, so they would be dead state in every checkpoint.
+    """
 
-  def __init__(self, num_features: int, *, eps: float = 1e-5):
-    self.eps = eps
-    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    def __init__(self, num_features: int, *, eps: float = 1e-5):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
 
-  def __call__(self, x_NxF: jax.Array) -> jax.Array:
-    x = x_NxF.astype(jnp.float32)
-    mean = jnp.mean(x, axis=0)
-    variance = jnp.mean(jnp.square(x - mean), axis=0)  # biased, as PyTorch normalises with
-    y = (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(x_NxF.dtype)
+    def __call__(self, x_NxF: jax.Array) -> jax.Array:
+        x = x_NxF.astype(jnp.float32)
+        mean = jnp.mean(x, axis=0)
+        variance = jnp.mean(jnp.square(x - mean), axis=0)  # biased, as PyTorch normalises with
+        y = (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x_NxF.dtype)
 
 
 class WeightNormLinear(nnx.Module):
-  """Bias-free Linear with weight = weight_v / ||weight_v|| (per output column) * weight_g.
+    """Bias-free Linear with weight = weight_v / ||weight_v|| (per output column) * weight_g.
 
-  weight_v (in, out) keeps PyTorch's default Linear init (the reference creates this layer after
-  its own init pass); weight_g (1, out) starts at 1, so outputs of unit inputs are cosines.
-  """
+    weight_v (in, out) keeps PyTorch's default Linear init (the reference creates this layer after
+    its own init pass); weight_g (1, out) starts at 1, so outputs of unit inputs are cosines.
+    """
 
-  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
-    self.dtype = dtype
-    init = torch_default_uniform_init(in_features)
-    self.weight_v = nnx.Param(init(rngs.params(), (in_features, out_features)))
-    self.weight_g = nnx.Param(jnp.ones((1, out_features), jnp.float32))
+    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        init = torch_default_uniform_init(in_features)
+        self.weight_v = nnx.Param(init(rngs.params(), (in_features, out_features)))
+        self.weight_g = nnx.Param(jnp.ones((1, out_features), jnp.float32))
 
-  def weight(self) -> jax.Array:
-    v = self.weight_v[...]
-    return v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0, keepdims=True))
+    def weight(self) -> jax.Array:
+        v = self.weight_v[...]
+        return v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0, keepdims=True))
 
-  def __call__(self, x_NxI: jax.Array) -> jax.Array:
-    return jnp.dot(x_NxI.astype(self.dtype), self.weight().astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    def __call__(self, x_NxI: jax.Array) -> jax.Array:
+        return jnp.dot(
+            x_NxI.astype(self.dtype), self.weight().astype(self.dtype), preferred_element_type=jnp.float32
+        )
 
 
 class DINOHead(nnx.Module):
-  """`__call__(x (N, in_dim)) -> logits (N, out_dim)`, float32."""
+    """`__call__(x (N, in_dim)) -> logits (N, out_dim)`, float32."""
 
-  def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.dtype = dtype
-    if config.nlayers == 1:
-      sizes = [config.in_dim, config.bottleneck_dim]
-    else:
-      sizes = [config.in_dim] + [config.hidden_dim] * (config.nlayers - 1) + [config.bottleneck_dim]
-    self.mlp = nnx.List([linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
-    self.bn = nnx.List([BatchNorm(size) for size in sizes[1:-1]] if config.use_bn else [])
-    self.last_layer = WeightNormLinear(config.bottleneck_dim, config.out_dim, dtype=dtype,
-                                       rngs=rngs)
+    def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = jnp.dtype(config.dtype)
+        self.dtype = dtype
+        if config.nlayers == 1:
+            sizes = [config.in_dim, config.bottleneck_dim]
+        else:
+            sizes = [config.in_dim] + [config.hidden_dim] * (config.nlayers - 1) + [config.bottleneck_dim]
+        self.mlp = nnx.List([linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+        self.bn = nnx.List([BatchNorm(size) for size in sizes[1:-1]] if config.use_bn else [])
+        self.last_layer = WeightNormLinear(config.bottleneck_dim, config.out_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_NxD: jax.Array) -> jax.Array:
-    x = x_NxD.astype(self.dtype)
-    for index, layer in enumerate(self.mlp):
-      x = layer(x)
-      if index < len(self.mlp) - 1:
-        if self.config.use_bn:
-          x = self.bn[index](x)
-        # Exact erf GELU like the reference's nn.GELU; none after the bottleneck.
-        x = jax.nn.gelu(x, approximate=False)
-    x = x.astype(jnp.float32)
-    # F.normalize: divide by max(||x||, 1e-12).
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    return self.last_layer(x)
+    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        x = x_NxD.astype(self.dtype)
+        for index, layer in enumerate(self.mlp):
+            x = layer(x)
+            if index < len(self.mlp) - 1:
+                if self.config.use_bn:
+                    x = self.bn[index](x)
+                # Exact erf GELU like the reference's nn.GELU; none after the bottleneck.
+                x = jax.nn.gelu(x, approximate=False)
+        x = x.astype(jnp.float32)
+        # F.normalize: divide by max(||x||, 1e-12).
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return self.last_layer(x)

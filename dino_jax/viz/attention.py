@@ -36,228 +36,273 @@ DEFAULT_THRESHOLD = 0.6
 _HEAD_COLOURS = [matplotlib.colors.to_rgb(c) for c in matplotlib.colormaps["tab10"].colors]
 
 
-def make_cls_attention_fn(graphdef, *, patch_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD):
-  """Jitted `fn(params, images_uint8_BxHxWxC) -> float32 (B, heads, H/p, W/p)`.
+def make_cls_attention_fn(
+    graphdef, *, patch_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+):
+    """Jitted `fn(params, images_uint8_BxHxWxC) -> float32 (B, heads, H/p, W/p)`.
 
-  H and W must be multiples of `patch_size` (see `crop_to_patch_multiple`); sizes other than the
-  model's training size use its interpolated position embedding. Each head's map sums to
-  `1 - attention(CLS -> CLS)`: the mass the CLS token puts on patches.
-  """
-  @jax.jit
-  def cls_attention_fn(params, images_uint8_BxHxWxC):
-    batch, height, width, _ = images_uint8_BxHxWxC.shape
-    if height % patch_size or width % patch_size:
-      raise ValueError(f"images of {height}x{width} pixels are not a multiple of the patch size "
-                       f"{patch_size}; crop them with crop_to_patch_multiple")
-    model = nnx.merge(graphdef, params)
-    attention_BxHxTxT = model.last_self_attention(
-        normalize_images(images_uint8_BxHxWxC, mean, std))
-    heads = attention_BxHxTxT.shape[1]
-    return attention_BxHxTxT[:, :, 0, 1:].reshape(
-        batch, heads, height // patch_size, width // patch_size).astype(jnp.float32)
+    H and W must be multiples of `patch_size` (see `crop_to_patch_multiple`); sizes other than the
+    model's training size use its interpolated position embedding. Each head's map sums to
+    `1 - attention(CLS -> CLS)`: the mass the CLS token puts on patches.
+    """
 
-  return cls_attention_fn
+    @jax.jit
+    def cls_attention_fn(params, images_uint8_BxHxWxC):
+        batch, height, width, _ = images_uint8_BxHxWxC.shape
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"images of {height}x{width} pixels are not a multiple of the patch size "
+                f"{patch_size}; crop them with crop_to_patch_multiple"
+            )
+        model = nnx.merge(graphdef, params)
+        attention_BxHxTxT = model.last_self_attention(normalize_images(images_uint8_BxHxWxC, mean, std))
+        heads = attention_BxHxTxT.shape[1]
+        return (
+            attention_BxHxTxT[:, :, 0, 1:]
+            .reshape(batch, heads, height // patch_size, width // patch_size)
+            .astype(jnp.float32)
+        )
+
+    return cls_attention_fn
 
 
 def crop_to_patch_multiple(image_HxWxC: np.ndarray, patch_size: int) -> np.ndarray:
-  """Top-left crop to the largest multiple of `patch_size` in each dimension (the reference's)."""
-  height = image_HxWxC.shape[0] - image_HxWxC.shape[0] % patch_size
-  width = image_HxWxC.shape[1] - image_HxWxC.shape[1] % patch_size
-  if height == 0 or width == 0:
-    raise ValueError(f"image of shape {image_HxWxC.shape} is smaller than one {patch_size}-pixel "
-                     "patch")
-  return image_HxWxC[:height, :width]
+    """Top-left crop to the largest multiple of `patch_size` in each dimension (the reference's)."""
+    height = image_HxWxC.shape[0] - image_HxWxC.shape[0] % patch_size
+    width = image_HxWxC.shape[1] - image_HxWxC.shape[1] % patch_size
+    if height == 0 or width == 0:
+        raise ValueError(f"image of shape {image_HxWxC.shape} is smaller than one {patch_size}-pixel patch")
+    return image_HxWxC[:height, :width]
 
 
 def load_image(path: str, size: int | tuple[int, int] | None = None) -> np.ndarray:
-  """An image file as uint8 RGB `(H, W, 3)`, resized (bicubic) to `size` (int: square) if given."""
-  from PIL import Image  # only the file-based entry points need PIL
+    """An image file as uint8 RGB `(H, W, 3)`, resized (bicubic) to `size` (int: square) if given."""
+    from PIL import Image  # only the file-based entry points need PIL
 
-  with Image.open(path) as image:
-    image = image.convert("RGB")
-    if size is not None:
-      height, width = (size, size) if isinstance(size, int) else size
-      image = image.resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(image, np.uint8)
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if size is not None:
+            height, width = (size, size) if isinstance(size, int) else size
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        return np.asarray(image, np.uint8)
 
 
 def threshold_masks(attention, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-  """Boolean masks, same shape as `attention` (`(..., h, w)` or `(..., P)`), keeping per map the
-  highest-attention entries whose renormalised mass first exceeds `threshold`.
+    """Boolean masks, same shape as `attention` (`(..., h, w)` or `(..., P)`), keeping per map the
+    highest-attention entries whose renormalised mass first exceeds `threshold`.
 
-  The kept mass is always >= `threshold` of the map's total (everything dropped sits at cumulative
-  mass <= `1 - threshold`). Maps are the trailing two axes when `attention.ndim >= 3`, else the
-  last axis.
-  """
-  if not 0.0 < threshold <= 1.0:
-    raise ValueError(f"threshold={threshold}; expected a mass fraction in (0, 1]")
-  attention = np.asarray(attention, np.float64)
-  map_shape = attention.shape[-2:] if attention.ndim >= 3 else attention.shape[-1:]
-  flat = attention.reshape(attention.shape[:attention.ndim - len(map_shape)] + (-1,))
-  order = np.argsort(flat, axis=-1, kind="stable")
-  ascending = np.take_along_axis(flat, order, axis=-1)
-  cumulative = np.cumsum(ascending / ascending.sum(axis=-1, keepdims=True), axis=-1)
-  keep_sorted = cumulative > 1.0 - threshold
-  keep = np.empty_like(keep_sorted)
-  np.put_along_axis(keep, order, keep_sorted, axis=-1)
-  return keep.reshape(attention.shape)
+    The kept mass is always >= `threshold` of the map's total (everything dropped sits at cumulative
+    mass <= `1 - threshold`). Maps are the trailing two axes when `attention.ndim >= 3`, else the
+    last axis.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold}; expected a mass fraction in (0, 1]")
+    attention = np.asarray(attention, np.float64)
+    map_shape = attention.shape[-2:] if attention.ndim >= 3 else attention.shape[-1:]
+    flat = attention.reshape(attention.shape[: attention.ndim - len(map_shape)] + (-1,))
+    order = np.argsort(flat, axis=-1, kind="stable")
+    ascending = np.take_along_axis(flat, order, axis=-1)
+    cumulative = np.cumsum(ascending / ascending.sum(axis=-1, keepdims=True), axis=-1)
+    keep_sorted = cumulative > 1.0 - threshold
+    keep = np.empty_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return keep.reshape(attention.shape)
 
 
 def upsample_nearest(maps_xHxW: np.ndarray, factor: int) -> np.ndarray:
-  """Repeats each of the last two axes `factor` times (a patch map -> pixels)."""
-  return np.repeat(np.repeat(np.asarray(maps_xHxW), factor, axis=-2), factor, axis=-1)
+    """Repeats each of the last two axes `factor` times (a patch map -> pixels)."""
+    return np.repeat(np.repeat(np.asarray(maps_xHxW), factor, axis=-2), factor, axis=-1)
 
 
 def _mask_overlay(axes, image_HxWx3, masks_KxHxW, colours, alpha: float = 0.5) -> None:
-  """Draws the image with each mask filled in its colour at `alpha` and outlined."""
-  composite = image_HxWx3.astype(np.float64) / 255.0
-  for mask, colour in zip(masks_KxHxW, colours):
-    composite = np.where(mask[..., None], (1 - alpha) * composite + alpha * np.array(colour),
-                         composite)
-  axes.imshow(composite, interpolation="nearest")
-  for mask, colour in zip(masks_KxHxW, colours):
-    if mask.any() and not mask.all():
-      # Padding closes contours that touch the border.
-      padded = np.pad(mask.astype(np.float64), 1)
-      axes.contour(np.arange(-1, mask.shape[1] + 1), np.arange(-1, mask.shape[0] + 1), padded,
-                   levels=[0.5], colors=[colour], linewidths=1.0)
-  axes.set_xlim(-0.5, mask.shape[1] - 0.5)
-  axes.set_ylim(mask.shape[0] - 0.5, -0.5)
-  axes.set_axis_off()
+    """Draws the image with each mask filled in its colour at `alpha` and outlined."""
+    composite = image_HxWx3.astype(np.float64) / 255.0
+    for mask, colour in zip(masks_KxHxW, colours):
+        composite = np.where(mask[..., None], (1 - alpha) * composite + alpha * np.array(colour), composite)
+    axes.imshow(composite, interpolation="nearest")
+    for mask, colour in zip(masks_KxHxW, colours):
+        if mask.any() and not mask.all():
+            # Padding closes contours that touch the border.
+            padded = np.pad(mask.astype(np.float64), 1)
+            axes.contour(
+                np.arange(-1, mask.shape[1] + 1),
+                np.arange(-1, mask.shape[0] + 1),
+                padded,
+                levels=[0.5],
+                colors=[colour],
+                linewidths=1.0,
+            )
+    axes.set_xlim(-0.5, mask.shape[1] - 0.5)
+    axes.set_ylim(mask.shape[0] - 0.5, -0.5)
+    axes.set_axis_off()
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
-  figure = Figure(figsize=(width_in, height_in))
-  FigureCanvasAgg(figure)
-  return figure
+    figure = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def _save_overlay(path: str, image_HxWx3, masks_KxHxW, colours) -> None:
-  height, width = image_HxWx3.shape[:2]
-  figure = _figure(max(2.0, width / 64), max(2.0, height / 64))
-  axes = figure.add_axes((0, 0, 1, 1))
-  _mask_overlay(axes, image_HxWx3, masks_KxHxW, colours)
-  figure.savefig(path, dpi=100)
+    height, width = image_HxWx3.shape[:2]
+    figure = _figure(max(2.0, width / 64), max(2.0, height / 64))
+    axes = figure.add_axes((0, 0, 1, 1))
+    _mask_overlay(axes, image_HxWx3, masks_KxHxW, colours)
+    figure.savefig(path, dpi=100)
 
 
-def save_attention_images(out_dir: str, image_HxWx3: np.ndarray, cls_attention_Hxhxw: np.ndarray,
-                          *, patch_size: int, threshold: float | None = DEFAULT_THRESHOLD
-                          ) -> list[str]:
-  """Writes the per-head maps, mean map, masks and overlays of one image; returns the paths.
+def save_attention_images(
+    out_dir: str,
+    image_HxWx3: np.ndarray,
+    cls_attention_Hxhxw: np.ndarray,
+    *,
+    patch_size: int,
+    threshold: float | None = DEFAULT_THRESHOLD,
+) -> list[str]:
+    """Writes the per-head maps, mean map, masks and overlays of one image; returns the paths.
 
-  `image_HxWx3` is the uint8 image the attention was computed on (already cropped to a multiple
-  of `patch_size`); `cls_attention_Hxhxw` is one row of `make_cls_attention_fn`'s output.
-  `threshold=None` skips the masks.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  attention = np.asarray(cls_attention_Hxhxw, np.float64)
-  maps = upsample_nearest(np.concatenate([attention, attention.mean(0, keepdims=True)]),
-                          patch_size)
-  names = [f"head{j}" for j in range(len(attention))] + ["mean"]
-  paths = [os.path.join(out_dir, "img.png")]
-  matplotlib.image.imsave(paths[0], image_HxWx3)
-  for name, attention_map in zip(names, maps):
-    paths.append(os.path.join(out_dir, f"attn-{name}.png"))
-    matplotlib.image.imsave(paths[-1], attention_map)
-  paths.append(os.path.join(out_dir, "overlay-mean.png"))
-  figure = _figure(max(2.0, image_HxWx3.shape[1] / 64), max(2.0, image_HxWx3.shape[0] / 64))
-  axes = figure.add_axes((0, 0, 1, 1))
-  axes.imshow(image_HxWx3)
-  axes.imshow(maps[-1], cmap="inferno", alpha=0.6)
-  axes.set_axis_off()
-  figure.savefig(paths[-1], dpi=100)
-  if threshold is not None:
-    masks = upsample_nearest(
-        threshold_masks(np.concatenate([attention, attention.mean(0, keepdims=True)]), threshold),
-        patch_size)
-    for j, (name, mask) in enumerate(zip(names, masks)):
-      paths.append(os.path.join(out_dir, f"mask_th{threshold}_{name}.png"))
-      _save_overlay(paths[-1], image_HxWx3, mask[None], [_HEAD_COLOURS[j % len(_HEAD_COLOURS)]])
-  return paths
-
-
-def attention_grid_figure(images: Sequence[np.ndarray], cls_attentions: Sequence[np.ndarray], *,
-                          patch_size: int, threshold: float | None = DEFAULT_THRESHOLD,
-                          titles: Sequence[str] | None = None) -> Figure:
-  """One row per image: the image, the mean map, each head's map, and all heads' masks overlaid.
-
-  `images[i]` is uint8 `(H, W, 3)`, `cls_attentions[i]` is `(heads, H/p, W/p)`; images may differ
-  in size.
-  """
-  if len(images) != len(cls_attentions) or not images:
-    raise ValueError(f"{len(images)} images and {len(cls_attentions)} attention maps; expected "
-                     "the same non-zero number")
-  heads = np.asarray(cls_attentions[0]).shape[0]
-  columns = 2 + heads + (threshold is not None)
-  figure = _figure(1.6 * columns, 1.6 * len(images))
-  grid = figure.add_gridspec(len(images), columns, wspace=0.05, hspace=0.15)
-  column_titles = ["image", "mean"] + [f"head {j}" for j in range(heads)]
-  if threshold is not None:
-    column_titles.append(f"masks {threshold:.0%}")
-  for row, (image, attention) in enumerate(zip(images, cls_attentions)):
-    attention = np.asarray(attention, np.float64)
-    maps = upsample_nearest(np.concatenate([attention.mean(0, keepdims=True), attention]),
-                            patch_size)
-    panels = [figure.add_subplot(grid[row, column]) for column in range(columns)]
-    panels[0].imshow(image)
-    for panel, attention_map in zip(panels[1:], maps):
-      panel.imshow(attention_map, cmap="inferno", interpolation="nearest")
+    `image_HxWx3` is the uint8 image the attention was computed on (already cropped to a multiple
+    of `patch_size`); `cls_attention_Hxhxw` is one row of `make_cls_attention_fn`'s output.
+    `threshold=None` skips the masks.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    attention = np.asarray(cls_attention_Hxhxw, np.float64)
+    maps = upsample_nearest(np.concatenate([attention, attention.mean(0, keepdims=True)]), patch_size)
+    names = [f"head{j}" for j in range(len(attention))] + ["mean"]
+    paths = [os.path.join(out_dir, "img.png")]
+    matplotlib.image.imsave(paths[0], image_HxWx3)
+    for name, attention_map in zip(names, maps):
+        paths.append(os.path.join(out_dir, f"attn-{name}.png"))
+        matplotlib.image.imsave(paths[-1], attention_map)
+    paths.append(os.path.join(out_dir, "overlay-mean.png"))
+    figure = _figure(max(2.0, image_HxWx3.shape[1] / 64), max(2.0, image_HxWx3.shape[0] / 64))
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.imshow(image_HxWx3)
+    axes.imshow(maps[-1], cmap="inferno", alpha=0.6)
+    axes.set_axis_off()
+    figure.savefig(paths[-1], dpi=100)
     if threshold is not None:
-      masks = upsample_nearest(threshold_masks(attention, threshold), patch_size)
-      _mask_overlay(panels[-1], image, masks, _HEAD_COLOURS[:heads])
-    for column, panel in enumerate(panels):
-      panel.set_axis_off()
-      if row == 0:
-        panel.set_title(column_titles[column], fontsize=8)
-    if titles is not None:
-      panels[0].text(-0.05, 0.5, titles[row], transform=panels[0].transAxes, rotation=90,
-                     ha="right", va="center", fontsize=7)
-  return figure
+        masks = upsample_nearest(
+            threshold_masks(np.concatenate([attention, attention.mean(0, keepdims=True)]), threshold),
+            patch_size,
+        )
+        for j, (name, mask) in enumerate(zip(names, masks)):
+            paths.append(os.path.join(out_dir, f"mask_th{threshold}_{name}.png"))
+            _save_overlay(paths[-1], image_HxWx3, mask[None], [_HEAD_COLOURS[j % len(_HEAD_COLOURS)]])
+    return paths
+
+
+def attention_grid_figure(
+    images: Sequence[np.ndarray],
+    cls_attentions: Sequence[np.ndarray],
+    *,
+    patch_size: int,
+    threshold: float | None = DEFAULT_THRESHOLD,
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """One row per image: the image, the mean map, each head's map, and all heads' masks overlaid.
+
+    `images[i]` is uint8 `(H, W, 3)`, `cls_attentions[i]` is `(heads, H/p, W/p)`; images may differ
+    in size.
+    """
+    if len(images) != len(cls_attentions) or not images:
+        raise ValueError(
+            f"{len(images)} images and {len(cls_attentions)} attention maps; expected "
+            "the same non-zero number"
+        )
+    heads = np.asarray(cls_attentions[0]).shape[0]
+    columns = 2 + heads + (threshold is not None)
+    figure = _figure(1.6 * columns, 1.6 * len(images))
+    grid = figure.add_gridspec(len(images), columns, wspace=0.05, hspace=0.15)
+    column_titles = ["image", "mean"] + [f"head {j}" for j in range(heads)]
+    if threshold is not None:
+        column_titles.append(f"masks {threshold:.0%}")
+    for row, (image, attention) in enumerate(zip(images, cls_attentions)):
+        attention = np.asarray(attention, np.float64)
+        maps = upsample_nearest(np.concatenate([attention.mean(0, keepdims=True), attention]), patch_size)
+        panels = [figure.add_subplot(grid[row, column]) for column in range(columns)]
+        panels[0].imshow(image)
+        for panel, attention_map in zip(panels[1:], maps):
+            panel.imshow(attention_map, cmap="inferno", interpolation="nearest")
+        if threshold is not None:
+            masks = upsample_nearest(threshold_masks(attention, threshold), patch_size)
+            _mask_overlay(panels[-1], image, masks, _HEAD_COLOURS[:heads])
+        for column, panel in enumerate(panels):
+            panel.set_axis_off()
+            if row == 0:
+                panel.set_title(column_titles[column], fontsize=8)
+        if titles is not None:
+            panels[0].text(
+                -0.05,
+                0.5,
+                titles[row],
+                transform=panels[0].transAxes,
+                rotation=90,
+                ha="right",
+                va="center",
+                fontsize=7,
+            )
+    return figure
 
 
 def figure_to_array(figure: Figure) -> np.ndarray:
-  """The rendered figure as uint8 RGB `(H, W, 3)`, e.g. for TensorBoard image summaries."""
-  figure.canvas.draw()
-  return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    """The rendered figure as uint8 RGB `(H, W, 3)`, e.g. for TensorBoard image summaries."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
-def attention_panel(cls_attention_fn, params, images_BxHxWx3: np.ndarray, *, patch_size: int,
-                    threshold: float | None = DEFAULT_THRESHOLD) -> np.ndarray:
-  """The grid figure of a fixed batch of images as uint8 RGB `(H, W, 3)`: for logging the
-  attention of validation images during training (one device call, one figure)."""
-  images = np.asarray(images_BxHxWx3)
-  attentions = np.asarray(cls_attention_fn(params, images))
-  return figure_to_array(attention_grid_figure(list(images), list(attentions),
-                                               patch_size=patch_size, threshold=threshold))
+def attention_panel(
+    cls_attention_fn,
+    params,
+    images_BxHxWx3: np.ndarray,
+    *,
+    patch_size: int,
+    threshold: float | None = DEFAULT_THRESHOLD,
+) -> np.ndarray:
+    """The grid figure of a fixed batch of images as uint8 RGB `(H, W, 3)`: for logging the
+    attention of validation images during training (one device call, one figure)."""
+    images = np.asarray(images_BxHxWx3)
+    attentions = np.asarray(cls_attention_fn(params, images))
+    return figure_to_array(
+        attention_grid_figure(list(images), list(attentions), patch_size=patch_size, threshold=threshold)
+    )
 
 
-def visualize_files(cls_attention_fn, params, image_paths: Sequence[str], out_dir: str, *,
-                    patch_size: int, image_size: int | tuple[int, int] | None = None,
-                    threshold: float | None = DEFAULT_THRESHOLD) -> dict[str, list[str]]:
-  """For each image file: load (resize to `image_size` if given), crop to a multiple of the patch
-  size, compute the CLS attention, write `save_attention_images` into `out_dir/<file stem>/`;
-  finally write `out_dir/attention_grid.png`. Returns `{image path: written paths}` plus
-  `"grid": [grid path]`.
-  """
-  if not image_paths:
-    raise ValueError("visualize_files: no image paths given; expected at least one")
-  written: dict[str, list[str]] = {}
-  images, attentions, stems = [], [], []
-  for path in image_paths:
-    image = crop_to_patch_multiple(load_image(path, image_size), patch_size)
-    attention = np.asarray(cls_attention_fn(params, image[None]))[0]
-    stem = os.path.splitext(os.path.basename(path))[0]
-    # Two inputs with one stem (a/x.png, b/x.jpg) must not overwrite each other.
-    while stem in stems:
-      stem += "_"
-    written[path] = save_attention_images(os.path.join(out_dir, stem), image, attention,
-                                          patch_size=patch_size, threshold=threshold)
-    images.append(image)
-    attentions.append(attention)
-    stems.append(stem)
-  grid_path = os.path.join(out_dir, "attention_grid.png")
-  attention_grid_figure(images, attentions, patch_size=patch_size, threshold=threshold,
-                        titles=stems).savefig(grid_path, dpi=120, bbox_inches="tight")
-  written["grid"] = [grid_path]
-  return written
+def visualize_files(
+    cls_attention_fn,
+    params,
+    image_paths: Sequence[str],
+    out_dir: str,
+    *,
+    patch_size: int,
+    image_size: int | tuple[int, int] | None = None,
+    threshold: float | None = DEFAULT_THRESHOLD,
+) -> dict[str, list[str]]:
+    """For each image file: load (resize to `image_size` if given), crop to a multiple of the patch
+    size, compute the CLS attention, write `save_attention_images` into `out_dir/<file stem>/`;
+    finally write `out_dir/attention_grid.png`. Returns `{image path: written paths}` plus
+    `"grid": [grid path]`.
+    """
+    if not image_paths:
+        raise ValueError("visualize_files: no image paths given; expected at least one")
+    written: dict[str, list[str]] = {}
+    images, attentions, stems = [], [], []
+    for path in image_paths:
+        image = crop_to_patch_multiple(load_image(path, image_size), patch_size)
+        attention = np.asarray(cls_attention_fn(params, image[None]))[0]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        # Two inputs with one stem (a/x.png, b/x.jpg) must not overwrite each other.
+        while stem in stems:
+            stem += "_"
+        written[path] = save_attention_images(
+            os.path.join(out_dir, stem), image, attention, patch_size=patch_size, threshold=threshold
+        )
+        images.append(image)
+        attentions.append(attention)
+        stems.append(stem)
+    grid_path = os.path.join(out_dir, "attention_grid.png")
+    attention_grid_figure(
+        images, attentions, patch_size=patch_size, threshold=threshold, titles=stems
+    ).savefig(grid_path, dpi=120, bbox_inches="tight")
+    written["grid"] = [grid_path]
+    return written
