@@ -46,14 +46,7 @@ def get_config(arg=None):
     c.train.log_every_steps = 100
 
     c.eval.batch_size = 512
-    c.eval.knn_ks = (5, 10, 20, 100)
 
     if args.get("smoke"):
-        c.model.embed_dim, c.model.depth, c.model.num_heads = 64, 2, 2
-        c.head.out_dim, c.head.hidden_dim = 1024, 256
-        c.train.batch_size = 32
-        c.train.epochs = 1
-        c.train.max_steps = 20
-        c.train.warmup_epochs = 0
-        c.train.log_every_steps = 5
+        common.shrink_for_smoke_test(c)
     return c

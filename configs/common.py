@@ -103,3 +103,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.fewshot_episodes = 600
     c.eval.attention_every_steps = 0  # > 0: log an attention-map panel of test images this often
     return c
+
+
+def shrink_for_smoke_test(c: ml_collections.ConfigDict) -> None:
+    """`file.py:smoke`: the same recipe on a 2-block 64-d model for 20 steps, to try a set-up in a
+    minute (the crops, data and evaluation stay as the recipe has them)."""
+    c.model.embed_dim, c.model.depth, c.model.num_heads = 64, 2, 2
+    c.head.out_dim, c.head.hidden_dim = 1024, 256
+    c.train.batch_size = 32
+    c.train.epochs = 1
+    c.train.max_steps = 20
+    c.train.warmup_epochs = 0
+    c.train.log_every_steps = 5
+    c.eval.linear_epochs = 10
+    c.eval.fewshot_episodes = 60

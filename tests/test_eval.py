@@ -1,20 +1,12 @@
 """Tests of the linear probe and few-shot episodes (kNN: test_knn.py, features: test_features.py)."""
 
-import jax
 import numpy as np
 import pytest
 
 from dino_jax.eval import fewshot, linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    # Small problems: XLA's optimisation passes cost more compile time than they save at run time.
-    # Restored afterwards for other test files.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _clusters(rng, num_classes, per_class, dim, spread, centres=None):

@@ -5,19 +5,11 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time.
-    # Restored afterwards for other test files.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _tiny_vit():

@@ -24,14 +24,7 @@ from tests import torch_reference as ref  # noqa: E402  (needs torch)
 EMBED = 64  # one head of 64: the default head count the importer infers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time
-    # (this file runs in about half the time). Restored afterwards for other test files.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def reference_wrapper(seed=0, use_bn=False, nlayers=3, parametrized=False, norm_last_layer=True):

@@ -16,14 +16,7 @@ from dino_jax.models.vit import ViTConfig, VisionTransformer
 TINY = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time
-    # (this file runs in about half the time). Restored afterwards for other test files.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def images(key, batch=2, size=16):

@@ -2,21 +2,13 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from dino_jax.eval import suite
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    # Tiny models: XLA's optimisation passes cost more compile time than they save at run time.
-    # Restored afterwards for other test files.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 _FAST = suite.SuiteSettings(

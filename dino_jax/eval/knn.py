@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax.eval import inputs
+
 # Largest similarity block (chunk x num_train float32 values) built at once: 64 Mi values, 256 MiB.
 _MAX_SIMILARITY_VALUES = 1 << 26
 _MAX_CHUNK_SIZE = 1024
@@ -81,19 +83,6 @@ def _chunk_correct_counts(
     return jnp.stack(counts).astype(jnp.int32)
 
 
-def _check_labels(name: str, labels: np.ndarray, count: int, num_classes: int) -> None:
-    if labels.shape != (count,):
-        raise ValueError(
-            f"weighted_knn: {name} has shape {labels.shape}; expected ({count},), one "
-            "integer label per feature row"
-        )
-    if count and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"weighted_knn: {name} span [{labels.min()}, {labels.max()}]; expected "
-            f"integers in [0, {num_classes - 1}] for num_classes={num_classes}"
-        )
-
-
 def weighted_knn(
     train_features,
     train_labels,
@@ -126,24 +115,10 @@ def weighted_knn(
       ValueError: on mismatched shapes, labels outside `[0, num_classes)`, an empty set, or a k
         outside `[1, N]`.
     """
-    train_x = np.asarray(train_features, np.float32)
-    test_x = np.asarray(test_features, np.float32)
-    train_y = np.asarray(train_labels).astype(np.int32)
-    test_y = np.asarray(test_labels).astype(np.int32)
-    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"weighted_knn: features have shapes {train_x.shape} (train) and "
-            f"{test_x.shape} (test); expected (N, D) and (M, D) with the same D"
-        )
+    train_x, train_y, test_x, test_y = inputs.feature_splits(
+        "weighted_knn", train_features, train_labels, test_features, test_labels, num_classes
+    )
     num_train, num_test = train_x.shape[0], test_x.shape[0]
-    if num_train == 0 or num_test == 0:
-        raise ValueError(
-            f"weighted_knn: got {num_train} train and {num_test} test features; expected at least one of each"
-        )
-    if num_classes < 1:
-        raise ValueError(f"weighted_knn: num_classes={num_classes}; expected >= 1")
-    _check_labels("train_labels", train_y, num_train, num_classes)
-    _check_labels("test_labels", test_y, num_test, num_classes)
     sorted_ks = tuple(sorted({int(k) for k in ks}))
     if not sorted_ks or sorted_ks[0] < 1 or sorted_ks[-1] > num_train:
         raise ValueError(

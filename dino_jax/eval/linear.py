@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dino_jax.eval import inputs
+
 # Reference learning rate for a total batch of 256 (eval_linear.py's --lr default).
 BASE_LR = 0.001
 MOMENTUM = 0.9
@@ -253,26 +255,9 @@ def linear_probe_sweep(
     same initial weights and minibatch order for all). The paper swept the rate ("we sweep the
     learning rate"); pick with `best_of`. Costs about `len(base_lrs)` single runs on a CPU, much
     less on an accelerator, which the single run leaves mostly idle."""
-    train_x = np.asarray(train_features, np.float32)
-    test_x = np.asarray(test_features, np.float32)
-    train_y = np.asarray(train_labels).astype(np.int32)
-    test_y = np.asarray(test_labels).astype(np.int32)
-    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"linear_probe: features have shapes {train_x.shape} (train) and "
-            f"{test_x.shape} (test); expected (N, D) and (M, D) with the same D"
-        )
-    for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-        if len(x) == 0 or y.shape != (len(x),):
-            raise ValueError(
-                f"linear_probe: {name} has {len(x)} feature rows and labels of shape "
-                f"{y.shape}; expected at least one row and one label per row"
-            )
-        if y.min() < 0 or y.max() >= num_classes:
-            raise ValueError(
-                f"linear_probe: {name} labels span [{y.min()}, {y.max()}]; expected "
-                f"[0, {num_classes - 1}] for num_classes={num_classes}"
-            )
+    train_x, train_y, test_x, test_y = inputs.feature_splits(
+        "linear_probe", train_features, train_labels, test_features, test_labels, num_classes
+    )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"linear_probe: epochs={epochs}, batch_size={batch_size}; expected both >= 1")
     base_lrs = tuple(float(lr) for lr in base_lrs)
