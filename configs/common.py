@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ImageNet's 10,000 steps an epoch; on a small dataset it underfits (sweep it, as the paper did).
     c.eval.linear_base_lr = 0.001
     c.eval.linear_n_last_blocks = 4  # "n=4 for ViT-S"; capped at the model's depth
+    # True: train the probe on a RandomResizedCrop + flip view of each image per epoch, as the
+    # reference does (a backbone pass over the train split every epoch); False: cached features.
+    c.eval.linear_augment = False
     c.eval.fewshot_k_shot = 5
     c.eval.fewshot_n_query = 15
     c.eval.fewshot_episodes = 600

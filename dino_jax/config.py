@@ -163,6 +163,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         check(e[key] > 0, f"eval.{key}", e[key], "a positive integer")
     check(e.linear_base_lr > 0, "eval.linear_base_lr", e.linear_base_lr, "a positive learning rate")
+    check(isinstance(e.linear_augment, bool), "eval.linear_augment", e.linear_augment, "True or False")
     check(
         e.attention_every_steps >= 0,
         "eval.attention_every_steps",

@@ -33,6 +33,7 @@ def suite_settings(config: ml_collections.ConfigDict, *, knn_only: bool = False)
         linear_epochs=e.linear_epochs,
         linear_batch_size=e.linear_batch_size,
         linear_base_lr=e.linear_base_lr,
+        linear_augment=e.linear_augment,
         fewshot_k_shot=e.fewshot_k_shot,
         fewshot_n_query=e.fewshot_n_query,
         fewshot_episodes=e.fewshot_episodes,
@@ -55,6 +56,9 @@ def eval_data(name: str, config: ml_collections.ConfigDict, image_size: int) -> 
         num_classes=spec.num_classes,
         train_batches=lambda: pipeline.eval_batches(train, batch_size=batch_size, image_size=image_size),
         test_batches=lambda: pipeline.eval_batches(test, batch_size=batch_size, image_size=image_size),
+        augmented_train_batches=lambda seed, epoch: pipeline.linear_probe_batches(
+            train, batch_size=batch_size, image_size=image_size, seed=seed, epoch=epoch
+        ),
     )
 
 

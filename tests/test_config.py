@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import cifar100, digits
@@ -34,6 +35,20 @@ def test_every_bad_value_is_reported_at_once():
     assert "config.augment.on = 'gpu'" in message and "'host'" in message
     assert "config.train.lr = -1.0" in message
     assert "config.model.variant = 'huge'" in message
+
+
+def test_linear_augment_must_be_a_bool():
+    config = digits.get_config()
+    assert config.eval.linear_augment is False
+    config.eval.linear_augment = True
+    config_lib.validate(config)
+    # A config read back from JSON is not type-locked: the check catches what a hand edit leaves.
+    as_dict = config.to_dict()
+    as_dict["eval"]["linear_augment"] = "yes"
+    with pytest.raises(
+        config_lib.ConfigError, match="config.eval.linear_augment = 'yes': expected True or False"
+    ):
+        config_lib.validate(ml_collections.ConfigDict(as_dict))
 
 
 def test_batch_larger_than_the_dataset_is_explained():

@@ -287,3 +287,64 @@ def test_eval_batches_split_a_dataset_between_hosts_without_overlap():
             seen += [int(label) for label, keep in zip(batch["label"], batch["mask"]) if keep]
     assert sorted(seen) == list(range(11))
     assert len(set(batch_counts)) == 1  # every host takes part in every global batch
+
+
+# ----------------------------------------------------------------------------- linear-probe views
+
+
+def _gradient_source(count, height=20, width=30):
+    """Non-square images that differ per example and per position (H and W cannot be confused)."""
+    rng = np.random.default_rng(0)
+    return [
+        {"image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "label": index % 3}
+        for index in range(count)
+    ]
+
+
+def _probe_views(source, *, seed, epoch, batch_size=4, **shards):
+    batches = pipeline.linear_probe_batches(
+        source, batch_size=batch_size, image_size=16, seed=seed, epoch=epoch, **shards
+    )
+    return np.concatenate([batch["image"][batch["mask"]] for batch in batches])
+
+
+def test_linear_probe_views_are_random_resized_crops_and_flips_as_pil_makes_them():
+    source = _gradient_source(6)
+    views = _probe_views(source, seed=3, epoch=2)
+    flips = []
+    for index, example in enumerate(source):
+        # The same draws as `linear_probe_views`: the crop_boxes row, then the flip.
+        uniforms = pipeline.linear_probe_rng(3, 2, index).random(augment.NUM_UNIFORMS + 1)
+        ((top, left, height, width),) = augment.crop_boxes(
+            uniforms[None, : augment.NUM_UNIFORMS], 20, 30, (0.08, 1.0), (3 / 4, 4 / 3)
+        )
+        crop = Image.fromarray(example["image"]).crop((left, top, left + width, top + height))
+        ref = crop.resize((16, 16), Image.BICUBIC)
+        if uniforms[-1] < 0.5:
+            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+        flips.append(uniforms[-1] < 0.5)
+        diff = np.abs(views[index].astype(np.int64) - np.asarray(ref, np.int64))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+    assert 0 < sum(flips) < len(flips)  # both cases were checked
+
+
+def test_linear_probe_views_depend_on_seed_epoch_and_index_only():
+    source = _gradient_source(10)
+    first = _probe_views(source, seed=1, epoch=0, batch_size=4)
+    # Batching and sharding do not change a row's view.
+    np.testing.assert_array_equal(first, _probe_views(source, seed=1, epoch=0, batch_size=7))
+    host_views = [_probe_views(source, seed=1, epoch=0, shard_index=h, shard_count=2) for h in range(2)]
+    np.testing.assert_array_equal(first[0::2], host_views[0])
+    np.testing.assert_array_equal(first[1::2], host_views[1])
+    # Another epoch or seed: other views of every image.
+    for other in (_probe_views(source, seed=1, epoch=1), _probe_views(source, seed=2, epoch=0)):
+        assert all((a != b).any() for a, b in zip(first, other))
+    # The training stream's generator of the same (seed, position) draws other numbers.
+    assert pipeline.linear_probe_rng(1, 0, 5).random() != pipeline.example_rng(1, 5).random()
+
+
+def test_linear_probe_views_of_a_flat_image_are_flat():
+    source = [{"image": np.full((12, 9, 3), (10, 200, 77), np.uint8), "label": 0}]
+    views = _probe_views(source, seed=0, epoch=0)
+    assert views.shape == (1, 16, 16, 3)
+    assert (views == np.array([10, 200, 77], np.uint8)).all()

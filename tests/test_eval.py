@@ -89,6 +89,57 @@ def test_sweep_matches_single_runs_and_picks_the_best():
     assert linear.best_of(sweep).best_test_top1 == max(r.best_test_top1 for r in sweep)
 
 
+def test_augmented_probe_on_fixed_features_is_the_cached_probe():
+    rng = np.random.default_rng(4)
+    train_x, train_y, centres = _clusters(rng, 4, 25, 16, 1.0)
+    test_x, test_y, _ = _clusters(rng, 4, 10, 16, 1.0, centres)
+    protocol = dict(num_classes=4, epochs=4, batch_size=32, base_lrs=(0.01, 1.0), seed=7)
+    cached = linear.linear_probe_sweep(train_x, train_y, test_x, test_y, **protocol)
+    epochs_asked = []
+
+    def features_for_epoch(epoch):
+        epochs_asked.append(epoch)
+        return train_x, train_y
+
+    augmented = linear.linear_probe_augmented_sweep(features_for_epoch, test_x, test_y, **protocol)
+    # Same init, minibatch order, schedule and optimizer: the same numbers, epoch by epoch (bit
+    # for bit on a CPU; an accelerator may fuse the scanned and the per-epoch runs differently).
+    assert epochs_asked == [0, 1, 2, 3]
+    for ours, theirs in zip(augmented, cached):
+        np.testing.assert_allclose(ours.train_loss_per_epoch, theirs.train_loss_per_epoch, rtol=1e-5)
+        np.testing.assert_array_equal(ours.test_top1_per_epoch, theirs.test_top1_per_epoch)
+        assert ours.best_epoch == theirs.best_epoch and ours.learning_rate == theirs.learning_rate
+        assert ours.test_loss == pytest.approx(theirs.test_loss, rel=1e-5)
+
+
+def test_augmented_probe_trains_on_each_epochs_features():
+    rng = np.random.default_rng(5)
+    train_x, train_y, centres = _clusters(rng, 3, 20, 8, 0.5)
+    test_x, test_y, _ = _clusters(rng, 3, 10, 8, 0.5, centres)
+    # Epoch 0's features hold no signal; from epoch 1 on they are the clusters.
+    noise = rng.standard_normal(train_x.shape).astype(np.float32)
+    result = linear.linear_probe_augmented(
+        lambda epoch: (noise if epoch == 0 else train_x, train_y),
+        test_x,
+        test_y,
+        num_classes=3,
+        epochs=3,
+        batch_size=16,
+        base_lr=1.0,
+    )
+    on_noise = linear.linear_probe(
+        noise, train_y, test_x, test_y, num_classes=3, epochs=3, batch_size=16, base_lr=1.0
+    )
+    # Epoch 0 is the probe on the noise; the later epochs learn the clusters.
+    assert result.train_loss_per_epoch[0] == on_noise.train_loss_per_epoch[0]
+    assert result.train_loss_per_epoch[2] < on_noise.train_loss_per_epoch[2] - 0.2
+    assert result.test_top1 > on_noise.test_top1 + 30.0
+    with pytest.raises(ValueError, match="epoch 1 gave features .* labels unlike epoch 0's"):
+        linear.linear_probe_augmented(
+            lambda epoch: (train_x, (train_y + epoch) % 3), test_x, test_y, num_classes=3, epochs=2
+        )
+
+
 def test_learning_rate_scales_with_batch_size():
     assert linear.scaled_learning_rate(256) == pytest.approx(0.001)
     assert linear.scaled_learning_rate(128) == pytest.approx(0.0005)

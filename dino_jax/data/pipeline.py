@@ -19,7 +19,7 @@ next batch instead.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -197,6 +197,99 @@ def eval_batches(
     process's), and every host yields the same number of batches, so their batches form global
     arrays whose gathered rows cover the split once.
     """
+    return _padded_batches(
+        source,
+        lambda images, rows: resize_images(images, image_size),
+        batch_size=batch_size,
+        image_size=image_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+
+
+# torchvision's RandomResizedCrop defaults, which the reference's linear probe trains with.
+LINEAR_PROBE_CROP_SCALE = (0.08, 1.0)
+LINEAR_PROBE_CROP_RATIO = (3 / 4, 4 / 3)
+# A Philox counter word that keeps these draws apart from the training stream's (`example_rng`).
+_LINEAR_PROBE_STREAM = 1
+
+
+def linear_probe_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of the linear-probe view of image `index` (its row in the split) at `epoch`.
+
+    Keyed like `example_rng`; the epoch and a stream tag sit in high counter words, which the
+    few draws of one view never carry into, so every (seed, epoch, index) has its own numbers.
+    """
+    counter = np.array([0, 0, epoch, _LINEAR_PROBE_STREAM], np.uint64)
+    return np.random.Generator(np.random.Philox(counter=counter, key=np.array([index, seed], np.uint64)))
+
+
+def linear_probe_views(
+    images_BxHxWx3: np.ndarray, rngs: Sequence[np.random.Generator], size: int
+) -> np.ndarray:
+    """The reference's linear-probe train transform: `RandomResizedCrop(size)` (torchvision's
+    sampler, scale (0.08, 1), ratio (3/4, 4/3), PIL bicubic) then `RandomHorizontalFlip()`, image
+    b drawn from `rngs[b]` alone. Returns uint8 (B, size, size, 3)."""
+    images = np.asarray(images_BxHxWx3)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"linear_probe_views: expected uint8 images of shape (B, H, W, 3), got {images.dtype} {images.shape}"
+        )
+    if len(rngs) != len(images):
+        raise ValueError(
+            f"linear_probe_views: {len(rngs)} generators for {len(images)} images; expected one each"
+        )
+    _, height, width, _ = images.shape
+    # One row of crop_boxes' uniforms per view, then one more uniform for the flip.
+    uniforms = np.stack([rng.random(augment.NUM_UNIFORMS + 1) for rng in rngs])
+    boxes = augment.crop_boxes(
+        uniforms[:, : augment.NUM_UNIFORMS], height, width, LINEAR_PROBE_CROP_SCALE, LINEAR_PROBE_CROP_RATIO
+    )
+    flips = uniforms[:, -1] < 0.5
+    planar = images.transpose(0, 3, 1, 2).astype(np.float32)
+    crops = augment.resized_crops(planar, np.arange(len(images)), boxes, flips, size)
+    return np.ascontiguousarray(crops.transpose(0, 2, 3, 1)).astype(np.uint8)
+
+
+def linear_probe_batches(
+    source: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    epoch: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """`eval_batches` with each image replaced by its `linear_probe_views` view for `epoch`: the
+    rows, padding and sharding are the same, and the view of row i depends only on (seed, epoch, i)."""
+    if not 0 <= seed < 2**64 or epoch < 0:
+        raise ValueError(f"linear_probe_batches: seed={seed}, epoch={epoch}; expected both >= 0")
+
+    def views(images, rows):
+        return linear_probe_views(images, [linear_probe_rng(seed, epoch, row) for row in rows], image_size)
+
+    return _padded_batches(
+        source,
+        views,
+        batch_size=batch_size,
+        image_size=image_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+
+
+def _padded_batches(
+    source: Sequence[dict[str, Any]],
+    prepare: Callable[[np.ndarray, list[int]], np.ndarray],
+    *,
+    batch_size: int,
+    image_size: int,
+    shard_index: int | None,
+    shard_count: int | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The batching of `eval_batches`; `prepare(images, rows)` makes the (b, S, S, 3) images of
+    the source rows `rows`."""
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size}: expected > 0")
     shard_index, shard_count = _resolve_shard(shard_index, shard_count)
@@ -212,8 +305,8 @@ def eval_batches(
                 examples = source.__getitems__(indices)
             else:
                 examples = [source[i] for i in indices]
-            image_batch[: len(examples)] = resize_images(
-                np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]), image_size
+            image_batch[: len(examples)] = prepare(
+                np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]), indices
             )
             labels[: len(examples)] = [int(ex["label"]) for ex in examples]
         mask = np.arange(batch_size) < len(indices)

@@ -12,15 +12,18 @@ over epochs around a scan over minibatches of the shuffled features. The last mi
 epoch is padded to the batch size and its padding masked out of the loss, so every step has one
 shape.
 
-Training on augmented images instead of cached features (the reference's RandomResizedCrop +
-flip) is not implemented here: with cached features each image is seen with one view only.
+`linear_probe` sees one view of each image (cached features). `linear_probe_augmented` is the
+reference's training on augmented images (RandomResizedCrop + flip): the backbone is frozen, so
+that is the same optimisation run on new features of new views of every train image each epoch;
+the caller makes them (`dino_jax.eval.suite` does, from `dino_jax.data.pipeline`'s views), and each
+epoch runs as its own jitted call of the same epoch function.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +95,23 @@ def _logits(params, x_NxD):
     return jnp.dot(x_NxD, params["kernel"], precision=jax.lax.Precision.HIGHEST) + params["bias"]
 
 
+def _initial_params(key, dim: int, num_classes: int):
+    return {
+        "kernel": INIT_STD * jax.random.normal(key, (dim, num_classes), jnp.float32),
+        "bias": jnp.zeros((num_classes,), jnp.float32),
+    }
+
+
+def _optimizer(learning_rate, epochs: int, steps_per_epoch: int) -> optax.GradientTransformation:
+    # The schedule reads the step count kept in the optimizer state, so an epoch run on its own
+    # (`_train_epoch`) continues the schedule where the previous epoch left it.
+    return optax.sgd(epoch_cosine_schedule(learning_rate, epochs, steps_per_epoch), momentum=MOMENTUM)
+
+
+def _steps_per_epoch(num_train: int, batch_size: int) -> int:
+    return -(-num_train // batch_size)
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
 def _train(
     train_x_NxD,
@@ -107,50 +127,102 @@ def _train(
 ):
     """Per-epoch metrics, each with a leading axis over `learning_rates_L`. All rates share the
     initial weights and the minibatch order, so they differ in the rate alone."""
-    num_train, dim = train_x_NxD.shape
-    steps_per_epoch = -(-num_train // batch_size)
-    padded = steps_per_epoch * batch_size
     init_key, shuffle_key = jax.random.split(key)
-    initial_params = {
-        "kernel": INIT_STD * jax.random.normal(init_key, (dim, num_classes), jnp.float32),
-        "bias": jnp.zeros((num_classes,), jnp.float32),
-    }
-    return jax.vmap(
-        lambda learning_rate: _train_one_rate(
-            train_x_NxD,
-            train_y_N,
-            test_x_MxD,
-            test_y_M,
-            shuffle_key,
-            initial_params,
-            learning_rate,
-            num_classes=num_classes,
-            epochs=epochs,
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            padded=padded,
-        )
-    )(learning_rates_L)
+    initial_params = _initial_params(init_key, train_x_NxD.shape[1], num_classes)
+    steps_per_epoch = _steps_per_epoch(train_x_NxD.shape[0], batch_size)
+
+    def one_rate(learning_rate):
+        state = (initial_params, _optimizer(learning_rate, epochs, steps_per_epoch).init(initial_params))
+
+        def epoch(state, epoch_index):
+            return _epoch(
+                state,
+                train_x_NxD,
+                train_y_N,
+                test_x_MxD,
+                test_y_M,
+                shuffle_key,
+                epoch_index,
+                learning_rate,
+                num_classes=num_classes,
+                epochs=epochs,
+                batch_size=batch_size,
+            )
+
+        _, per_epoch = jax.lax.scan(epoch, state, jnp.arange(epochs))
+        return per_epoch
+
+    return jax.vmap(one_rate)(learning_rates_L)
 
 
-def _train_one_rate(
+@functools.partial(jax.jit, static_argnames=("dim", "num_classes", "epochs", "steps_per_epoch"))
+def _initial_state(key, learning_rates_L, *, dim: int, num_classes: int, epochs: int, steps_per_epoch: int):
+    """`(params, opt_state)` of every rate (leading axis L) as `_train` starts them, and the
+    shuffling key, for runs driven one epoch at a time by `_train_epoch`."""
+    init_key, shuffle_key = jax.random.split(key)
+    initial_params = _initial_params(init_key, dim, num_classes)
+
+    def one_rate(learning_rate):
+        return initial_params, _optimizer(learning_rate, epochs, steps_per_epoch).init(initial_params)
+
+    return jax.vmap(one_rate)(learning_rates_L), shuffle_key
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"), donate_argnums=(0,))
+def _train_epoch(
+    state_L,
     train_x_NxD,
     train_y_N,
     test_x_MxD,
     test_y_M,
     shuffle_key,
-    params,
+    epoch_index,
+    learning_rates_L,
+    *,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+):
+    """One epoch of `_train` (the same `_epoch`) from `state_L`, on this epoch's train features:
+    `(new state_L, metrics)` with a leading axis over the rates."""
+    return jax.vmap(
+        lambda state, learning_rate: _epoch(
+            state,
+            train_x_NxD,
+            train_y_N,
+            test_x_MxD,
+            test_y_M,
+            shuffle_key,
+            epoch_index,
+            learning_rate,
+            num_classes=num_classes,
+            epochs=epochs,
+            batch_size=batch_size,
+        )
+    )(state_L, learning_rates_L)
+
+
+def _epoch(
+    state,
+    train_x_NxD,
+    train_y_N,
+    test_x_MxD,
+    test_y_M,
+    shuffle_key,
+    epoch_index,
     learning_rate,
     *,
     num_classes,
     epochs,
     batch_size,
-    steps_per_epoch,
-    padded,
 ):
+    """Epoch `epoch_index` (0-based) of one rate: the shuffled minibatch steps, then the test pass.
+    Returns `((params, opt_state), (train_loss, train_correct, test_top1, test_top5, test_loss))`,
+    correct counts as integers."""
     num_train = train_x_NxD.shape[0]
-    optimizer = optax.sgd(epoch_cosine_schedule(learning_rate, epochs, steps_per_epoch), momentum=MOMENTUM)
-    opt_state = optimizer.init(params)
+    steps_per_epoch = _steps_per_epoch(num_train, batch_size)
+    padded = steps_per_epoch * batch_size
+    optimizer = _optimizer(learning_rate, epochs, steps_per_epoch)
 
     def batch_loss(params, x_BxD, y_B, mask_B):
         logits_BxC = _logits(params, x_BxD)
@@ -183,21 +255,16 @@ def _train_one_rate(
         top5 = jnp.sum(jnp.any(top5_MxK == test_y_M[:, None], axis=1))
         return top1, top5, loss
 
-    def epoch(carry, epoch_index):
-        params, opt_state = carry
-        order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
-        index_SxB = jnp.pad(order, (0, padded - num_train)).reshape(steps_per_epoch, batch_size)
-        mask_SxB = (jnp.arange(padded) < num_train).reshape(steps_per_epoch, batch_size)
-        (params, opt_state), (loss_sums, corrects, counts) = jax.lax.scan(
-            train_step, (params, opt_state), (index_SxB, mask_SxB.astype(jnp.float32))
-        )
-        train_loss = jnp.sum(loss_sums) / num_train
-        train_correct = jnp.sum(corrects)
-        test_top1, test_top5, test_loss = evaluate(params)
-        return (params, opt_state), (train_loss, train_correct, test_top1, test_top5, test_loss)
-
-    _, per_epoch = jax.lax.scan(epoch, (params, opt_state), jnp.arange(epochs))
-    return per_epoch
+    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
+    index_SxB = jnp.pad(order, (0, padded - num_train)).reshape(steps_per_epoch, batch_size)
+    mask_SxB = (jnp.arange(padded) < num_train).reshape(steps_per_epoch, batch_size)
+    (params, opt_state), (loss_sums, corrects, counts) = jax.lax.scan(
+        train_step, state, (index_SxB, mask_SxB.astype(jnp.float32))
+    )
+    train_loss = jnp.sum(loss_sums) / num_train
+    train_correct = jnp.sum(corrects)
+    test_top1, test_top5, test_loss = evaluate(params)
+    return (params, opt_state), (train_loss, train_correct, test_top1, test_top5, test_loss)
 
 
 def linear_probe(
@@ -258,16 +325,7 @@ def linear_probe_sweep(
     train_x, train_y, test_x, test_y = inputs.feature_splits(
         "linear_probe", train_features, train_labels, test_features, test_labels, num_classes
     )
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"linear_probe: epochs={epochs}, batch_size={batch_size}; expected both >= 1")
-    base_lrs = tuple(float(lr) for lr in base_lrs)
-    if not base_lrs or min(base_lrs) <= 0:
-        raise ValueError(f"linear_probe: base_lrs={base_lrs}; expected one or more rates > 0")
-    # The rate follows the requested batch size, as in the reference, even when the data set is
-    # smaller than one batch (the step shape is then clamped to the data set: no wasted padding).
-    learning_rates = [scaled_learning_rate(batch_size, lr) for lr in base_lrs]
-    batch_size = min(batch_size, len(train_x))
-
+    learning_rates, batch_size = _check_settings(epochs, batch_size, base_lrs, len(train_x))
     per_epoch = _train(
         jnp.asarray(train_x),
         jnp.asarray(train_y),
@@ -277,14 +335,128 @@ def linear_probe_sweep(
         jnp.asarray(learning_rates, jnp.float32),
         num_classes=int(num_classes),
         epochs=int(epochs),
-        batch_size=int(batch_size),
+        batch_size=batch_size,
     )
+    return _results(per_epoch, learning_rates, len(train_x), len(test_x))
+
+
+def linear_probe_augmented(
+    train_features_for_epoch: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 128,
+    base_lr: float = BASE_LR,
+    seed: int = 0,
+) -> LinearProbeResult:
+    """`linear_probe` trained on new train features every epoch: the reference's probe on
+    augmented images (RandomResizedCrop + flip through the frozen backbone).
+
+    `train_features_for_epoch(epoch)` (epoch 0-based) returns `(features (N, D), labels (N,))` of
+    that epoch's views of the N train images, row i always a view of image i (same labels every
+    epoch). Everything else (initialisation, minibatch order, optimizer, per-epoch cosine schedule,
+    test pass) is `linear_probe`'s: a function that returns the same features every epoch gives
+    `linear_probe`'s result on them.
+    """
+    (result,) = linear_probe_augmented_sweep(
+        train_features_for_epoch,
+        test_features,
+        test_labels,
+        num_classes=num_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        base_lrs=(base_lr,),
+        seed=seed,
+    )
+    return result
+
+
+def linear_probe_augmented_sweep(
+    train_features_for_epoch: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 128,
+    base_lrs: Sequence[float] = (BASE_LR,),
+    seed: int = 0,
+) -> list[LinearProbeResult]:
+    """`linear_probe_augmented` for several base rates, as `linear_probe_sweep`: every rate trains
+    on the same features, so the views (the expensive part) are computed once per epoch."""
+    train_x, train_y, test_x, test_y = inputs.feature_splits(
+        "linear_probe_augmented",
+        *train_features_for_epoch(0),
+        test_features,
+        test_labels,
+        num_classes,
+    )
+    learning_rates, batch_size = _check_settings(epochs, batch_size, base_lrs, len(train_x))
+    learning_rates_L = jnp.asarray(learning_rates, jnp.float32)
+    static = {"num_classes": int(num_classes), "epochs": int(epochs), "batch_size": batch_size}
+    state_L, shuffle_key = _initial_state(
+        jax.random.key(seed),
+        learning_rates_L,
+        dim=train_x.shape[1],
+        num_classes=int(num_classes),
+        epochs=int(epochs),
+        steps_per_epoch=_steps_per_epoch(len(train_x), batch_size),
+    )
+    test_x_MxD, test_y_M = jnp.asarray(test_x), jnp.asarray(test_y)
+    per_epoch = []
+    for epoch in range(epochs):
+        if epoch > 0:
+            epoch_x, epoch_y, _, _ = inputs.feature_splits(
+                "linear_probe_augmented", *train_features_for_epoch(epoch), test_x, test_y, num_classes
+            )
+            if epoch_x.shape != train_x.shape or not np.array_equal(epoch_y, train_y):
+                raise ValueError(
+                    f"linear_probe_augmented: epoch {epoch} gave features {epoch_x.shape} and "
+                    f"labels unlike epoch 0's (features {train_x.shape}); expected row i to be a "
+                    "view of train image i every epoch"
+                )
+            train_x = epoch_x
+        # Dispatched without waiting: the next epoch's views are made while this one trains.
+        state_L, metrics = _train_epoch(
+            state_L,
+            jnp.asarray(train_x),
+            jnp.asarray(train_y),
+            test_x_MxD,
+            test_y_M,
+            shuffle_key,
+            jnp.asarray(epoch, jnp.int32),
+            learning_rates_L,
+            **static,
+        )
+        per_epoch.append(metrics)
+    # Per metric, (L, epochs) like `_train`'s output.
+    stacked = tuple(jnp.stack(values, axis=1) for values in zip(*per_epoch))
+    return _results(stacked, learning_rates, len(train_x), len(test_x))
+
+
+def _check_settings(epochs, batch_size, base_lrs, num_train) -> tuple[list[float], int]:
+    """-> (learning rates, minibatch size), or a ValueError naming the bad setting."""
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"linear_probe: epochs={epochs}, batch_size={batch_size}; expected both >= 1")
+    base_lrs = tuple(float(lr) for lr in base_lrs)
+    if not base_lrs or min(base_lrs) <= 0:
+        raise ValueError(f"linear_probe: base_lrs={base_lrs}; expected one or more rates > 0")
+    # The rate follows the requested batch size, as in the reference, even when the data set is
+    # smaller than one batch (the step shape is then clamped to the data set: no wasted padding).
+    learning_rates = [scaled_learning_rate(batch_size, lr) for lr in base_lrs]
+    return learning_rates, int(min(batch_size, num_train))
+
+
+def _results(per_epoch, learning_rates, num_train: int, num_test: int) -> list[LinearProbeResult]:
+    """`LinearProbeResult`s from the per-epoch metrics of `_epoch`, each `(L, epochs)`."""
     train_loss, train_correct, test_correct, test_correct5, test_loss = (np.asarray(v) for v in per_epoch)
     results = []
     for i, learning_rate in enumerate(learning_rates):
-        train_top1 = 100.0 * train_correct[i].astype(np.float64) / len(train_x)
-        test_top1 = 100.0 * test_correct[i].astype(np.float64) / len(test_x)
-        test_top5 = 100.0 * test_correct5[i].astype(np.float64) / len(test_x)
+        train_top1 = 100.0 * train_correct[i].astype(np.float64) / num_train
+        test_top1 = 100.0 * test_correct[i].astype(np.float64) / num_test
+        test_top5 = 100.0 * test_correct5[i].astype(np.float64) / num_test
         best = int(np.argmax(test_top1))
         results.append(
             LinearProbeResult(

@@ -8,7 +8,9 @@ Feature use:
 - kNN and few-shot read the final-norm CLS token (the reference's kNN feature).
 - The linear probe reads the CLS tokens of the last `linear_n_last_blocks` blocks, concatenated
   (the reference's linear feature). The last of those blocks *is* the kNN feature, so one
-  extraction pass per split serves all evaluators.
+  extraction pass per split serves all evaluators. With `linear_augment`, the probe instead trains
+  on the features of a new RandomResizedCrop + flip view of each train image every epoch (one
+  more pass over the train split per epoch, made when the probe asks for it).
 - Few-shot episodes come from the evaluation (test) split (REFERENCE.md §6).
 
 Metric names: the main data set's are bare (`knn_k20_top1`, `linear_best_test_top1`,
@@ -50,6 +52,11 @@ class SuiteSettings:
     # test top-1 (what the paper did; the selection uses the test split, like the reference's
     # best-epoch figure). Empty: `linear_base_lr` alone.
     linear_base_lrs: tuple[float, ...] = ()
+    # True: the probe trains on a new RandomResizedCrop + flip view of every train image each
+    # epoch (the reference's eval_linear.py), one backbone pass over the train split per epoch;
+    # it needs `EvalData.augmented_train_batches`. False: on the cached features of the plain
+    # train images (one pass in all).
+    linear_augment: bool = False
     fewshot_n_way: int | None = None
     fewshot_k_shot: int = 5
     fewshot_n_query: int = 15
@@ -73,18 +80,28 @@ class SuiteSettings:
 @dataclasses.dataclass(frozen=True)
 class EvalData:
     """Where one data set's images come from. The callables return a fresh iterable of batches
-    `{"image": uint8, "label", "mask"}` (e.g. `pipeline.eval_batches(...)`) each time."""
+    `{"image": uint8, "label", "mask"}` (e.g. `pipeline.eval_batches(...)`) each time.
+
+    `augmented_train_batches(seed, epoch)`, when given, is the train split in the same rows with
+    each image as its linear-probe view for that epoch (`pipeline.linear_probe_batches`); only
+    `SuiteSettings.linear_augment` reads it.
+    """
 
     name: str
     num_classes: int
     train_batches: Callable[[], Batches]
     test_batches: Callable[[], Batches]
+    augmented_train_batches: Callable[[int, int], Batches] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitFeatures:
     """Extracted features of one data set: `cls` is `(N, D)` final-norm CLS, `blocks` is
-    `(N, n*D)` CLS of the last n blocks (last block last)."""
+    `(N, n*D)` CLS of the last n blocks (last block last).
+
+    `augmented_train_blocks(seed, epoch)`, when the data set has augmented views, extracts the
+    `blocks` features and labels of the train split's views for that epoch (a backbone pass).
+    """
 
     name: str
     num_classes: int
@@ -94,6 +111,7 @@ class SplitFeatures:
     test_cls: np.ndarray
     test_blocks: np.ndarray
     test_labels: np.ndarray
+    augmented_train_blocks: Callable[[int, int], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _run_knn(data: SplitFeatures, settings: SuiteSettings) -> dict[str, float]:
@@ -114,17 +132,30 @@ def _run_knn(data: SplitFeatures, settings: SuiteSettings) -> dict[str, float]:
 
 def _run_linear(data: SplitFeatures, settings: SuiteSettings) -> dict[str, float]:
     base_lrs = settings.linear_base_lrs or (settings.linear_base_lr,)
-    results = linear.linear_probe_sweep(
-        data.train_blocks,
-        data.train_labels,
-        data.test_blocks,
-        data.test_labels,
-        num_classes=data.num_classes,
-        epochs=settings.linear_epochs,
-        batch_size=settings.linear_batch_size,
-        base_lrs=base_lrs,
-        seed=settings.seed,
-    )
+    protocol = {
+        "num_classes": data.num_classes,
+        "epochs": settings.linear_epochs,
+        "batch_size": settings.linear_batch_size,
+        "base_lrs": base_lrs,
+        "seed": settings.seed,
+    }
+    if settings.linear_augment:
+        if data.augmented_train_blocks is None:
+            raise ValueError(
+                f"SuiteSettings.linear_augment=True, but the {data.name} features have no "
+                "augmented train views; expected EvalData.augmented_train_batches (features "
+                "extracted by `extract_split_features`)"
+            )
+        results = linear.linear_probe_augmented_sweep(
+            lambda epoch: data.augmented_train_blocks(settings.seed, epoch),
+            data.test_blocks,
+            data.test_labels,
+            **protocol,
+        )
+    else:
+        results = linear.linear_probe_sweep(
+            data.train_blocks, data.train_labels, data.test_blocks, data.test_labels, **protocol
+        )
     best = linear.best_of(results)
     metrics = best.metrics("linear")
     metrics["linear_base_lr"] = base_lrs[results.index(best)]
@@ -184,6 +215,15 @@ def extract_split_features(
     test_blocks, test_labels = features_lib.extract_features(
         feature_fn, params, data.test_batches(), mesh=mesh
     )
+    augmented_train_blocks = None
+    if data.augmented_train_batches is not None:
+        augmented_batches = data.augmented_train_batches
+
+        def augmented_train_blocks(seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+            return features_lib.extract_features(
+                feature_fn, params, augmented_batches(seed, epoch), mesh=mesh
+            )
+
     return SplitFeatures(
         data.name,
         data.num_classes,
@@ -193,6 +233,7 @@ def extract_split_features(
         test_blocks[:, -embed_dim:],
         test_blocks,
         test_labels,
+        augmented_train_blocks,
     )
 
 
@@ -338,6 +379,8 @@ def results_markdown(
         f"{settings.linear_epochs} epochs, batch {settings.linear_batch_size}, "
         f"lr {linear.scaled_learning_rate(settings.linear_batch_size, base_lr):g}"
     )
+    if settings.linear_augment:
+        linear_setup += ", trained on a RandomResizedCrop + flip view of each image per epoch"
     if settings.linear_base_lrs:
         linear_setup += (
             f", best of base rates {list(settings.linear_base_lrs)} per 256 (chosen on test top-1)"
