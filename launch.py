@@ -54,7 +54,12 @@ def _config_for_eval(checkpoint: str):
     from dino_jax import train
 
     if os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, "config.json")):
-        return train.load_saved_config(checkpoint)
+        from configs import common
+
+        # Onto today's defaults, so a run saved before a key existed still loads.
+        config = common.base_config()
+        config.update(train.load_saved_config(checkpoint))
+        return config
     sys.exit(f"error: --mode=eval of {checkpoint} needs --config (which dataset and evaluators to use)")
 
 

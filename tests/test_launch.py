@@ -137,3 +137,78 @@ def test_visualize_mode_writes_attention_maps_for_photo_files(smoke_run, tmp_pat
     per_image = os.listdir(out_dir / "attention" / "a")
     assert any("head" in name for name in per_image) and any("mask" in name for name in per_image)
     assert any("overlay" in name for name in per_image)
+
+
+@pytest.fixture(scope="module")
+def reference_backbone(tmp_path_factory):
+    """A backbone state dict saved by the PyTorch reference model (tests/torch_reference.py)."""
+    torch = pytest.importorskip("torch")
+    from tests import torch_reference
+
+    torch.manual_seed(0)
+    model = torch_reference.VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=1, num_heads=2).eval()
+    path = tmp_path_factory.mktemp("torch") / "backbone.pth"
+    torch.save(model.state_dict(), path)
+    return model, str(path)
+
+
+def test_embed_and_convert_a_pytorch_checkpoint_from_the_command_line(reference_backbone, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    model, path = reference_backbone
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+
+    out = launch("--mode=embed", f"--checkpoint={path}", f"--images={folder}", f"--out={tmp_path / 'emb.npz'}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    embedded = np.load(tmp_path / "emb.npz")
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        inputs = torch.tensor(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
+        expected = model(inputs).numpy()
+    assert [os.path.basename(p) for p in embedded["paths"]] == ["0.png", "1.png", "2.png"]
+    np.testing.assert_allclose(embedded["features"], expected, atol=1e-4)
+
+    converted = tmp_path / "converted"
+    out = launch("--mode=convert", f"--from={path}", f"--to={converted}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    back = tmp_path / "back.pth"
+    out = launch("--mode=convert", f"--from={converted}", f"--to={back}", "--backbone_only")
+    assert out.returncode == 0, out.stderr[-4000:]
+    original, returned = torch.load(path, weights_only=True), torch.load(back, weights_only=True)
+    assert set(original) == set(returned)
+    for key in original:
+        assert torch.equal(original[key], returned[key]), key
+
+
+def test_eval_mode_on_a_pytorch_checkpoint(reference_backbone, tmp_path, digits_data_dir):
+    _, path = reference_backbone
+    out = launch("--mode=eval", "--config=configs/digits.py:smoke", f"--config.dataset.data_dir={digits_data_dir}",
+                 f"--checkpoint={path}", f"--workdir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert 10.0 < results["knn_k20_top1"] <= 100.0  # random features of digits still beat chance
+
+
+def test_a_pickle_that_holds_code_is_refused_and_not_run(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "bad.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": Payload()}, f)
+    out = launch("--mode=embed", f"--checkpoint={bad}", f"--images={bad}", f"--out={tmp_path / 'x.npz'}")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "error:" in out.stderr
+    assert not marker.exists()
