@@ -30,8 +30,9 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -47,91 +48,105 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dino_jax.data import augment, augment_pil, normalize  # noqa: E402
 
 SETTINGS = {32: (32, 16), 64: (64, 32)}  # image size -> (global crop, local crop)
+_ROUNDS = 6  # Interleaved rounds per path and size, sharing the time budget.
 
 
 def _images(count, size):
-  rs = np.random.RandomState(0)
-  return np.stack([
-      np.asarray(Image.fromarray(rs.randint(0, 256, (size, size, 3)).astype(np.uint8))
-                 .filter(ImageFilter.SMOOTH_MORE)) for _ in range(count)])
+    rs = np.random.RandomState(0)
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(rs.randint(0, 256, (size, size, 3)).astype(np.uint8)).filter(
+                    ImageFilter.SMOOTH_MORE
+                )
+            )
+            for _ in range(count)
+        ]
+    )
 
 
 def _rate(step, images_per_step, budget_s):
-  """Images per second of `step`, after one warm-up call, over about `budget_s` seconds."""
-  step()
-  start = time.perf_counter()
-  done = 0
-  while time.perf_counter() - start < budget_s:
+    """Images per second of `step`, after one warm-up call, over about `budget_s` seconds."""
     step()
-    done += images_per_step
-  return done / (time.perf_counter() - start)
+    start = time.perf_counter()
+    done = 0
+    while time.perf_counter() - start < budget_s:
+        step()
+        done += images_per_step
+    return done / (time.perf_counter() - start)
 
 
 def _pil_normalized(image, rng, config):
-  mean = np.asarray(normalize.IMAGENET_MEAN, np.float32)[:, None, None]
-  std = np.asarray(normalize.IMAGENET_STD, np.float32)[:, None, None]
-  global_crops, local_crops = augment_pil.multicrop_pil(image, rng, config)
-  return [(crop.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
-          for crop in list(global_crops) + list(local_crops)]
+    mean = np.asarray(normalize.IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(normalize.IMAGENET_STD, np.float32)[:, None, None]
+    global_crops, local_crops = augment_pil.multicrop_pil(image, rng, config)
+    return [
+        (crop.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
+        for crop in list(global_crops) + list(local_crops)
+    ]
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="short budgets (smoke run)")
-  parser.add_argument("--skip-device", action="store_true", help="skip the JAX device path")
-  args = parser.parse_args()
-  budget = 1.0 if args.quick else 6.0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short budgets (smoke run)")
+    parser.add_argument("--skip-device", action="store_true", help="skip the JAX device path")
+    args = parser.parse_args()
+    budget = 1.0 if args.quick else 6.0
 
-  results = {}
-  for size, (global_size, local_size) in SETTINGS.items():
-    config = augment.MultiCropConfig(global_size, local_size, 8)
-    images = _images(64, size)
-    py_rng = random.Random(0)
-    counter = iter(range(1 << 62))
+    results = {}
+    for size, (global_size, local_size) in SETTINGS.items():
+        config = augment.MultiCropConfig(global_size, local_size, 8)
+        images = _images(64, size)
+        py_rng = random.Random(0)
+        counter = iter(range(1 << 62))
 
-    def pil_step():
-      augment_pil.multicrop_pil(images[next(counter) % 64], py_rng, config)
+        def pil_step():
+            augment_pil.multicrop_pil(images[next(counter) % 64], py_rng, config)
 
-    def pil_normalized_step():
-      _pil_normalized(images[next(counter) % 64], py_rng, config)
+        def pil_normalized_step():
+            _pil_normalized(images[next(counter) % 64], py_rng, config)
 
-    def host_step():
-      rngs = [np.random.default_rng(next(counter)) for _ in range(64)]
-      augment.multicrop_batch(images, rngs, config)
+        def host_step():
+            rngs = [np.random.default_rng(next(counter)) for _ in range(64)]
+            augment.multicrop_batch(images, rngs, config)
 
-    # Interleave the paths in two rounds so a change in machine load hits them alike.
-    rates = {"pil": [], "pil_normalized": [], "host": []}
-    for _ in range(2):
-      rates["pil"].append(_rate(pil_step, 1, budget / 2))
-      rates["pil_normalized"].append(_rate(pil_normalized_step, 1, budget / 2))
-      rates["host"].append(_rate(host_step, 64, budget / 2))
-    for name, values in rates.items():
-      results[f"{name}_{size}px_per_s"] = round(float(np.mean(values)), 1)
-    results[f"host_vs_pil_{size}px_speedup"] = round(
-        results[f"host_{size}px_per_s"] / results[f"pil_{size}px_per_s"], 2)
-    results[f"host_vs_pil_normalized_{size}px_speedup"] = round(
-        results[f"host_{size}px_per_s"] / results[f"pil_normalized_{size}px_per_s"], 2)
+        # Interleave the paths in short rounds so a change in machine load hits them alike.
+        rates = {"pil": [], "pil_normalized": [], "host": []}
+        for _ in range(_ROUNDS):
+            rates["pil"].append(_rate(pil_step, 1, budget / _ROUNDS))
+            rates["pil_normalized"].append(_rate(pil_normalized_step, 1, budget / _ROUNDS))
+            rates["host"].append(_rate(host_step, 64, budget / _ROUNDS))
+        for name, values in rates.items():
+            results[f"{name}_{size}px_per_s"] = round(float(np.mean(values)), 1)
+        results[f"host_vs_pil_{size}px_speedup"] = round(
+            results[f"host_{size}px_per_s"] / results[f"pil_{size}px_per_s"], 2
+        )
+        results[f"host_vs_pil_normalized_{size}px_speedup"] = round(
+            results[f"host_{size}px_per_s"] / results[f"pil_normalized_{size}px_per_s"], 2
+        )
 
-    if not args.skip_device:
-      import jax
-      import jax.numpy as jnp
-      from dino_jax.data import augment_device
+        if not args.skip_device:
+            import jax
+            import jax.numpy as jnp
+            from dino_jax.data import augment_device
 
-      device_batch = 256
-      step_fn = jax.jit(augment_device.multicrop_batch, static_argnums=2)
-      device_images = jnp.asarray(np.resize(images, (device_batch, size, size, 3)))
-      keys = iter(jax.random.split(jax.random.key(0), 100000))
+            device_batch = 256
+            step_fn = jax.jit(augment_device.multicrop_batch, static_argnums=2)
+            device_images = jnp.asarray(np.resize(images, (device_batch, size, size, 3)))
+            keys = iter(jax.random.split(jax.random.key(0), 100000))
 
-      def device_step():
-        global_crops, local_crops = step_fn(device_images, next(keys), config)
-        local_crops.block_until_ready()
+            def device_step():
+                global_crops, local_crops = step_fn(device_images, next(keys), config)
+                local_crops.block_until_ready()
 
-      results[f"device_cpu_{size}px_per_s"] = round(_rate(device_step, device_batch, budget), 1)
-      results["device_backend"] = jax.default_backend()
-    print(f"{size} px: " + ", ".join(f"{k}={v}" for k, v in results.items()
-                                     if f"_{size}px_" in k), flush=True)
-  print(json.dumps(results))
+            results[f"device_cpu_{size}px_per_s"] = round(_rate(device_step, device_batch, budget), 1)
+            results["device_backend"] = jax.default_backend()
+        print(
+            f"{size} px: " + ", ".join(f"{k}={v}" for k, v in results.items() if f"_{size}px_" in k),
+            flush=True,
+        )
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
-  main()
+    main()
