@@ -1,0 +1,296 @@
+"""Benchmark of one DINO training step: our jitted, donated step against the PyTorch reference's.
+
+    python bench/train_step.py                   # both configs, ~3-5 minutes on a 2-core CPU
+    python bench/train_step.py --only digits --steps 5 --warmup 1   # seconds (a smoke run)
+
+Ours: `train.build_training(config, ...)`'s `step_fn` (jit, state donated) on uint8 crops already
+placed on the device, exactly what `Trainer.train` calls once per step. Baseline:
+`tests/torch_reference.train_iteration` (teacher and student forward, DINO loss with centering,
+backward, per-tensor gradient clipping, AdamW with the reference's two parameter groups and
+per-step lr / weight decay, EMA teacher, center update; fp16 off), on the same crops already
+normalised into NCHW float tensors (the reference's data loader hands it those). Both sides start
+from the same weights: ours are initialised, exported with `torch_ckpt.dino_to_torch` and loaded
+into the reference's `MultiCropWrapper`s (student and teacher), as `tests/test_parity.py` does.
+
+Configs:
+1. `digits`: `configs/digits.py` as it is (96-d, 4 blocks, 3 heads, patch 4, head 1024/256/2048
+   with BatchNorm, batch 64, 2x32 + 6x16 crops).
+2. `cifar`: `configs/cifar100.py` (ViT-Tiny/4, 192-d, 12 blocks, out_dim 65536, 2x32 + 8x16 crops)
+   at batch `--cifar-batch` (16), with the crops made on the host so that both sides get the same
+   ones (the recipe crops on the device, inside the step; augmentation is not timed here).
+
+Two changes to both recipes, applied to both sides: `train.freeze_last_layer = 0`, so every timed
+step updates the last layer (the steady state of a run; the freeze lasts one epoch of 100-200),
+and with `--no-drop-path` stochastic depth is off. With drop path on (the default, as in the
+recipes) the two sides draw different masks, so their losses differ by more than rounding.
+
+Crops are random uint8 noise, a fresh batch per step, the same for both sides. The steps are
+interleaved (ours, torch, torch, ours, ...) so that a change in the machine's load hits both alike.
+The first `--warmup` steps of each side (the first includes our compilation) are reported apart;
+step times are medians over the next `--steps`. Threads: `--threads N` pins the process to N cores
+(XLA sizes its thread pool from the cores it may use; for N = 1 its Eigen pool is also switched
+off) and sets torch's intra-op threads to N.
+
+The last line of stdout is one JSON object: times in seconds (`_s`), throughputs (`_per_s`),
+`_speedup` = torch step time / our step time, and `_loss_max_rel_diff`, the largest
+|ours - torch| / |torch| of the per-step loss over all steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIG_NAMES = ("digits", "cifar")
+NUM_TRAIN_EXAMPLES = {"digits": 1437, "cifar": 50000}  # sets steps per epoch, hence the schedules
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="cores / threads per side (default: all)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per config and side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (>= 1: compilation)")
+    parser.add_argument("--only", choices=CONFIG_NAMES, help="run one config")
+    parser.add_argument("--cifar-batch", type=int, default=16)
+    parser.add_argument("--no-drop-path", action="store_true", help="stochastic depth off on both sides")
+    args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error(f"--warmup {args.warmup} / --steps {args.steps}: expected at least 1 each")
+    return args
+
+
+def limit_threads(threads: int) -> int:
+    """Pins the process to `threads` cores before jax is imported; returns the count in force."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not threads or threads >= len(cores):
+        return len(cores)
+    os.sched_setaffinity(0, cores[:threads])
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    return threads
+
+
+def make_config(name: str, args):
+    from configs import cifar100, digits
+    from dino_jax import config as config_lib
+
+    if name == "digits":
+        config = digits.get_config()
+    else:
+        config = cifar100.get_config()
+        config.augment.on = "host"
+        config.train.batch_size = args.cifar_batch
+    config.train.freeze_last_layer = 0
+    if args.no_drop_path:
+        config.model.drop_path_rate = 0.0
+    config_lib.validate(config)
+    return config
+
+
+def random_batches(config, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    a, b = config.augment, config.train.batch_size
+    return [
+        {
+            "global_crops": rng.integers(0, 256, (b, 2, a.global_crop_size, a.global_crop_size, 3), np.uint8),
+            "local_crops": rng.integers(
+                0, 256, (b, a.num_local_crops, a.local_crop_size, a.local_crop_size, 3), np.uint8
+            ),
+        }
+        for _ in range(count)
+    ]
+
+
+def torch_crops(torch, batch, mean, std):
+    """The reference's input: one NCHW float tensor per view, global views first."""
+    from dino_jax.data.normalize import normalize_images
+
+    crops = []
+    for name in ("global_crops", "local_crops"):
+        for view in range(batch[name].shape[1]):
+            normalized = normalize_images(batch[name][:, view], mean, std)
+            crops.append(torch.from_numpy(np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))))
+    return crops
+
+
+class TorchReference:
+    """Student, teacher, AdamW, loss and schedules of the reference, from our initial weights."""
+
+    def __init__(self, torch, ref, config, plan, params):
+        from dino_jax import config as config_lib
+        from dino_jax.interop import torch_ckpt
+
+        vit_config = config_lib.vit_config(config, drop_path=True)
+        head_config = config_lib.head_config(config, vit_config.embed_dim)
+        weights = {
+            key: torch.tensor(value)
+            for key, value in torch_ckpt.dino_to_torch(params, vit_config, head_config).items()
+        }
+
+        def network(drop_path_rate, norm_last_layer):
+            return ref.MultiCropWrapper(
+                ref.VisionTransformer(
+                    img_size=vit_config.image_size,
+                    patch_size=vit_config.patch_size,
+                    embed_dim=vit_config.embed_dim,
+                    depth=vit_config.depth,
+                    num_heads=vit_config.num_heads,
+                    mlp_ratio=vit_config.mlp_ratio,
+                    qkv_bias=vit_config.qkv_bias,
+                    drop_path_rate=drop_path_rate,
+                    eps=vit_config.layer_norm_eps,
+                ),
+                ref.DINOHead(
+                    head_config.in_dim,
+                    head_config.out_dim,
+                    use_bn=head_config.use_bn,
+                    norm_last_layer=norm_last_layer,
+                    nlayers=head_config.nlayers,
+                    hidden_dim=head_config.hidden_dim,
+                    bottleneck_dim=head_config.bottleneck_dim,
+                ),
+            )
+
+        # As in the reference's main_dino.py: the teacher has no drop path and a normed last layer.
+        self.student = network(vit_config.drop_path_rate, head_config.norm_last_layer)
+        self.teacher = network(0.0, True)
+        for net in (self.student, self.teacher):
+            net.load_state_dict(weights, strict=True)
+            net.train()
+        for param in self.teacher.parameters():
+            param.requires_grad = False
+        self.optimizer = torch.optim.AdamW(ref.get_params_groups(self.student))
+        t = config.train
+        self.loss = ref.DINOLoss(
+            head_config.out_dim,
+            2 + config.augment.num_local_crops,
+            t.warmup_teacher_temp,
+            t.teacher_temp,
+            t.warmup_teacher_temp_epochs,
+            t.epochs,
+            student_temp=t.student_temp,
+            center_momentum=t.center_momentum,
+        )
+        spe = plan.steps_per_epoch
+        self.schedules = {
+            "lr_schedule": ref.cosine_scheduler(plan.peak_lr, t.min_lr, t.epochs, spe, t.warmup_epochs),
+            "wd_schedule": ref.cosine_scheduler(t.weight_decay, t.weight_decay_end, t.epochs, spe),
+            "momentum_schedule": ref.cosine_scheduler(t.momentum_teacher, 1.0, t.epochs, spe),
+        }
+        self.ref, self.steps_per_epoch = ref, spe
+        self.clip_grad, self.freeze_last_layer = t.clip_grad, t.freeze_last_layer
+
+    def step(self, crops, it: int) -> float:
+        return self.ref.train_iteration(
+            self.student,
+            self.teacher,
+            self.loss,
+            self.optimizer,
+            crops,
+            it=it,
+            epoch=it // self.steps_per_epoch,
+            clip_grad=self.clip_grad,
+            freeze_last_layer=self.freeze_last_layer,
+            **self.schedules,
+        )
+
+
+def run_config(name: str, args, report: dict) -> None:
+    import jax
+    import torch
+
+    from dino_jax import sharding, train
+    from tests import torch_reference as ref
+
+    config = make_config(name, args)
+    batch_size, total = config.train.batch_size, args.warmup + args.steps
+    mesh = sharding.make_mesh()
+    parts = train.build_training(config, NUM_TRAIN_EXAMPLES[name], mesh)
+    reference = TorchReference(torch, ref, config, parts.plan, parts.state.student)
+    batches = random_batches(config, total)
+    our_batches = [sharding.to_global_batch(batch, mesh) for batch in batches]
+    mean, std = config.dataset.mean, config.dataset.std
+    reference_batches = [torch_crops(torch, batch, mean, std) for batch in batches]
+    jax.block_until_ready(our_batches)
+
+    state = parts.state
+    ours_s, torch_s, ours_loss, torch_loss = [], [], [], []
+    for it in range(total):
+        for side in ("ours", "torch") if it % 2 == 0 else ("torch", "ours"):
+            started = time.perf_counter()
+            if side == "ours":
+                state, metrics = parts.step_fn(state, our_batches[it])
+                ours_loss.append(float(metrics["loss"]))  # waits for the step, like torch's .item()
+                ours_s.append(time.perf_counter() - started)
+            else:
+                torch_loss.append(reference.step(reference_batches[it], it))
+                torch_s.append(time.perf_counter() - started)
+        print(
+            f"{name} step {it}{' (warm-up)' if it < args.warmup else ''}: ours {ours_s[-1]:.3f} s "
+            f"loss {ours_loss[-1]:.6f} | torch {torch_s[-1]:.3f} s loss {torch_loss[-1]:.6f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    ours_step = statistics.median(ours_s[args.warmup :])
+    torch_step = statistics.median(torch_s[args.warmup :])
+    rel_diff = [abs(a - b) / abs(b) for a, b in zip(ours_loss, torch_loss)]
+    a = config.augment
+    report.update(
+        {
+            f"{name}_batch": batch_size,
+            f"{name}_crops": f"2x{a.global_crop_size} + {a.num_local_crops}x{a.local_crop_size}",
+            f"{name}_drop_path_rate": config.model.drop_path_rate,
+            f"{name}_ours_first_step_s": round(ours_s[0], 3),
+            f"{name}_torch_first_step_s": round(torch_s[0], 3),
+            f"{name}_ours_warmup_s": round(sum(ours_s[: args.warmup]), 3),
+            f"{name}_torch_warmup_s": round(sum(torch_s[: args.warmup]), 3),
+            f"{name}_ours_step_s": round(ours_step, 4),
+            f"{name}_torch_step_s": round(torch_step, 4),
+            f"{name}_ours_step_min_s": round(min(ours_s[args.warmup :]), 4),
+            f"{name}_torch_step_min_s": round(min(torch_s[args.warmup :]), 4),
+            f"{name}_ours_images_per_s": round(batch_size / ours_step, 1),
+            f"{name}_torch_images_per_s": round(batch_size / torch_step, 1),
+            f"{name}_speedup": round(torch_step / ours_step, 2),
+            f"{name}_loss_max_rel_diff": float(f"{max(rel_diff):.3g}"),
+            f"{name}_loss_last_rel_diff": float(f"{rel_diff[-1]:.3g}"),
+        }
+    )
+
+
+def main():
+    args = parse_args()
+    threads = limit_threads(args.threads)
+
+    import jax
+    import torch
+
+    torch.set_num_threads(threads)
+    report = {
+        "device": jax.devices()[0].platform,
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "load_avg_1m_start": round(os.getloadavg()[0], 2),
+    }
+    for name in (args.only,) if args.only else CONFIG_NAMES:
+        run_config(name, args, report)
+    report["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
