@@ -19,8 +19,12 @@ def data_dir(tmp_path_factory):
     data_dir = str(root / "tfds")
     archive = root / "cifar-100-binary.tar.gz"
     real._cifar100_archive(archive, num_train=24, num_test=10)
+    stl10_archive = root / "stl10_binary.tar.gz"
+    real._stl10_archive(stl10_archive, num_train=6, num_test=5, num_unlabeled=2)
     with pytest.MonkeyPatch.context() as monkeypatch:
         real._build_catalog("cifar100", data_dir, str(archive), monkeypatch)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        real._build_catalog("stl10", data_dir, str(stl10_archive), monkeypatch)
     manual = root / "tfds" / "downloads" / "manual"
     manual.mkdir(parents=True)
     real._tiny_imagenet_zip(manual / tiny_imagenet.ZIP_NAME)
@@ -39,6 +43,10 @@ def tiny_run_config(get_config, data_dir, augment_on):
     config.train.log_every_steps = 1
     config.eval.batch_size = 4
     config.eval.knn_ks = (3,)
+    config.eval.evaluators = ("knn", "linear")
+    config.eval.transfer = ("stl10",)
+    config.eval.transfer_evaluators = ("knn",)
+    config.eval.linear_epochs = 2
     return config
 
 
@@ -52,6 +60,8 @@ def test_trains_from_real_format_tfds_datasets(data_dir, tmp_path, monkeypatch, 
     config = tiny_run_config(get_config, data_dir, augment_on)
     results = train.run(config, str(tmp_path))
     assert 0 <= results["knn_k3_top1"] <= 100 and 0 <= results["random_init_knn_k3_top1"] <= 100
+    assert 0 <= results["stl10_knn_k3_top1"] <= 100  # 96 px STL-10 resized to the model's size
+    assert "linear_best_test_top1" in results
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2]
