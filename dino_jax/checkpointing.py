@@ -33,6 +33,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:

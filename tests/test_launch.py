@@ -11,14 +11,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Tiny models: XLA's optimisation passes cost more compile time than they save.
+FAST_COMPILE = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
 def launch(*args, timeout=900, env=None):
+    env = {**FAST_COMPILE, **(env or {})}
     return subprocess.run(
         [sys.executable, "launch.py", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, **(env or {})),
+        env=dict(os.environ, **env),
     )
 
 

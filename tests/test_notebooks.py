@@ -33,6 +33,7 @@ def test_notebook_runs(name, tmp_path):
         DINO_JAX_NOTEBOOK_WORKDIR=str(tmp_path / "run"),
         DINO_JAX_NOTEBOOK_DATA_DIR=str(tmp_path / "tfds"),
         MPLBACKEND="Agg",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # tiny settings: compile time dominates
     )
     out = subprocess.run(
         [sys.executable, "-c", notebook_source(os.path.join(ROOT, "notebooks", name))],
