@@ -28,7 +28,9 @@ def main() -> None:
     config = common.base_config()
     config.update(train.load_saved_config(args.workdir))
     spec = sources.DATASETS[config.dataset.name]
-    num_train = len(sources.load_source(config.dataset.name, spec.train_split, config.dataset.data_dir or None))
+    num_train = len(
+        sources.load_source(config.dataset.name, spec.train_split, config.dataset.data_dir or None)
+    )
     mesh = sharding.make_mesh()
     parts = train.build_training(config, num_train, mesh)
     checkpointer = checkpointing.Checkpointer(os.path.join(args.workdir, "checkpoints"))
@@ -39,8 +41,13 @@ def main() -> None:
         for network in ("teacher", "student"):
             graphdef, params = train.backbone_of(parts.graphdef, getattr(state, network))
             knn = evaluation.knn_only(
-                config, graphdef, params, image_size=config.augment.global_crop_size,
-                mean=config.dataset.mean, std=config.dataset.std, mesh=mesh,
+                config,
+                graphdef,
+                params,
+                image_size=config.augment.global_crop_size,
+                mean=config.dataset.mean,
+                std=config.dataset.std,
+                mesh=mesh,
             )
             figures[f"step_{step}_{network}_knn_k20_top1"] = round(knn["knn_k20_top1"], 2)
             line.append(f"{network} kNN k=20 {knn['knn_k20_top1']:.2f} k=5 {knn['knn_k5_top1']:.2f}")

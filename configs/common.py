@@ -83,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 1000
     c.train.keep_checkpoints = 2
+    # "" or a checkpoint to continue from when the workdir has none of its own: a reference
+    # training checkpoint.pth (student, teacher, center, AdamW moments, epoch) or one converted by
+    # `--mode=convert`. Its shapes must match this config's model.
+    c.train.init_from = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256  # images per feature-extraction batch

@@ -187,6 +187,34 @@ def make_optimizer(
     return optax.chain(*chain)
 
 
+def set_schedule_step(opt_state, step: int, freeze_last_layer_steps: int):
+    """`make_optimizer`'s state with its step counters at global `step` (a resume from another
+    trainer): the main group's schedules at `step`, the held last layer's hold counter at `step`
+    and its own schedules at `step - freeze` (they start when the freeze ends). Adam's own counts
+    are left as they are (they follow each parameter's updates, like PyTorch's)."""
+
+    def with_count(node, count):
+        return node._replace(count=jnp.asarray(count, node.count.dtype))
+
+    def set_schedules(tree, count):
+        is_schedule = lambda n: isinstance(n, optax.ScaleByScheduleState)  # noqa: E731
+        return jax.tree.map(
+            lambda n: with_count(n, count) if is_schedule(n) else n, tree, is_leaf=is_schedule
+        )
+
+    clip_state, partition = opt_state if len(opt_state) == 2 else (None, opt_state[0])
+    inner = dict(partition.inner_states)
+    inner[GROUP_MAIN] = set_schedules(inner[GROUP_MAIN], step)
+    held = inner[GROUP_LAST_LAYER].inner_state
+    held = HoldState(
+        count=jnp.asarray(step, held.count.dtype),
+        inner_state=set_schedules(held.inner_state, max(0, step - freeze_last_layer_steps)),
+    )
+    inner[GROUP_LAST_LAYER] = inner[GROUP_LAST_LAYER]._replace(inner_state=held)
+    partition = partition._replace(inner_states=inner)
+    return (clip_state, partition) if len(opt_state) == 2 else (partition,)
+
+
 def ema(teacher, student, momentum: jax.Array):
     """The teacher update after each step: `teacher * m + (1 - m) * student`, every parameter."""
     return jax.tree.map(lambda t, s: t * momentum + (1 - momentum) * s, teacher, student)

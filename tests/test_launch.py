@@ -151,7 +151,9 @@ def reference_backbone(tmp_path_factory):
     from tests import torch_reference
 
     torch.manual_seed(0)
-    model = torch_reference.VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=1, num_heads=2).eval()
+    model = torch_reference.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=128, depth=1, num_heads=2
+    ).eval()
     path = tmp_path_factory.mktemp("torch") / "backbone.pth"
     torch.save(model.state_dict(), path)
     return model, str(path)
@@ -169,7 +171,9 @@ def test_embed_and_convert_a_pytorch_checkpoint_from_the_command_line(reference_
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i}.png")
 
-    out = launch("--mode=embed", f"--checkpoint={path}", f"--images={folder}", f"--out={tmp_path / 'emb.npz'}")
+    out = launch(
+        "--mode=embed", f"--checkpoint={path}", f"--images={folder}", f"--out={tmp_path / 'emb.npz'}"
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     embedded = np.load(tmp_path / "emb.npz")
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -193,8 +197,13 @@ def test_embed_and_convert_a_pytorch_checkpoint_from_the_command_line(reference_
 
 def test_eval_mode_on_a_pytorch_checkpoint(reference_backbone, tmp_path, digits_data_dir):
     _, path = reference_backbone
-    out = launch("--mode=eval", "--config=configs/digits.py:smoke", f"--config.dataset.data_dir={digits_data_dir}",
-                 f"--checkpoint={path}", f"--workdir={tmp_path}")
+    out = launch(
+        "--mode=eval",
+        "--config=configs/digits.py:smoke",
+        f"--config.dataset.data_dir={digits_data_dir}",
+        f"--checkpoint={path}",
+        f"--workdir={tmp_path}",
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
