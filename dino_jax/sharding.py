@@ -39,12 +39,3 @@ def to_global_batch(local_batch, mesh):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
-
-
-def maybe_initialize_distributed() -> None:
-    """Joins the other hosts of a multi-host run (TPU slice, multi-node GPU); no-op on one host."""
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError):
-        # Raised when no cluster environment is detected: a single-host run.
-        pass
