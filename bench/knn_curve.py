@@ -29,7 +29,12 @@ def main() -> None:
     config.update(train.load_saved_config(args.workdir))
     spec = sources.DATASETS[config.dataset.name]
     num_train = len(
-        sources.load_source(config.dataset.name, spec.train_split, config.dataset.data_dir or None)
+        sources.open_split(
+            config.dataset.name,
+            spec.train_split,
+            data_dir=config.dataset.data_dir or None,
+            synthetic=config.dataset.synthetic,
+        )
     )
     mesh = sharding.make_mesh()
     parts = train.build_training(config, num_train, mesh)

@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cifar100"
     c.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # True: random images shaped like the dataset (size, split lengths, classes) instead of its
+    # files, to measure speed or try a recipe without the data. Losses and accuracies mean nothing.
+    c.dataset.synthetic = False
     c.dataset.mean = IMAGENET_MEAN  # input normalisation, after scaling pixels to [0, 1]
     c.dataset.std = IMAGENET_STD
 

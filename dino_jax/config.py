@@ -37,6 +37,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = d[key]
         check(len(value) == 3, f"dataset.{key}", value, "3 numbers (R, G, B)")
     check(all(s > 0 for s in d.std), "dataset.std", d.std, "positive numbers")
+    check(isinstance(d.synthetic, bool), "dataset.synthetic", d.synthetic, "True or False")
 
     check(m.variant in vit.VIT_VARIANTS, "model.variant", m.variant, f"one of {sorted(vit.VIT_VARIANTS)}")
     check(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")

@@ -47,9 +47,9 @@ def eval_data(name: str, config: ml_collections.ConfigDict, image_size: int) -> 
     Raises DatasetUnavailableError (before any compute) when the dataset is missing.
     """
     spec = sources.DATASETS[name]
-    data_dir = config.dataset.data_dir or None
-    train = sources.load_source(name, spec.train_split, data_dir)
-    test = sources.load_source(name, spec.eval_split, data_dir)
+    where = dict(data_dir=config.dataset.data_dir or None, synthetic=config.dataset.synthetic)
+    train = sources.open_split(name, spec.train_split, **where)
+    test = sources.open_split(name, spec.eval_split, **where)
     batch_size = config.eval.batch_size
     return suite.EvalData(
         name=name,
@@ -189,7 +189,12 @@ def visualize(
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:
     """A fixed set of test images (the first `count`) for the attention panel logged in training."""
     spec = sources.DATASETS[config.dataset.name]
-    source = sources.load_source(config.dataset.name, spec.eval_split, config.dataset.data_dir or None)
+    source = sources.open_split(
+        config.dataset.name,
+        spec.eval_split,
+        data_dir=config.dataset.data_dir or None,
+        synthetic=config.dataset.synthetic,
+    )
     batch = next(
         iter(
             pipeline.eval_batches(
