@@ -1,7 +1,8 @@
 """The PyTorch reference (facebookresearch/dino) re-written from ../shared/REFERENCE.md, for the
 parity tests: the ViT with `interpolate_pos_encoding`, the DINO head, the multi-crop wrapper, the
 loss with centering, the schedules and one training iteration (per-tensor clipping, AdamW
-parameter groups, last-layer freeze, EMA teacher, center update), fp16 off.
+parameter groups, last-layer freeze, EMA teacher, center update), with fp16 (autocast + a gradient
+scaler) as an option.
 
 Module and parameter names follow the reference, so `state_dict()` keys are the reference's.
 """
@@ -362,21 +363,37 @@ def train_iteration(
     momentum_schedule,
     clip_grad,
     freeze_last_layer,
+    fp16_scaler=None,
 ):
-    """One iteration of `train_one_epoch` with fp16 off. Returns the loss."""
+    """One iteration of `train_one_epoch`. Returns the loss.
+
+    `fp16_scaler` (a `torch.amp.GradScaler`) is the reference's `--use_fp16`: forward passes and
+    loss under autocast, the loss scaled for backward, gradients unscaled before clipping; None
+    runs in float32.
+    """
     for index, group in enumerate(optimizer.param_groups):
         group["lr"] = lr_schedule[it]
         if index == 0:
             group["weight_decay"] = wd_schedule[it]
-    teacher_output = teacher(crops[:2])
-    student_output = student(crops)
-    loss = dino_loss(student_output, teacher_output, epoch)
+    with torch.autocast(crops[0].device.type, enabled=fp16_scaler is not None):
+        teacher_output = teacher(crops[:2])
+        student_output = student(crops)
+        loss = dino_loss(student_output, teacher_output, epoch)
     optimizer.zero_grad()
-    loss.backward()
-    if clip_grad:
-        clip_gradients(student, clip_grad)
-    cancel_gradients_last_layer(epoch, student, freeze_last_layer)
-    optimizer.step()
+    if fp16_scaler is None:
+        loss.backward()
+        if clip_grad:
+            clip_gradients(student, clip_grad)
+        cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+        optimizer.step()
+    else:
+        fp16_scaler.scale(loss).backward()
+        if clip_grad:
+            fp16_scaler.unscale_(optimizer)
+            clip_gradients(student, clip_grad)
+        cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
     with torch.no_grad():
         m = momentum_schedule[it]
         for param_q, param_k in zip(student.parameters(), teacher.parameters()):
