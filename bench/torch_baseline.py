@@ -258,12 +258,12 @@ def run(config, *, precision: str, warmup: int, steps: int, step_only_steps: int
         )
 
     started = time.perf_counter()
-    step_times, losses, last = [], [], None
+    step_times, losses, last, device_crops = [], [], None, None
     for it, (crops, _) in enumerate(loader):
         if it == warmup + steps:
             break
-        crops = [crop.to(device, non_blocking=True) for crop in crops]
-        losses.append(iteration(crops, it))
+        device_crops = [crop.to(device, non_blocking=True) for crop in crops]
+        losses.append(iteration(device_crops, it))
         now = time.perf_counter()
         if last is not None:
             step_times.append(now - last)
@@ -274,7 +274,7 @@ def run(config, *, precision: str, warmup: int, steps: int, step_only_steps: int
     # workers stopped with the loop's iterator).
     step_only_started = time.perf_counter()
     for offset in range(step_only_steps):
-        iteration(crops, warmup + steps + offset)
+        iteration(device_crops, warmup + steps + offset)
     step_only_s = (time.perf_counter() - step_only_started) / max(step_only_steps, 1)
     return {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
