@@ -69,6 +69,39 @@ def test_the_driver_cuda_version_picks_the_cuda_build(driver, cuda, compute_cap,
     ]
 
 
+# Captured on an H100 machine (nvidia-smi's head, its compute_cap query and /proc/driver/nvidia/version).
+H100_NVIDIA_SMI = """\
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.159.04             Driver Version: 580.159.04     CUDA Version: 13.0     |
++-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+| Fan  Temp   Perf          Pwr:Usage/Cap |           Memory-Usage | GPU-Util  Compute M. |
+|                                         |                        |               MIG M. |
+|=========================================+========================+======================|
+|   0  NVIDIA H100 80GB HBM3          On  |   00000000:00:06.0 Off |                    0 |
+"""
+H100_PROC_VERSION = (
+    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (nixbld@)  \n"
+    "GCC version:  gcc version 15.3.0 (GCC) \n"
+)
+
+
+def test_the_outputs_of_a_real_h100_machine_parse():
+    h100 = acc.MachineProbe(
+        nvidia_smi=H100_NVIDIA_SMI,
+        nvidia_compute_caps="9.0\n",
+        nvidia_proc_version=H100_PROC_VERSION,
+        nvidia_device_files=("/dev/nvidia0",),
+    )
+    assert acc.parse_nvidia(h100) == acc.NvidiaDriver("580.159.04", (13, 0), ((9, 0),))
+    assert acc.detect(h100).build == "cuda13"
+    without_smi = acc.MachineProbe(
+        nvidia_proc_version=H100_PROC_VERSION, nvidia_device_files=("/dev/nvidia0",)
+    )
+    assert acc.parse_nvidia(without_smi) == acc.NvidiaDriver("580.159.04", None, ())
+    assert acc.detect(without_smi).build == "cuda13"
+
+
 def test_a_driver_too_old_for_cuda_12_installs_the_cpu_build_and_says_to_update_the_driver():
     old = gpu_machine("470.82.01", "11.4")
     detected = acc.detect(old)
