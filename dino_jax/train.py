@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing, config as config_lib, logging as log_lib, optim
+from dino_jax import accelerator, checkpointing, config as config_lib, logging as log_lib, optim
 from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
 from dino_jax.data import pipeline, sources
 from dino_jax.models import dino
@@ -219,6 +219,7 @@ class Trainer:
         start = self.restore_if_any()
         writer = log_lib.MetricsWriter(self.workdir)
         progress = log_lib.Progress(plan.train_steps, config.train.batch_size)
+        _print(accelerator.describe_backend(jax.default_backend(), jax.devices(), jax.process_count()))
         _print(
             f"training {plan.train_steps} steps ({plan.steps_per_epoch} per epoch, batch "
             f"{config.train.batch_size}, {jax.device_count()} device(s), augment on {config.augment.on}); "

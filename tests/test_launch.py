@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,9 @@ def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(set(r) >= {"loss", "lr", "weight_decay", "momentum", "teacher_entropy"} for r in rows)
     assert "step 6/6" in out.stderr and "img/s" in out.stderr and "ETA" in out.stderr
+    # The devices the run used (dino_jax/accelerator.py), printed before training starts.
+    devices = re.search(r"JAX backend \w+: \d+ device\(s\) \(.+\) in 1 process\(es\)", out.stderr)
+    assert devices and devices.start() < out.stderr.index("training 6 steps")
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
 
 
