@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Saves into .whl/ (ignored by git) the wheels bench/gpu_check.sh installs on a GPU machine that
 # has no internet: the packages dino_jax imports on the synthetic-data training path that a CUDA
-# image with jax, flax, optax, orbax, torch and torchvision usually lacks, at requirements.txt's
+# image with jax, flax, optax, orbax, torch and torchvision usually lacks, at the pins of requirements-libs.txt
 # pins. jax, flax, optax and orbax are not among them: the image's own CUDA-matched jax stays, and
 # flax must be a release that matches it.
 #   bash bench/gpu_wheels.sh              # for that machine's Python, 3.12 by default
@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_version=${GPU_PYTHON:-3.12}
-pin() {  # pin NAME -> NAME==VERSION from requirements.txt
-  grep -i "^$1==" requirements.txt || { echo "gpu_wheels: $1 is not pinned in requirements.txt" >&2; exit 1; }
+pin() {  # pin NAME -> NAME==VERSION from requirements-libs.txt
+  grep -ih "^$1==" requirements-libs.txt || { echo "gpu_wheels: $1 is not pinned in requirements-libs.txt" >&2; exit 1; }
 }
 # grain's own needs that such images lack: portpicker (a version that installs on any Python 3).
 wanted=("$(pin grain)" "$(pin array-record)" "$(pin ml-collections)" "$(pin dm-pix)" "portpicker==1.6.0")
