@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Saves into .whl/ (ignored by git) the wheels bench/gpu_check.sh installs on a GPU machine that
 # has no internet: the packages dino_jax imports on the synthetic-data training path that a CUDA
-# image with jax, flax, optax, orbax, torch and torchvision usually lacks, at the pins of requirements-libs.txt
-# pins. jax, flax, optax and orbax are not among them: the image's own CUDA-matched jax stays, and
+# image with jax, flax, optax, orbax, torch and torchvision usually lacks, at the pins of
+# requirements-libs.txt. jax, flax, optax and orbax are not among them: the image's own CUDA-matched jax stays, and
 # flax must be a release that matches it.
 #   bash bench/gpu_wheels.sh              # for that machine's Python, 3.12 by default
 #   GPU_PYTHON=3.11 bash bench/gpu_wheels.sh
