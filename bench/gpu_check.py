@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,7 @@ def run_worker(variant: Variant, args) -> dict:
         compiled = lowered.compile()
         compile_s = time.perf_counter() - started
         temp_bytes = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
+        launched_ops = count_launched_ops(compiled.as_text())
         trainer.train()
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
@@ -217,6 +219,8 @@ def run_worker(variant: Variant, args) -> dict:
             state, metrics = trainer.step_fn(state, batch)
         jax.block_until_ready((state, metrics))
         step_only_s = (time.perf_counter() - step_started) / args.steps
+        if args.profile and args.profile in variant.name:
+            save_profile(trainer.step_fn, state, batch, args, variant.name, compiled.as_text())
         trainer.checkpointer.close()
     full = config_lib.plan_steps(
         recipe(variant.recipe, smoke=args.cpu, batch=variant.batch),
@@ -230,6 +234,7 @@ def run_worker(variant: Variant, args) -> dict:
         "compile_s": round(compile_s, 2),
         "flops_per_step": cost_flops(lowered),
         "compiled_temp_gib": round(temp_bytes / 2**30, 3) if temp_bytes is not None else None,
+        "launched_ops_per_step": launched_ops,
         # The first logged interval: starting the input pipeline and the first steps.
         "first_interval_s": round(args.log_every * config.train.batch_size / rows[0]["images_per_s"], 2),
         "images_per_s": round(images_per_s, 1),
@@ -240,6 +245,46 @@ def run_worker(variant: Variant, args) -> dict:
         "loss_finite": all(abs(row["loss"]) < float("inf") for row in rows),
         "full_run_steps": full.train_steps,
     }
+
+
+# Top-level HLO instructions that launch no kernel.
+_NO_KERNEL_OPS = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all")
+
+
+def count_launched_ops(optimised_hlo: str) -> int:
+    """Instructions of the optimised entry computation that launch work (fusions, library calls,
+    copies...): about the kernels one step launches, which bounds a small model's step from below
+    by their launch latency. Loop bodies, if any, count once."""
+    entry = optimised_hlo[optimised_hlo.index("\nENTRY") :]
+    body = entry[: entry.index("\n}")]
+    count = 0
+    for line in body.splitlines()[1:]:
+        if "=" not in line:
+            continue
+        # `%name = <shape, maybe a tuple in parentheses> opcode(operands), attributes`
+        opcode = re.search(r"\s([a-z][a-z0-9-]*)\(", line.split("=", 1)[1])
+        count += bool(opcode) and opcode.group(1) not in _NO_KERNEL_OPS
+    return count
+
+
+def save_profile(step_fn, state, batch, args, name: str, optimised_hlo: str) -> None:
+    """A `jax.profiler` trace of 5 steps (`<name>.xplane.pb`, for TensorBoard's profile plugin or
+    xprof) and the optimised HLO (`<name>.hlo.txt.gz`), into `--out`."""
+    import glob
+    import gzip
+    import shutil
+
+    import jax
+
+    trace_dir = tempfile.mkdtemp(dir=scratch_dir())
+    with jax.profiler.trace(trace_dir):
+        for _ in range(5):
+            state, metrics = step_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        shutil.copy(path, os.path.join(args.out, f"{name}.xplane.pb"))
+    with gzip.open(os.path.join(args.out, f"{name}.hlo.txt.gz"), "wt") as f:
+        f.write(optimised_hlo)
 
 
 def host_workers(args) -> int:
@@ -284,7 +329,8 @@ def start_worker(variant, args, out_path: str) -> subprocess.Popen:
     else:
         command = [sys.executable, os.path.abspath(__file__), "--worker", f"--variant={variant.name}"]
         command += [f"--json-out={out_path}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
-        command += [f"--log-every={args.log_every}"] + (["--cpu"] if args.cpu else [])
+        command += [f"--log-every={args.log_every}", f"--out={args.out}"] + (["--cpu"] if args.cpu else [])
+        command += [f"--profile={args.profile}"] if args.profile else []
     log = open(out_path + ".log", "w")
     env = worker_env(args, torch_worker=isinstance(variant, TorchVariant))
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -376,8 +422,8 @@ def markdown(report: dict, command: str) -> str:
         + (f" ({env['peak_bf16_flops'] / 1e12:.0f} TFLOP/s)." if env["peak_bf16_flops"] else "."),
         "",
         "| variant | batch | end-to-end img/s | step alone img/s | MFU (e2e / step) | compile s | peak GiB "
-        "| projected full run | vs reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| launched ops / step | projected full run | vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value, spec="{:.0f}"):
@@ -385,26 +431,27 @@ def markdown(report: dict, command: str) -> str:
 
     for name, row in report["jax"].items():
         if "error" in row:
-            lines.append(f"| {name} | | error: {row['error']} | | | | | | |")
+            lines.append(f"| {name} | | error: {row['error']} | | | | | | | |")
             continue
         ratio = next((v for k, v in report["ratios"].items() if k.startswith(name + "_vs")), None)
         mfu = f"{fmt(row.get('mfu'), '{:.1%}')} / {fmt(row.get('step_only_mfu'), '{:.1%}')}"
         lines.append(
             f"| {name} | {row['batch']} | {fmt(row['images_per_s'])} | {fmt(row['step_only_images_per_s'])} | "
             f"{mfu} | {fmt(row.get('compile_s'), '{:.1f}')} | {fmt(row.get('peak_memory_gib'), '{:.2f}')} | "
-            f"{fmt(row['projected_full_run_s'] / 60, '{:.1f}')} min | {fmt(ratio, '{:.2f}x')} |"
+            f"{fmt(row.get('launched_ops_per_step'))} | {fmt(row['projected_full_run_s'] / 60, '{:.1f}')} min | "
+            f"{fmt(ratio, '{:.2f}x')} |"
         )
     for name, row in report["torch"].items():
         if "error" in row:
-            lines.append(f"| {name} (PyTorch reference) | | error: {row['error']} | | | | | | |")
+            lines.append(f"| {name} (PyTorch reference) | | error: {row['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {name} (PyTorch reference, {row['loader_workers']} loader workers) | {row['batch']} | "
             f"{fmt(row['images_per_s'])} | {fmt(row['step_only_images_per_s'])} | | | "
-            f"{fmt(row.get('peak_memory_gib'), '{:.2f}')} | {fmt(row['projected_full_run_s'] / 60, '{:.1f}')} min | 1 |"
+            f"{fmt(row.get('peak_memory_gib'), '{:.2f}')} | | {fmt(row['projected_full_run_s'] / 60, '{:.1f}')} min | 1 |"
         )
     for name in report["skipped"]:
-        lines.append(f"| {name} | | skipped: over the time budget | | | | | | |")
+        lines.append(f"| {name} | | skipped: over the time budget | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -483,6 +530,10 @@ def main():
     parser.add_argument("--expect-run-s", type=float, default=0, help="skip a JAX run with less time left")
     parser.add_argument(
         "--expect-torch-s", type=float, default=0, help="skip a torch run with less time left"
+    )
+    parser.add_argument(
+        "--profile",
+        help="variants whose name contains this also save a profiler trace and their HLO in --out",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)

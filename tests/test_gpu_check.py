@@ -68,7 +68,7 @@ def test_derive_computes_mfu_projection_and_ratio_against_the_matching_reference
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_measures_ours_and_the_reference_and_writes_its_table(tmp_path):
     out = subprocess.run(
-        ["bash", "bench/gpu_check.sh", str(tmp_path), "--cpu"],
+        ["bash", "bench/gpu_check.sh", str(tmp_path), "--cpu", "--profile=device"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -83,11 +83,16 @@ def test_gpu_check_cpu_mode_measures_ours_and_the_reference_and_writes_its_table
         assert row["images_per_s"] > 0 and row["step_only_images_per_s"] > 0
         assert row["flops_per_step"] > 1e9 and row["compile_s"] > 0
         assert row["loss_finite"] and row["full_run_steps"] == 50000 // 32
+        assert row["launched_ops_per_step"] > 100  # a 2-block ViT step is hundreds of fused ops
     torch_row = report["torch"]["torch_cifar100_fp32_b32"]
     assert torch_row["images_per_s"] > 0 and torch_row["loss_finite"]
     assert "cifar100_device_fp32_b32_vs_torch_fp32_speedup" in report["ratios"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| cifar100_host_fp32_b32 | 32 |" in table and "PyTorch reference" in table
+    # --profile=device: that variant's trace and optimised HLO, for offline analysis.
+    assert (tmp_path / "cifar100_device_fp32_b32.xplane.pb").stat().st_size > 0
+    assert (tmp_path / "cifar100_device_fp32_b32.hlo.txt.gz").stat().st_size > 0
+    assert not (tmp_path / "cifar100_host_fp32_b32.xplane.pb").exists()
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert (
         figures["cifar100_device_fp32_b32_images_per_s"]
