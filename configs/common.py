@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.student_temp = 0.1
     c.train.center_momentum = 0.9
     c.train.log_every_steps = 50
+    # Compiled steps are kept here, so a restarted or resumed run (or a second run of the same
+    # recipe and shapes) loads its step instead of compiling it again; "" turns this off.
+    c.train.compilation_cache_dir = "~/.cache/dino_jax/jax_compilation_cache"
     c.train.checkpoint_every_steps = 1000
     c.train.keep_checkpoints = 2
     # "" or a checkpoint to continue from when the workdir has none of its own: a reference

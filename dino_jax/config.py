@@ -129,6 +129,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(0 <= t.center_momentum < 1, "train.center_momentum", t.center_momentum, "in [0, 1)")
     for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
         check(t[key] > 0, f"train.{key}", t[key], "a positive temperature")
+    check(
+        isinstance(t.compilation_cache_dir, str),
+        "train.compilation_cache_dir",
+        t.compilation_cache_dir,
+        'a directory, or "" for none',
+    )
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(t[key] > 0, f"train.{key}", t[key], "a positive integer")
 

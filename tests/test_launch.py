@@ -82,6 +82,26 @@ def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, di
         assert [json.loads(line)["step"] for line in f] == [2, 4, 6]
 
 
+def test_a_second_run_loads_its_compiled_step_from_the_compilation_cache(tmp_path, digits_data_dir):
+    cache = tmp_path / "compilation_cache"
+    flags = [
+        "--config=configs/digits.py:smoke",
+        f"--config.dataset.data_dir={digits_data_dir}",
+        f"--config.train.compilation_cache_dir={cache}",
+        "--config.eval.evaluators=('knn',)",
+        "--config.eval.random_init_knn=False",
+    ]
+    # Cache every compilation, however quick it is on this machine; report hits.
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+    first = launch(*flags, f"--workdir={tmp_path / 'first'}", env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
+    assert "cache hit for 'jit_train_step'" not in first.stderr
+    second = launch(*flags, f"--workdir={tmp_path / 'second'}", env=env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "cache hit for 'jit_train_step'" in second.stderr
+
+
 def test_cifar100_without_the_dataset_or_internet_stops_at_once(tmp_path):
     started = time.perf_counter()
     out = launch(
