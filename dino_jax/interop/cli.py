@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dino_jax.data.image_files import image_files, load_image
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from dino_jax.interop import torch_ckpt
 from dino_jax.models.dino import DINO
@@ -27,7 +28,6 @@ from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig, VisionTransformer
 
 TORCH_SUFFIXES = (".pth", ".safetensors")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CONVERTED_MODEL_FILE = "model.json"
 
 
@@ -224,40 +224,6 @@ def _describe(model: torch_ckpt.ImportedCheckpoint) -> str:
     if model.head_config is not None:
         text += f"; head -> {model.head_config.out_dim}"
     return text
-
-
-def image_files(image_paths: str | Sequence[str]) -> list[str]:
-    """Files as given, and the image files of any folder (recursively, sorted)."""
-    if isinstance(image_paths, str):
-        image_paths = [image_paths]
-    files = []
-    for path in image_paths:
-        if os.path.isdir(path):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(path)
-                for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES)
-            )
-            if not found:
-                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image {path} does not exist")
-    return files
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-    """uint8 (size, size, 3) RGB; resized (bicubic) only when the file is not already that size."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        return np.asarray(image, np.uint8)
 
 
 def embed(

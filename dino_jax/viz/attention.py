@@ -29,6 +29,7 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dino_jax.data.image_files import load_image
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 DEFAULT_THRESHOLD = 0.6
@@ -73,18 +74,6 @@ def crop_to_patch_multiple(image_HxWxC: np.ndarray, patch_size: int) -> np.ndarr
     if height == 0 or width == 0:
         raise ValueError(f"image of shape {image_HxWxC.shape} is smaller than one {patch_size}-pixel patch")
     return image_HxWxC[:height, :width]
-
-
-def load_image(path: str, size: int | tuple[int, int] | None = None) -> np.ndarray:
-    """An image file as uint8 RGB `(H, W, 3)`, resized (bicubic) to `size` (int: square) if given."""
-    from PIL import Image  # only the file-based entry points need PIL
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is not None:
-            height, width = (size, size) if isinstance(size, int) else size
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        return np.asarray(image, np.uint8)
 
 
 def threshold_masks(attention, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
