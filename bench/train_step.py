@@ -9,7 +9,7 @@ placed on the device, exactly what `Trainer.train` calls once per step. Baseline
 backward, per-tensor gradient clipping, AdamW with the reference's two parameter groups and
 per-step lr / weight decay, EMA teacher, center update; fp16 off), on the same crops already
 normalised into NCHW float tensors (the reference's data loader hands it those). Both sides start
-from the same weights: ours are initialised, exported with `torch_ckpt.dino_to_torch` and loaded
+from the same weights: ours are initialised, exported with `torch_convert.dino_to_torch` and loaded
 into the reference's `MultiCropWrapper`s (student and teacher), as `tests/test_parity.py` does.
 
 Configs:
@@ -130,13 +130,13 @@ class TorchReference:
 
     def __init__(self, torch, ref, config, plan, params):
         from dino_jax import config as config_lib
-        from dino_jax.interop import torch_ckpt
+        from dino_jax.interop import torch_convert
 
         vit_config = config_lib.vit_config(config, drop_path=True)
         head_config = config_lib.head_config(config, vit_config.embed_dim)
         weights = {
             key: torch.tensor(value)
-            for key, value in torch_ckpt.dino_to_torch(params, vit_config, head_config).items()
+            for key, value in torch_convert.dino_to_torch(params, vit_config, head_config).items()
         }
 
         def network(drop_path_rate, norm_last_layer):

@@ -1,8 +1,10 @@
-"""Orbax checkpoints of the train state together with the grain iterator.
+"""Orbax checkpoints: the train state together with the grain iterator, and single pytrees.
 
 Everything orbax-specific lives here, so a later move to the orbax v1 API touches one file.
-A checkpoint holds two items: `state` (the TrainState pytree) and `data` (the iterator position),
-so a resumed run sees exactly the batches an uninterrupted one would.
+A training checkpoint holds two items: `state` (the TrainState pytree) and `data` (the iterator
+position), so a resumed run sees exactly the batches an uninterrupted one would. `save_item` and
+`restore_item` write and read one item without a target (a converted checkpoint's `params`, a
+training run's `state` read by a loader that builds the model from the run's config).
 """
 
 from __future__ import annotations
@@ -54,14 +56,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as error:  # orbax raises many types for a bad or foreign checkpoint
-            raise CheckpointError(
-                f"cannot restore step {step} from {self.directory}: it is corrupt or was written for "
-                f"another model/config ({type(error).__name__}: {str(error)[:500]})"
-            ) from error
-        return restored["state"]
+        return _restore(self._manager, step, items, self.directory)["state"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -74,3 +69,39 @@ class Checkpointer:
 def abstract_like(state: Any):
     """Shape/dtype/sharding skeleton of `state`, the target a restore fills in."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, items: dict, directory: str) -> dict:
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax raises many types for a bad or foreign checkpoint
+        raise CheckpointError(
+            f"cannot restore step {step} from {directory}: it is corrupt or was written for "
+            f"another model/config ({type(error).__name__}: {str(error)[:500]})"
+        ) from error
+
+
+def save_item(directory: str, item: str, tree: Any, *, step: int = 0) -> None:
+    """Writes `tree` as item `item` of step `step` in `directory` (created if missing)."""
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory), item_names=(item,), options=ocp.CheckpointManagerOptions(create=True)
+    )
+    manager.save(step, args=ocp.args.Composite(**{item: ocp.args.StandardSave(tree)}), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def restore_item(directory: str, item: str, step: int | None = None) -> tuple[Any, int]:
+    """`(tree, step)`: item `item` of `step` (default: the latest) as stored, nested dicts of
+    arrays with no target to match; raises CheckpointError when there is none or it is corrupt."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint in {directory}")
+    manager = ocp.CheckpointManager(directory, item_names=(item,))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        return _restore(manager, step, {item: ocp.args.StandardRestore()}, directory)[item], step
+    finally:
+        manager.close()

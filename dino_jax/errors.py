@@ -9,7 +9,7 @@ from dino_jax.checkpointing import CheckpointError
 from dino_jax.config import ConfigError
 from dino_jax.data.image_files import ImageFileError
 from dino_jax.data.sources import DatasetUnavailableError
-from dino_jax.interop.torch_ckpt import CheckpointFormatError
+from dino_jax.interop.torch_io import CheckpointFormatError
 from dino_jax.logging import NonFiniteLossError
 
 USER_ERRORS = (

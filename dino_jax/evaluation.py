@@ -1,5 +1,5 @@
-"""Evaluation and visualisation of a backbone, wired from a config: which datasets, which
-evaluators, which images. Used at the end of training and by `launch.py --mode=eval|visualize`.
+"""Evaluation of a backbone, wired from a config: which datasets, which evaluators, which test
+images. Used at the end of training and by `launch.py --mode=eval` (dino_jax/modes/eval.py).
 
 The evaluators themselves (dino_jax/eval, dino_jax/viz) never see a config or a train state; this
 module is the adapter between the two.
@@ -12,7 +12,6 @@ from typing import Sequence
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from dino_jax.data import pipeline, sources
 from dino_jax.eval import suite
@@ -113,77 +112,6 @@ def knn_only(config, graphdef, params, *, image_size: int, mean, std, mesh=None)
         graphdef, params, main, mean=mean, std=std, settings=suite_settings(config, knn_only=True), mesh=mesh
     )
     return {k: v for k, v in results.items() if k.startswith("knn_")}
-
-
-def backbone_of(loaded) -> tuple[object, object, object]:
-    """(graphdef, teacher params, ViTConfig) of the ViT in a loaded checkpoint (interop.cli)."""
-    from dino_jax.models.vit import VisionTransformer
-
-    model = loaded.model
-    params = model.teacher if model.teacher is not None else model.student
-    if model.head_config is None:
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: VisionTransformer(model.vit_config, rngs=nnx.Rngs(0))))
-        return graphdef, params, model.vit_config
-    from dino_jax.models.dino import DINO
-
-    graphdef = nnx.graphdef(
-        nnx.eval_shape(lambda: DINO(model.vit_config, model.head_config, rngs=nnx.Rngs(0)))
-    )
-    backbone_graphdef, backbone_params = nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
-    return backbone_graphdef, backbone_params, model.vit_config
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) -> dict[str, float]:
-    """`--mode=eval`: a training workdir's latest teacher, a converted checkpoint or a PyTorch file."""
-    from dino_jax.interop import cli
-
-    loaded = cli.load_checkpoint(checkpoint)
-    graphdef, params, vit_config = backbone_of(loaded)
-    where = f" (step {loaded.step})" if loaded.step is not None else ""
-    _print(
-        f"evaluating the teacher of {checkpoint}{where}: ViT {vit_config.embed_dim}-d x {vit_config.depth}, "
-        f"patch {vit_config.patch_size}, {vit_config.image_size} px"
-    )
-    return evaluate(
-        config,
-        graphdef,
-        params,
-        out_dir=out_dir,
-        image_size=vit_config.image_size,
-        mean=loaded.mean,
-        std=loaded.std,
-    )
-
-
-def visualize(
-    checkpoint: str,
-    image_paths: Sequence[str],
-    out_dir: str,
-    *,
-    image_size: int | None = None,
-    threshold: float | None = 0.6,
-) -> dict[str, list[str]]:
-    """`--mode=visualize`: per-head CLS attention, threshold masks and overlays for each image."""
-    from dino_jax.interop import cli
-    from dino_jax.viz import attention
-
-    loaded = cli.load_checkpoint(checkpoint)
-    graphdef, params, vit_config = backbone_of(loaded)
-    attention_fn = attention.make_cls_attention_fn(
-        graphdef, patch_size=vit_config.patch_size, mean=loaded.mean, std=loaded.std
-    )
-    files = cli.image_files(image_paths)
-    written = attention.visualize_files(
-        attention_fn,
-        params,
-        files,
-        out_dir,
-        patch_size=vit_config.patch_size,
-        image_size=image_size,
-        threshold=threshold,
-    )
-    _print(f"wrote attention maps of {len(files)} image(s) into {out_dir}")
-    return written
 
 
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:

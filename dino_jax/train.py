@@ -13,9 +13,7 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from dino_jax import accelerator, checkpointing, config as config_lib, logging as log_lib, optim
@@ -172,50 +170,16 @@ class Trainer:
 
     def start_from(self, path: str) -> int:
         """Takes student, teacher, center, Adam moments and the epoch from a PyTorch training
-        checkpoint (or a converted one); the optimiser's schedule counters are set to the epoch's
-        first step, so training continues where the reference stopped."""
-        from dino_jax.interop import cli, torch_ckpt
+        checkpoint (or a converted one): `interop.resume.start_from`."""
+        from dino_jax.interop import resume
 
-        imported = cli.load_checkpoint(path, image_size=self.config.augment.global_crop_size).model
-        if imported.head_config is None or imported.student is None or imported.teacher is None:
-            raise config_lib.ConfigError(
-                f"config.train.init_from = {path!r}: expected a training checkpoint with student, teacher "
-                "and head; this one holds a backbone only (use it with --mode=eval/visualize/embed)"
-            )
-        ours = {
-            optim.path_name(p): np.shape(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(self.state.student)[0]
-        }
-        theirs = {
-            optim.path_name(p): np.shape(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(imported.student)[0]
-        }
-        if ours != theirs:
-            different = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
-            raise config_lib.ConfigError(
-                f"config.train.init_from = {path!r}: its model does not match config.model/config.head; "
-                f"parameters that differ (ours vs the checkpoint's shape): "
-                + ", ".join(f"{n} {ours.get(n)} vs {theirs.get(n)}" for n in different[:10])
-            )
-        step = int(imported.epoch or 0) * self.plan.steps_per_epoch
-        opt_state = self.state.opt_state
-        if imported.optimizer is not None:
-            moments = torch_ckpt.torch_adam_moments(
-                imported.optimizer, imported.vit_config, imported.head_config
-            )
-            opt_state = torch_ckpt.fill_adam_moments(opt_state, moments)
-        opt_state = optim.set_schedule_step(opt_state, step, self.plan.freeze_last_layer_steps)
-        like = lambda ref, new: jnp.asarray(new, ref.dtype)  # noqa: E731
-        center = imported.center if imported.center is not None else np.zeros_like(self.state.center)
-        state = self.state.replace(
-            step=jnp.asarray(step, jnp.int32),
-            student=jax.tree.map(like, self.state.student, imported.student),
-            teacher=jax.tree.map(like, self.state.teacher, imported.teacher),
-            opt_state=opt_state,
-            center=jnp.asarray(center, jnp.float32).reshape(self.state.center.shape),
+        self.state, step = resume.start_from(
+            path,
+            self.state,
+            image_size=self.config.augment.global_crop_size,
+            steps_per_epoch=self.plan.steps_per_epoch,
+            freeze_last_layer_steps=self.plan.freeze_last_layer_steps,
         )
-        self.state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, self.state))
-        _print(f"started from {path} at epoch {imported.epoch or 0} (step {step})")
         return step
 
     def next_batch(self):

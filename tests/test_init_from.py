@@ -1,4 +1,5 @@
-"""Continuing training from a reference (PyTorch) training checkpoint: `train.init_from`."""
+"""Continuing training from a reference (PyTorch) training checkpoint: `train.init_from`
+(dino_jax/interop/resume.py)."""
 
 import json
 
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 
 from dino_jax import config as config_lib, train
+from dino_jax.interop import load, resume, torch_keys
 from tests import train_helpers as th
 
 torch = pytest.importorskip("torch")
-from tests import test_interop  # noqa: E402  (the reference checkpoint writer)
+from tests import test_interop, torch_reference as ref  # noqa: E402  (the reference checkpoint writer)
 
 
 def matching_config(path, data_dir):
@@ -69,3 +71,37 @@ def test_a_checkpoint_of_another_model_is_named_in_the_error(tmp_path):
     trainer = train.Trainer(config, str(tmp_path / "run"))
     with pytest.raises(config_lib.ConfigError, match="does not match config.model/config.head"):
         trainer.restore_if_any()
+
+
+@pytest.mark.usefixtures("fast_compilation")
+def test_reference_adam_moments_fill_our_optimizer(tmp_path):
+    from dino_jax import optim
+
+    path = str(tmp_path / "checkpoint.pth")
+    student, _, _ = test_interop.reference_training_checkpoint(path)  # one step, last layer not frozen
+    imported = load.import_checkpoint(path)
+    moments = resume.torch_adam_moments(imported.optimizer, imported.vit_config, imported.head_config)
+    tx = optim.make_optimizer(
+        lr_fn=lambda count: 1e-3,
+        weight_decay_fn=lambda count: 0.04,
+        clip_grad=3.0,
+        freeze_last_layer_steps=0,
+        norm_last_layer=False,
+    )
+    opt_state = resume.fill_adam_moments(tx.init(imported.student), moments)
+    ours = resume.adam_moments(opt_state)
+    table = {e.torch: e for e in torch_keys.dino_key_table(imported.vit_config, imported.head_config)}
+    # The reference's own resume path; the file was written by this test, so full unpickling.
+    reference = torch.optim.AdamW(ref.get_params_groups(student))
+    reference.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
+    for key, param in student.named_parameters():
+        state = reference.state[param]
+        first, second, count = ours[table[key].name]
+        assert count == int(state["step"]) == 1
+        layout = table[key].layout
+        np.testing.assert_array_equal(
+            torch_keys.to_torch_layout(first, layout), state["exp_avg"].numpy(), err_msg=key
+        )
+        np.testing.assert_array_equal(
+            torch_keys.to_torch_layout(second, layout), state["exp_avg_sq"].numpy(), err_msg=key
+        )

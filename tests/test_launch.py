@@ -250,3 +250,29 @@ def test_a_pickle_that_holds_code_is_refused_and_not_run(tmp_path):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr and "error:" in out.stderr
     assert not marker.exists()
+
+
+def test_convert_to_a_destination_it_cannot_write_is_a_one_line_error(
+    reference_backbone, smoke_run, tmp_path
+):
+    _, path = reference_backbone
+    workdir, _ = smoke_run
+    for source, destination, expected in (
+        (path, tmp_path / "backbone.pt", "cannot write a .pt file"),
+        (workdir, tmp_path / "copy", "is already ours"),
+    ):
+        out = launch("--mode=convert", f"--from={source}", f"--to={destination}", timeout=120)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr and "error: " in out.stderr and expected in out.stderr
+        assert not destination.exists()
+
+
+def test_embed_of_a_file_that_is_no_image_is_a_one_line_error(reference_backbone, tmp_path):
+    _, path = reference_backbone
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    out = launch(
+        "--mode=embed", f"--checkpoint={path}", f"--images={not_an_image}", f"--out={tmp_path / 'x.npz'}"
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "notes.png is not an image file" in out.stderr

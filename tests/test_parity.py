@@ -14,7 +14,7 @@ from flax import nnx
 
 from dino_jax import losses, optim, schedules as schedules_lib, train_step as train_step_lib
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from dino_jax.interop import torch_ckpt
+from dino_jax.interop import resume, torch_convert, torch_keys
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig, VisionTransformer
@@ -64,7 +64,7 @@ def forward_outputs(config, params, images):
 def test_vit_forward_matches_reference(variant, patch, size, batch, extra_sizes):
     torch.manual_seed(0)
     torch_model = ref.vit(variant, patch_size=patch, img_size=size).eval()
-    config, params = torch_ckpt.backbone_from_torch(torch_model.state_dict())
+    config, params = torch_convert.backbone_from_torch(torch_model.state_dict())
     assert (config.embed_dim, config.patch_size, config.image_size) == (ref.VARIANTS[variant][0], patch, size)
     for height, width in [(size, size)] + extra_sizes:
         images = random_images(height + width, batch, height, width)
@@ -98,7 +98,7 @@ def test_dino_logits_match_reference(use_bn, nlayers, parametrized):
             parametrized=parametrized,
         ),
     )
-    vit_config, head_config, params = torch_ckpt.dino_from_torch(wrapper.state_dict(), num_heads=1)
+    vit_config, head_config, params = torch_convert.dino_from_torch(wrapper.state_dict(), num_heads=1)
     assert (head_config.use_bn, head_config.nlayers) == (use_bn, nlayers)
     model = merge(lambda: DINO(vit_config, head_config, rngs=nnx.Rngs(0)), params)
     globals_, locals_ = random_images(0, 4, 16), random_images(1, 6, 8)
@@ -225,7 +225,7 @@ def build_reference(setup, vit_config, head_config, params, dtype):
 
     weights = {
         key: torch.tensor(value)
-        for key, value in torch_ckpt.dino_to_torch(params, vit_config, head_config).items()
+        for key, value in torch_convert.dino_to_torch(params, vit_config, head_config).items()
     }
     student, teacher = network(setup.norm_last_layer), network(True)
     for net in (student, teacher):
@@ -307,19 +307,19 @@ def reference_tensors(run):
 
 def our_tensors(state, vit_config, head_config):
     out = {"center": np.asarray(state.center, np.float64)}
-    table = torch_ckpt.dino_key_table(vit_config, head_config)
+    table = torch_keys.dino_key_table(vit_config, head_config)
     for which, params in (("student", state.student), ("teacher", state.teacher)):
-        exported = torch_ckpt.dino_to_torch(params, vit_config, head_config)
+        exported = torch_convert.dino_to_torch(params, vit_config, head_config)
         for entry in table:  # parameters only: BatchNorm buffers are not trained state
             out[f"{which} {entry.torch}"] = exported[entry.torch].astype(np.float64)
-    moments = torch_ckpt.adam_moments(state.opt_state)
+    moments = resume.adam_moments(state.opt_state)
     for entry in table:
-        if entry.ours in moments:
-            first, second, count = moments[entry.ours]
+        if entry.name in moments:
+            first, second, count = moments[entry.name]
             if count:
-                out[f"adam mu {entry.torch}"] = torch_ckpt.to_torch_layout(first, entry.layout)
+                out[f"adam mu {entry.torch}"] = torch_keys.to_torch_layout(first, entry.layout)
                 out[f"adam sqrt(nu) {entry.torch}"] = np.sqrt(
-                    torch_ckpt.to_torch_layout(second, entry.layout).astype(np.float64)
+                    torch_keys.to_torch_layout(second, entry.layout).astype(np.float64)
                 )
             else:  # held (last layer during the freeze): PyTorch has no state for it yet
                 assert not first.any() and not second.any(), f"{entry.torch} moved while held"

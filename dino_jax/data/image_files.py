@@ -1,5 +1,5 @@
 """A user's own image files (`--images` of `launch.py --mode=embed|visualize`): finding them in
-folders, and reading them as uint8 RGB.
+folders, reading them as uint8 RGB, and a random-access source of them for `pipeline.eval_batches`.
 """
 
 from __future__ import annotations
@@ -55,3 +55,16 @@ def load_image(path: str, size: int | tuple[int, int] | None = None) -> np.ndarr
             image = image.resize((width, height), Image.Resampling.BICUBIC)
         return np.asarray(image, np.uint8)
 
+
+class ImageFileSource:
+    """`files` as a random-access source of `{"image": uint8 (size, size, 3), "label": 0}`,
+    each image read when it is asked for."""
+
+    def __init__(self, files: Sequence[str], size: int):
+        self.files, self.size = list(files), size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": load_image(self.files[index], self.size), "label": 0}
