@@ -31,13 +31,15 @@ it from (seed, example index).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
 import threading
 
 import numpy as np
+
+from dino_jax.data.multicrop import spec
+from dino_jax.data.multicrop.spec import BRIGHTNESS, CONTRAST, HUE, NUM_UNIFORMS, MultiCropConfig
 
 # PIL's fixed-point ITU-R 601-2 luma weights ("L" conversion), scaled by 2^-16. The weighted sum
 # of 8-bit values then needs at most 24 bits: float32 holds it exactly in any summation order, and
@@ -56,86 +58,6 @@ _HUE_CENTRES = np.array([0.0, 2.0, 4.0], np.float32)[None, :, None, None]  # R, 
 _SCRATCH_MAX_BYTES = 16 << 20
 _scratch = threading.local()
 
-# Colour-jitter operations, in torchvision's parameter order.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-
-
-def _check_range(name, value, low, high):
-    if not (len(value) == 2 and low <= value[0] <= value[1] <= high):
-        raise ValueError(
-            f"MultiCropConfig.{name}={value}: expected (min, max) with {low} <= min <= max <= {high}"
-        )
-
-
-def _check_probability(name, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"MultiCropConfig.{name}={value}: expected a probability in [0, 1]")
-
-
-@dataclasses.dataclass(frozen=True)
-class MultiCropConfig:
-    """The multi-crop recipe. Defaults are the reference's except the crop sizes.
-
-    Per-crop tuples (`blur_p`, `solarize_p`) are (global crop 1, global crop 2, local crops).
-    Colour-jitter strengths follow torchvision: brightness b draws a factor in [max(0, 1-b), 1+b],
-    hue h draws a shift in [-h, h] of a full turn.
-    """
-
-    global_size: int
-    local_size: int
-    num_local_crops: int
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    flip_p: float = 0.5
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
-    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-
-    def __post_init__(self):
-        for name in ("global_size", "local_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MultiCropConfig.{name}={getattr(self, name)}: expected >= 1 pixel")
-        if self.num_local_crops < 0:
-            raise ValueError(f"MultiCropConfig.num_local_crops={self.num_local_crops}: expected >= 0")
-        _check_range("global_scale", self.global_scale, 1e-6, 1.0)
-        _check_range("local_scale", self.local_scale, 1e-6, 1.0)
-        _check_range("aspect_ratio", self.aspect_ratio, 1e-6, math.inf)
-        _check_range("blur_sigma", self.blur_sigma, 1e-6, math.inf)
-        for name in ("flip_p", "color_jitter_p", "grayscale_p"):
-            _check_probability(name, getattr(self, name))
-        for name in ("blur_p", "solarize_p"):
-            value = getattr(self, name)
-            if len(value) != 3:
-                raise ValueError(
-                    f"MultiCropConfig.{name}={value}: expected 3 probabilities (global 1, global 2, local)"
-                )
-            for p in value:
-                _check_probability(name, p)
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MultiCropConfig.{name}={getattr(self, name)}: expected >= 0")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"MultiCropConfig.hue={self.hue}: expected a value in [0, 0.5]")
-
-    def jitter_ranges(self) -> np.ndarray:
-        """(4, 2) factor ranges for brightness, contrast, saturation (multiplicative) and hue (shift)."""
-        return np.array(
-            [
-                [max(0.0, 1 - self.brightness), 1 + self.brightness],
-                [max(0.0, 1 - self.contrast), 1 + self.contrast],
-                [max(0.0, 1 - self.saturation), 1 + self.saturation],
-                [-self.hue, self.hue],
-            ],
-            np.float64,
-        )
-
 
 def _scratch_array(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """An uninitialised array of this thread's scratch space; valid until the next request for
@@ -148,56 +70,6 @@ def _scratch_array(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.nd
         if buffer.nbytes <= _SCRATCH_MAX_BYTES:
             buffers[name] = buffer
     return buffer[:size].reshape(shape)
-
-
-# ----------------------------------------------------------------------------- random draws
-
-# Every random number a crop needs comes from one row of uniforms in [0, 1), drawn from the
-# example's own generator, so the whole batch can then be processed in vectorised form.
-_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before falling back.
-_AREA = slice(0, _ATTEMPTS)
-_LOG_RATIO = slice(_ATTEMPTS, 2 * _ATTEMPTS)
-_TOP, _LEFT, _FLIP, _JITTER = 20, 21, 22, 23
-_ORDER_KEYS = slice(24, 28)
-_FACTORS = slice(28, 32)
-_GRAY, _BLUR, _SIGMA, _SOLARIZE = 32, 33, 34, 35
-NUM_UNIFORMS = 36
-
-
-def crop_boxes(uniforms: np.ndarray, height: int, width: int, scale, ratio) -> np.ndarray:
-    """RandomResizedCrop boxes from uniforms `(n, NUM_UNIFORMS)`: int `(n, 4)` (top, left, h, w).
-
-    torchvision's sampler, vectorised over crops: up to 10 draws of an area fraction uniform in
-    `scale` and a log-uniform aspect ratio in `ratio`; the first box that fits is kept; if none
-    fits, the centre crop of the largest box whose aspect ratio is inside `ratio`.
-    """
-    rows = np.arange(len(uniforms))
-    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[:, _AREA])
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = np.exp(log_low + (log_high - log_low) * uniforms[:, _LOG_RATIO])
-    # np.rint rounds half to even, like Python's round() in torchvision.
-    crop_w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
-    crop_h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
-    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
-    first = np.argmax(fits, axis=1)
-    found = fits[rows, first]
-    crop_h, crop_w = crop_h[rows, first], crop_w[rows, first]
-    # torch.randint(0, n + 1) is uniform on {0, ..., n}.
-    top = np.floor(uniforms[:, _TOP] * (height - crop_h + 1)).astype(np.int64)
-    left = np.floor(uniforms[:, _LEFT] * (width - crop_w + 1)).astype(np.int64)
-    if not found.all():
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            fallback_w, fallback_h = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            fallback_w, fallback_h = int(round(height * max(ratio))), height
-        else:
-            fallback_w, fallback_h = width, height
-        crop_h = np.where(found, crop_h, fallback_h)
-        crop_w = np.where(found, crop_w, fallback_w)
-        top = np.where(found, top, (height - fallback_h) // 2)
-        left = np.where(found, left, (width - fallback_w) // 2)
-    return np.stack([top, left, crop_h, crop_w], axis=1)
 
 
 # ----------------------------------------------------------------------------- resize
@@ -643,42 +515,23 @@ def _solarize(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _crop_group(
-    images_BxHx3xW,
-    uniforms_BxNxU,
-    config: MultiCropConfig,
-    size,
-    scale,
-    blur_p: np.ndarray,
-    solarize_p: np.ndarray,
-) -> np.ndarray:
-    """One resolution's crops of a batch through the whole recipe: uint8 (B, N, size, size, 3).
-
-    `blur_p` and `solarize_p` are (N,) probabilities, one per crop slot.
-    """
+def _crop_group(images_BxHx3xW, uniforms_BxNxU, config: MultiCropConfig, group: spec.CropGroup) -> np.ndarray:
+    """One resolution's crops of a batch through the whole recipe: uint8 (B, N, size, size, 3)."""
     batch, num_crops = uniforms_BxNxU.shape[:2]
+    size = group.size
     if num_crops == 0:
         return np.zeros((batch, 0, size, size, 3), np.uint8)
     _, height, _, width = images_BxHx3xW.shape
-    u = uniforms_BxNxU.reshape(batch * num_crops, NUM_UNIFORMS)
-    boxes = crop_boxes(u, height, width, scale, config.aspect_ratio)
-    flips = u[:, _FLIP] < config.flip_p
+    draws = spec.crop_draws(uniforms_BxNxU, config, group, height, width)
+    boxes, flips, order, factors = draws.boxes, draws.flip, draws.order, draws.factors
+    gray, blur, sigma, solarize = draws.gray, draws.blur, draws.sigma, draws.solarize
     source_image = np.repeat(np.arange(batch), num_crops)
-    jitter = u[:, _JITTER] < config.color_jitter_p
-    order = np.argsort(u[:, _ORDER_KEYS], axis=1)  # A uniform random permutation of the 4 ops.
-    ranges = config.jitter_ranges()
-    factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, _FACTORS]
-    gray = u[:, _GRAY] < config.grayscale_p
-    # The reference blurs when random() <= p and solarises when random() < p.
-    blur = u[:, _BLUR] <= np.tile(blur_p, batch)
-    sigma = config.blur_sigma[0] + (config.blur_sigma[1] - config.blur_sigma[0]) * u[:, _SIGMA]
-    solarize = u[:, _SOLARIZE] < np.tile(solarize_p, batch)
 
     # Crops are processed in an order where each op runs on contiguous slices: crops that take
     # the jitter ops in the same order sit together, blurred ones first among them. The work
     # goes in chunks that stay in the CPU cache from the resize to the 8-bit output: the ~40
     # passes over the pixels then run several times faster than over the whole batch.
-    codes = _op_order_codes(jitter, order)
+    codes = _op_order_codes(draws.jitter, order)
     work_order = np.lexsort((~blur, codes))
     codes, order, factors = codes[work_order], order[work_order], factors[work_order]
     gray, blur, solarize = gray[work_order], blur[work_order], solarize[work_order]
@@ -697,8 +550,8 @@ def _crop_group(
     blur_index = np.cumsum(blur) - 1  # A blurred crop's row in blur_operators.
 
     max_chunk = max(1, _CHUNK_PIXELS // (size * size))
-    x_buffer = _scratch_array("crops", (min(max_chunk, len(u)), 3, size, size))
-    crops = np.empty((len(u), size, size, 3), np.uint8)  # In the original order.
+    x_buffer = _scratch_array("crops", (min(max_chunk, len(boxes)), 3, size, size))
+    crops = np.empty((len(boxes), size, size, 3), np.uint8)  # In the original order.
     for first, last in _chunks(codes, max_chunk):
         x = x_buffer[: last - first]
         _resize_into(x, images_BxHx3xW, source_image[first:last], boxes[first:last], flips[first:last])
@@ -739,28 +592,14 @@ def multicrop_from_uniforms(
         raise ValueError(
             f"multicrop: expected uint8 images of shape (B, H, W, 3), got {images.dtype} {images.shape}"
         )
-    expected = (len(images), 2 + config.num_local_crops, NUM_UNIFORMS)
+    expected = spec.uniforms_shape(len(images), config)
     if uniforms.shape != expected:
         raise ValueError(f"multicrop: uniforms have shape {uniforms.shape}; expected {expected}")
     images_BxHx3xW = _scratch_array("images", (len(images), images.shape[1], 3, images.shape[2]))
     np.copyto(images_BxHx3xW, images.transpose(0, 1, 3, 2))
-    global_crops = _crop_group(
-        images_BxHx3xW,
-        uniforms[:, :2],
-        config,
-        config.global_size,
-        config.global_scale,
-        np.array(config.blur_p[:2]),
-        np.array(config.solarize_p[:2]),
-    )
-    local_crops = _crop_group(
-        images_BxHx3xW,
-        uniforms[:, 2:],
-        config,
-        config.local_size,
-        config.local_scale,
-        np.full(config.num_local_crops, config.blur_p[2]),
-        np.full(config.num_local_crops, config.solarize_p[2]),
+    global_crops, local_crops = (
+        _crop_group(images_BxHx3xW, uniforms[:, group.views], config, group)
+        for group in spec.crop_groups(config)
     )
     return global_crops, local_crops
 

@@ -1,4 +1,4 @@
-"""Host multi-crop (dino_jax/data/augment.py): shapes, determinism, PIL agreement, op rates."""
+"""Host multi-crop (dino_jax/data/multicrop/host.py): shapes, determinism, PIL agreement, op rates."""
 
 import colorsys
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dino_jax.data import augment, augment_pil
+from dino_jax.data.multicrop import host, pil_reference, spec
 
-CONFIG = augment.MultiCropConfig(global_size=32, local_size=16, num_local_crops=6)
+CONFIG = spec.MultiCropConfig(global_size=32, local_size=16, num_local_crops=6)
 # Everything off, so a single op's effect can be read off the output.
 QUIET = dict(
     flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0)
@@ -32,7 +32,7 @@ def _hwc(planar):
 
 
 def _batch_with_uniforms(images, uniforms, config):
-    return augment.multicrop_from_uniforms(images, uniforms, config)
+    return host.multicrop_from_uniforms(images, uniforms, config)
 
 
 # ----------------------------------------------------------------------------- contract
@@ -40,37 +40,37 @@ def _batch_with_uniforms(images, uniforms, config):
 
 def test_shapes_dtypes_and_determinism():
     image = _smooth_image(0, 32)
-    globals_a, locals_a = augment.multicrop(image, np.random.default_rng(7), CONFIG)
+    globals_a, locals_a = host.multicrop(image, np.random.default_rng(7), CONFIG)
     assert globals_a.shape == (2, 32, 32, 3) and globals_a.dtype == np.uint8
     assert locals_a.shape == (6, 16, 16, 3) and locals_a.dtype == np.uint8
-    globals_b, locals_b = augment.multicrop(image, np.random.default_rng(7), CONFIG)
+    globals_b, locals_b = host.multicrop(image, np.random.default_rng(7), CONFIG)
     np.testing.assert_array_equal(globals_a, globals_b)
     np.testing.assert_array_equal(locals_a, locals_b)
-    globals_c, _ = augment.multicrop(image, np.random.default_rng(8), CONFIG)
+    globals_c, _ = host.multicrop(image, np.random.default_rng(8), CONFIG)
     assert not np.array_equal(globals_a, globals_c)
 
 
 def test_batch_equals_one_image_at_a_time():
     images = np.stack([_smooth_image(s, 32) for s in range(5)])
-    batch_globals, batch_locals = augment.multicrop_batch(
+    batch_globals, batch_locals = host.multicrop_batch(
         images, [np.random.default_rng(s) for s in range(5)], CONFIG
     )
     for s in range(5):
-        one_globals, one_locals = augment.multicrop(images[s], np.random.default_rng(s), CONFIG)
+        one_globals, one_locals = host.multicrop(images[s], np.random.default_rng(s), CONFIG)
         np.testing.assert_array_equal(batch_globals[s], one_globals)
         np.testing.assert_array_equal(batch_locals[s], one_locals)
 
 
 def test_zero_local_crops_and_bad_inputs():
-    config = augment.MultiCropConfig(global_size=16, local_size=8, num_local_crops=0)
-    globals_, locals_ = augment.multicrop(_smooth_image(1, 20), np.random.default_rng(0), config)
+    config = spec.MultiCropConfig(global_size=16, local_size=8, num_local_crops=0)
+    globals_, locals_ = host.multicrop(_smooth_image(1, 20), np.random.default_rng(0), config)
     assert globals_.shape == (2, 16, 16, 3) and locals_.shape == (0, 8, 8, 3)
     with pytest.raises(ValueError, match="uint8"):
-        augment.multicrop(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), config)
+        host.multicrop(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), config)
     with pytest.raises(ValueError, match="global_scale"):
-        augment.MultiCropConfig(32, 16, 2, global_scale=(0.9, 0.4))
+        spec.MultiCropConfig(32, 16, 2, global_scale=(0.9, 0.4))
     with pytest.raises(ValueError, match="blur_p"):
-        augment.MultiCropConfig(32, 16, 2, blur_p=(1.0, 0.1))
+        spec.MultiCropConfig(32, 16, 2, blur_p=(1.0, 0.1))
 
 
 # ----------------------------------------------------------------------------- crop sampling
@@ -80,12 +80,12 @@ def test_crop_boxes_follow_torchvision_distribution():
     """Area fraction and log aspect ratio of our boxes vs the torchvision-style PIL sampler."""
     height = width = 32
     count = 4000
-    uniforms = np.random.default_rng(0).random((count, augment.NUM_UNIFORMS))
-    ours = augment.crop_boxes(uniforms, height, width, (0.05, 0.4), (3 / 4, 4 / 3))
+    uniforms = np.random.default_rng(0).random((count, spec.NUM_UNIFORMS))
+    ours = spec.crop_boxes(uniforms, height, width, (0.05, 0.4), (3 / 4, 4 / 3))
     py_rng = random.Random(0)
     ref = np.array(
         [
-            augment_pil.random_resized_crop_params(py_rng, height, width, (0.05, 0.4), (3 / 4, 4 / 3))
+            pil_reference.random_resized_crop_params(py_rng, height, width, (0.05, 0.4), (3 / 4, 4 / 3))
             for _ in range(count)
         ]
     )
@@ -111,8 +111,8 @@ def test_crop_boxes_follow_torchvision_distribution():
 
 def test_crop_fallback_is_the_centre_crop():
     """When no attempt fits (scale > 1 never fits), torchvision takes the central crop."""
-    uniforms = np.random.default_rng(0).random((3, augment.NUM_UNIFORMS))
-    boxes = augment.crop_boxes(uniforms, 20, 40, (1.5, 2.0), (3 / 4, 4 / 3))
+    uniforms = np.random.default_rng(0).random((3, spec.NUM_UNIFORMS))
+    boxes = spec.crop_boxes(uniforms, 20, 40, (1.5, 2.0), (3 / 4, 4 / 3))
     # in_ratio 2 > 4/3: height kept, width = round(20 * 4/3) = 27, centred.
     np.testing.assert_array_equal(boxes, [[0, 6, 20, 27]] * 3)
 
@@ -131,8 +131,8 @@ def test_crop_fallback_is_the_centre_crop():
 )
 def test_resized_crop_matches_pil(box, flip, size):
     image = _smooth_image(1)
-    ours = _hwc(augment.resized_crops(_planar(image), np.array([0]), np.array([box]), np.array([flip]), size))
-    ref = augment_pil.resized_crop(Image.fromarray(image), box, size)
+    ours = _hwc(host.resized_crops(_planar(image), np.array([0]), np.array([box]), np.array([flip]), size))
+    ref = pil_reference.resized_crop(Image.fromarray(image), box, size)
     if flip:
         ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
     # Pillow rounds in fixed point, we in float32: at most one level apart, almost always equal.
@@ -140,17 +140,15 @@ def test_resized_crop_matches_pil(box, flip, size):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-@pytest.mark.parametrize("op", [augment.BRIGHTNESS, augment.CONTRAST, augment.SATURATION])
+@pytest.mark.parametrize("op", [spec.BRIGHTNESS, spec.CONTRAST, spec.SATURATION])
 @pytest.mark.parametrize("factor", [0.6, 0.93, 1.4])
 def test_blend_ops_match_pil_exactly(op, factor):
     image = _smooth_image(2)
     factors = [1.0, 1.0, 1.0, 0.0]
     factors[op] = factor
     order = [op] + [o for o in range(4) if o != op]
-    ours = _hwc(
-        augment.color_jitter(_planar(image), np.array([True]), np.array([order]), np.array([factors]))
-    )
-    ref = np.asarray(augment_pil.color_jitter(Image.fromarray(image), [op], factors), np.int64)
+    ours = _hwc(host.color_jitter(_planar(image), np.array([True]), np.array([order]), np.array([factors])))
+    ref = np.asarray(pil_reference.color_jitter(Image.fromarray(image), [op], factors), np.int64)
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -167,8 +165,8 @@ def test_hue_matches_float_hsv_and_pil_within_its_quantisation(shift):
     image = _smooth_image(3, 24)
     factors = [1.0, 1.0, 1.0, shift]
     ours = _hwc(
-        augment.color_jitter(
-            _planar(image), np.array([True]), np.array([[augment.HUE, 0, 1, 2]]), np.array([factors])
+        host.color_jitter(
+            _planar(image), np.array([True]), np.array([[spec.HUE, 0, 1, 2]]), np.array([factors])
         )
     )
     # Exact float HSV (Python's colorsys): equal up to a rounding tie.
@@ -178,7 +176,7 @@ def test_hue_matches_float_hsv_and_pil_within_its_quantisation(shift):
     # the recipe's range (|shift| <= 0.1); at 0.5 PIL's shift of int(127.5) is half a step short.
     if abs(shift) > 0.1:
         return
-    ref = np.asarray(augment_pil.color_jitter(Image.fromarray(image), [augment.HUE], factors), np.int64)
+    ref = np.asarray(pil_reference.color_jitter(Image.fromarray(image), [spec.HUE], factors), np.int64)
     diff = np.abs(ours - ref)
     assert diff.mean() < 1.0 and diff.max() <= 12
 
@@ -187,15 +185,15 @@ def test_zero_factors_are_identity_and_disabled_jitter_is_identity():
     image = _smooth_image(4)
     x = _planar(image)
     order = np.array([[3, 1, 0, 2]])
-    kept = augment.color_jitter(x.copy(), np.array([True]), order, np.array([[1.0, 1.0, 1.0, 0.0]]))
+    kept = host.color_jitter(x.copy(), np.array([True]), order, np.array([[1.0, 1.0, 1.0, 0.0]]))
     np.testing.assert_array_equal(kept, x)
-    skipped = augment.color_jitter(x.copy(), np.array([False]), order, np.array([[0.6, 1.4, 0.8, 0.1]]))
+    skipped = host.color_jitter(x.copy(), np.array([False]), order, np.array([[0.6, 1.4, 0.8, 0.1]]))
     np.testing.assert_array_equal(skipped, x)
 
 
 def test_grayscale_matches_pil():
     image = _smooth_image(5)
-    ours = augment.luma(_planar(image))[0].astype(np.int64)
+    ours = host.luma(_planar(image))[0].astype(np.int64)
     ref = np.asarray(Image.fromarray(image).convert("L"), np.int64)
     np.testing.assert_array_equal(ours, ref)
 
@@ -203,8 +201,8 @@ def test_grayscale_matches_pil():
 @pytest.mark.parametrize("sigma", [0.1, 0.6, 1.3, 2.0])
 def test_blur_matches_pil_gaussian_blur(sigma):
     image = _smooth_image(6, 32)
-    ours = _hwc(augment.gaussian_blur(_planar(image), np.array([sigma])))
-    ref = np.asarray(augment_pil.gaussian_blur(Image.fromarray(image), sigma), np.int64)
+    ours = _hwc(host.gaussian_blur(_planar(image), np.array([sigma])))
+    ref = np.asarray(pil_reference.gaussian_blur(Image.fromarray(image), sigma), np.int64)
     # Pillow rounds to 8 bits after each of its 6 box passes, we once at the end: unbiased noise
     # of about one level (measured: mean |diff| 0.2-0.6, max 3 at sigma 0.1, max 1 from 1.3 up).
     diff = ours - ref
@@ -214,15 +212,15 @@ def test_blur_matches_pil_gaussian_blur(sigma):
 def test_solarize_matches_pil():
     ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (2, 1, 3))
     # A full-size crop at the same size is an identity resize, so the output is the op alone.
-    config = augment.MultiCropConfig(
+    config = spec.MultiCropConfig(
         256,
         8,
         0,
         **{**QUIET, "solarize_p": (1.0, 1.0, 0.0), "global_scale": (1.0, 1.0), "aspect_ratio": (1.0, 1.0)},
     )
     square = np.tile(ramp[:1], (256, 1, 1))
-    globals_, _ = augment.multicrop(square, np.random.default_rng(0), config)
-    ref = np.asarray(augment_pil.solarize(Image.fromarray(square)))
+    globals_, _ = host.multicrop(square, np.random.default_rng(0), config)
+    ref = np.asarray(pil_reference.solarize(Image.fromarray(square)))
     np.testing.assert_array_equal(globals_[0], ref)
     np.testing.assert_array_equal(globals_[1], ref)
 
@@ -236,14 +234,12 @@ RATE_TOLERANCE = 0.035
 
 def _run_many(image, config, seed=0):
     images = np.repeat(image[None], NUM_IMAGES, axis=0)
-    uniforms = np.random.default_rng(seed).random(
-        (NUM_IMAGES, 2 + config.num_local_crops, augment.NUM_UNIFORMS)
-    )
-    return augment.multicrop_from_uniforms(images, uniforms, config)
+    uniforms = np.random.default_rng(seed).random((NUM_IMAGES, 2 + config.num_local_crops, spec.NUM_UNIFORMS))
+    return host.multicrop_from_uniforms(images, uniforms, config)
 
 
 def test_solarize_fires_only_on_global_two_at_rate_0_2():
-    config = augment.MultiCropConfig(16, 8, 4, **{**QUIET, "solarize_p": (0.0, 0.2, 0.0)})
+    config = spec.MultiCropConfig(16, 8, 4, **{**QUIET, "solarize_p": (0.0, 0.2, 0.0)})
     globals_, locals_ = _run_many(np.full((16, 16, 3), 200, np.uint8), config)
     solarized = lambda crops: (crops == 55).all(axis=(-3, -2, -1))
     assert not solarized(globals_[:, 0]).any()
@@ -253,7 +249,7 @@ def test_solarize_fires_only_on_global_two_at_rate_0_2():
 
 
 def test_grayscale_rate_0_2_on_every_crop():
-    config = augment.MultiCropConfig(16, 8, 4, **{**QUIET, "grayscale_p": 0.2})
+    config = spec.MultiCropConfig(16, 8, 4, **{**QUIET, "grayscale_p": 0.2})
     globals_, locals_ = _run_many(np.tile(np.array([200, 50, 120], np.uint8), (16, 16, 1)), config)
     for crops in (globals_[:, 0], globals_[:, 1], locals_):
         gray = (crops[..., 0] == crops[..., 1]).all(axis=(-2, -1))
@@ -261,7 +257,7 @@ def test_grayscale_rate_0_2_on_every_crop():
 
 
 def test_flip_rate_0_5():
-    config = augment.MultiCropConfig(16, 8, 4, **{**QUIET, "flip_p": 0.5})
+    config = spec.MultiCropConfig(16, 8, 4, **{**QUIET, "flip_p": 0.5})
     gradient = np.tile(np.linspace(0, 255, 16).astype(np.uint8)[None, :, None], (16, 1, 3))
     globals_, locals_ = _run_many(gradient, config)
     for crops in (globals_, locals_):
@@ -272,7 +268,7 @@ def test_flip_rate_0_5():
 
 def test_blur_rates_1_0_0_1_0_5():
     # Sigma drawn from (1.5, 2) so every blur is visible on 2-pixel stripes.
-    config = augment.MultiCropConfig(
+    config = spec.MultiCropConfig(
         16,
         8,
         4,
@@ -294,7 +290,7 @@ def test_blur_rates_1_0_0_1_0_5():
 
 
 def test_color_jitter_rate_0_8_and_factor_range():
-    config = augment.MultiCropConfig(
+    config = spec.MultiCropConfig(
         16, 8, 2, **{**QUIET, "color_jitter_p": 0.8, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
     )
     globals_, _ = _run_many(np.full((16, 16, 3), 100, np.uint8), config)

@@ -1,7 +1,7 @@
 """DINO's multi-crop as jitted JAX ops, run inside the train step on uint8 batches.
 
-The same recipe and the same random-number layout as the host path (`augment.py`): every crop
-reads its decisions and parameters from one row of `augment.NUM_UNIFORMS` uniforms, so given the
+The same recipe and the same random-number layout as the host path (`host.py`): every crop
+reads its decisions and parameters from one row of `spec.NUM_UNIFORMS` uniforms, so given the
 same uniforms both paths produce the same crops up to float32 rounding (tests check this), and
 their statistics agree by construction. Everything is shape-static: crop boxes of any size are
 expressed as dense per-crop resize matrices, and ops that fire on some crops only are computed
@@ -25,68 +25,19 @@ Library use (dm-pix) and where it does not fit the reference (torchvision on PIL
 
 from __future__ import annotations
 
-import math
-
 import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.data import augment
-from dino_jax.data.augment import (
-    _AREA,
-    _BLUR,
-    _FACTORS,
-    _FLIP,
-    _GRAY,
-    _JITTER,
-    _LEFT,
-    _LOG_RATIO,
-    _ORDER_KEYS,
-    _SIGMA,
-    _SOLARIZE,
-    _TOP,
-    CONTRAST,
-    HUE,
-    NUM_UNIFORMS,
-    SATURATION,
-    MultiCropConfig,
-)
+from dino_jax.data.multicrop import host, spec
+from dino_jax.data.multicrop.spec import CONTRAST, HUE, SATURATION, MultiCropConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # Resampling must not run in bf16/TF32 on GPUs and TPUs.
 
 
 def _round_to_uint8_range(x):
     return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
-
-
-def crop_boxes(u, height: int, width: int, scale, ratio):
-    """RandomResizedCrop boxes from uniforms (n, NUM_UNIFORMS): int32 (n, 4) (top, left, h, w)."""
-    area = height * width
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA])
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = jnp.exp(log_low + (log_high - log_low) * u[:, _LOG_RATIO])
-    crop_w = jnp.rint(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
-    crop_h = jnp.rint(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
-    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
-    first = jnp.argmax(fits, axis=1)
-    found = jnp.take_along_axis(fits, first[:, None], axis=1)[:, 0]
-    crop_h = jnp.take_along_axis(crop_h, first[:, None], axis=1)[:, 0]
-    crop_w = jnp.take_along_axis(crop_w, first[:, None], axis=1)[:, 0]
-    top = jnp.floor(u[:, _TOP] * (height - crop_h + 1)).astype(jnp.int32)
-    left = jnp.floor(u[:, _LEFT] * (width - crop_w + 1)).astype(jnp.int32)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fallback_w, fallback_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fallback_w, fallback_h = int(round(height * max(ratio))), height
-    else:
-        fallback_w, fallback_h = width, height
-    crop_h = jnp.where(found, crop_h, fallback_h)
-    crop_w = jnp.where(found, crop_w, fallback_w)
-    top = jnp.where(found, top, (height - fallback_h) // 2)
-    left = jnp.where(found, left, (width - fallback_w) // 2)
-    return jnp.stack([top, left, crop_h, crop_w], axis=1)
 
 
 def _pil_bicubic(x):
@@ -102,7 +53,7 @@ def _pil_bicubic(x):
 def resize_weights(start, length, in_size: int, out_size: int, flip=None):
     """(n, out_size, in_size) weights of PIL's bicubic resize of [start, start + length) of an axis.
 
-    The same coefficients as `augment.resize_matrix(length, out_size)` placed at `start`:
+    The same coefficients as `host.resize_matrix(length, out_size)` placed at `start`:
     antialiased when shrinking, taps limited to the crop and renormalised. `flip` (n,) bool
     reverses the output order.
     """
@@ -150,7 +101,7 @@ def _hue(x_NxSxSx3, shift):
 
 
 def color_jitter(x_NxSxSx3, apply, order, factors):
-    """torchvision ColorJitter with given parameters per crop (see augment.color_jitter)."""
+    """torchvision ColorJitter with given parameters per crop (see host.color_jitter)."""
     rows = jnp.arange(x_NxSxSx3.shape[0])
     x = x_NxSxSx3
     for step in range(4):
@@ -169,11 +120,11 @@ def color_jitter(x_NxSxSx3, apply, order, factors):
 
 
 def blur_operators(sigma, size: int, max_sigma: float):
-    """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis (augment.py)."""
+    """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis (host.py)."""
     radius = _box_radius(jnp.maximum(sigma, 1e-6))
     whole = jnp.floor(radius)
     frac = radius - whole
-    reach = int(np.floor(augment.pil_box_radius(np.array([max_sigma]))[0])) + 1
+    reach = int(np.floor(host.pil_box_radius(np.array([max_sigma]))[0])) + 1
     distance = np.arange(-reach, reach + 1)
     weights = jnp.where(
         np.abs(distance)[None] <= whole[:, None],
@@ -203,34 +154,25 @@ def gaussian_blur(x_NxSxSx3, sigma, blur, max_sigma: float):
     return jnp.where(blur[:, None, None, None], _round_to_uint8_range(blurred), x_NxSxSx3)
 
 
-def _crop_group(images_BxHxWx3, u_BxNxU, config: MultiCropConfig, size, scale, blur_p, solarize_p):
+def _crop_group(images_BxHxWx3, u_BxNxU, config: MultiCropConfig, group: spec.CropGroup):
     batch, num_crops = u_BxNxU.shape[:2]
+    size = group.size
     if num_crops == 0:
         return jnp.zeros((batch, 0, size, size, 3), jnp.float32)
     _, height, width, _ = images_BxHxWx3.shape
-    u = u_BxNxU.reshape(batch * num_crops, NUM_UNIFORMS)
-    boxes = crop_boxes(u, height, width, scale, config.aspect_ratio)
-    flips = u[:, _FLIP] < config.flip_p
+    draws = spec.crop_draws(u_BxNxU, config, group, height, width, jnp, jnp.float32)
     x = resized_crops(
-        images_BxHxWx3, boxes.reshape(batch, num_crops, 4), flips.reshape(batch, num_crops), size
+        images_BxHxWx3,
+        draws.boxes.reshape(batch, num_crops, 4),
+        draws.flip.reshape(batch, num_crops),
+        size,
     )
     x = x.reshape(batch * num_crops, size, size, 3)
-
-    ranges = jnp.asarray(config.jitter_ranges(), jnp.float32)
-    factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, _FACTORS]
-    order = jnp.argsort(u[:, _ORDER_KEYS], axis=1)
-    x = color_jitter(x, u[:, _JITTER] < config.color_jitter_p, order, factors)
-
-    gray = u[:, _GRAY] < config.grayscale_p
-    x = jnp.where(gray[:, None, None, None], luma(x)[..., None], x)
-
-    blur = u[:, _BLUR] <= jnp.tile(jnp.asarray(blur_p, jnp.float32), batch)
-    if float(np.max(blur_p)) > 0:
-        low, high = config.blur_sigma
-        x = gaussian_blur(x, low + (high - low) * u[:, _SIGMA], blur, high)
-
-    solarize = u[:, _SOLARIZE] < jnp.tile(jnp.asarray(solarize_p, jnp.float32), batch)
-    x = jnp.where(solarize[:, None, None, None], dm_pix.solarize(x / 255.0, 128.0 / 255.0) * 255.0, x)
+    x = color_jitter(x, draws.jitter, draws.order, draws.factors)
+    x = jnp.where(draws.gray[:, None, None, None], luma(x)[..., None], x)
+    if float(np.max(group.blur_p)) > 0:
+        x = gaussian_blur(x, draws.sigma, draws.blur, config.blur_sigma[1])
+    x = jnp.where(draws.solarize[:, None, None, None], dm_pix.solarize(x / 255.0, 128.0 / 255.0) * 255.0, x)
     return jnp.round(x).reshape(batch, num_crops, size, size, 3)
 
 
@@ -240,26 +182,12 @@ def multicrop_from_uniforms(images_BxHxWx3, uniforms_BxVxU, config: MultiCropCon
         raise ValueError(
             f"multicrop_batch: expected images of shape (B, H, W, 3), got {images_BxHxWx3.shape}"
         )
-    expected = (images_BxHxWx3.shape[0], 2 + config.num_local_crops, NUM_UNIFORMS)
+    expected = spec.uniforms_shape(images_BxHxWx3.shape[0], config)
     if tuple(uniforms_BxVxU.shape) != expected:
         raise ValueError(f"multicrop_batch: uniforms have shape {uniforms_BxVxU.shape}; expected {expected}")
-    global_crops = _crop_group(
-        images_BxHxWx3,
-        uniforms_BxVxU[:, :2],
-        config,
-        config.global_size,
-        config.global_scale,
-        np.array(config.blur_p[:2]),
-        np.array(config.solarize_p[:2]),
-    )
-    local_crops = _crop_group(
-        images_BxHxWx3,
-        uniforms_BxVxU[:, 2:],
-        config,
-        config.local_size,
-        config.local_scale,
-        np.full(config.num_local_crops, config.blur_p[2]),
-        np.full(config.num_local_crops, config.solarize_p[2]),
+    global_crops, local_crops = (
+        _crop_group(images_BxHxWx3, uniforms_BxVxU[:, group.views], config, group)
+        for group in spec.crop_groups(config)
     )
     return global_crops, local_crops
 
@@ -276,6 +204,6 @@ def multicrop_batch(images_uint8_BxHxWx3, rng, config: MultiCropConfig):
       (global_crops float32 (B, 2, G, G, 3), local_crops float32 (B, L, l, l, 3)), whole numbers in
       [0, 255], ready for `normalize.normalize_images`.
     """
-    batch = images_uint8_BxHxWx3.shape[0]
-    uniforms = jax.random.uniform(rng, (batch, 2 + config.num_local_crops, NUM_UNIFORMS), jnp.float32)
+    shape = spec.uniforms_shape(images_uint8_BxHxWx3.shape[0], config)
+    uniforms = jax.random.uniform(rng, shape, jnp.float32)
     return multicrop_from_uniforms(images_uint8_BxHxWx3, uniforms, config)
