@@ -1,6 +1,6 @@
 """DINO's multi-crop as jitted JAX ops, run inside the train step on uint8 batches.
 
-The same recipe and the same random-number layout as the host path (`host.py`): every crop
+The same recipe and the same random-number layout as the host path (`host.py`, `spec.py`): every crop
 reads its decisions and parameters from one row of `spec.NUM_UNIFORMS` uniforms, so given the
 same uniforms both paths produce the same crops up to float32 rounding (tests check this), and
 their statistics agree by construction. Everything is shape-static: crop boxes of any size are
@@ -30,47 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.data.multicrop import host, spec
+from dino_jax.data.multicrop import kernels, spec
 from dino_jax.data.multicrop.spec import CONTRAST, HUE, SATURATION, MultiCropConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # Resampling must not run in bf16/TF32 on GPUs and TPUs.
 
 
 def _round_to_uint8_range(x):
+    # The kernels' rounding (kernels.py), written as a pure function: theirs work in place.
     return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
-
-
-def _pil_bicubic(x):
-    a = -0.5
-    x = jnp.abs(x)
-    return jnp.where(
-        x < 1.0,
-        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
-        jnp.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0),
-    )
-
-
-def resize_weights(start, length, in_size: int, out_size: int, flip=None):
-    """(n, out_size, in_size) weights of PIL's bicubic resize of [start, start + length) of an axis.
-
-    The same coefficients as `host.resize_matrix(length, out_size)` placed at `start`:
-    antialiased when shrinking, taps limited to the crop and renormalised. `flip` (n,) bool
-    reverses the output order.
-    """
-    length = length.astype(jnp.float32)[:, None, None]
-    scale = length / out_size
-    filter_scale = jnp.maximum(scale, 1.0)
-    support = 2.0 * filter_scale
-    out_index = jnp.arange(out_size, dtype=jnp.float32)[None, :, None]
-    if flip is not None:
-        out_index = jnp.where(flip[:, None, None], out_size - 1 - out_index, out_index)
-    centre = (out_index + 0.5) * scale
-    first = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
-    last = jnp.minimum(jnp.floor(centre + support + 0.5), length)
-    position = jnp.arange(in_size, dtype=jnp.float32)[None, None, :] - start[:, None, None]
-    inside = (position >= first) & (position < last)
-    weights = jnp.where(inside, _pil_bicubic((position - centre + 0.5) / filter_scale), 0.0)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def resized_crops(images_BxHxWx3, boxes_BxNx4, flips_BxN, size: int):
@@ -78,8 +46,10 @@ def resized_crops(images_BxHxWx3, boxes_BxNx4, flips_BxN, size: int):
     batch, num_crops = boxes_BxNx4.shape[:2]
     _, height, width, _ = images_BxHxWx3.shape
     boxes = boxes_BxNx4.reshape(batch * num_crops, 4)
-    rows = resize_weights(boxes[:, 0], boxes[:, 2], height, size)
-    cols = resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips_BxN.reshape(-1))
+    # The host's coefficients (kernels.resize_weights) in float32, each box's placed in the image.
+    rows = kernels.resize_weights(boxes[:, 0], boxes[:, 2], height, size, xp=jnp, dtype=jnp.float32)
+    flips = flips_BxN.reshape(-1)
+    cols = kernels.resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips, xp=jnp, dtype=jnp.float32)
     rows = rows.reshape(batch, num_crops, size, height)
     cols = cols.reshape(batch, num_crops, size, width)
     images = images_BxHxWx3.astype(jnp.float32)
@@ -101,7 +71,12 @@ def _hue(x_NxSxSx3, shift):
 
 
 def color_jitter(x_NxSxSx3, apply, order, factors):
-    """torchvision ColorJitter with given parameters per crop (see host.color_jitter)."""
+    """torchvision ColorJitter with given parameters per crop (see kernels.color_jitter).
+
+    Every op is computed for every crop and selected, as one blend whose degenerate image and
+    factor depend on the op: shape-static, unlike the kernels' in-place runs of crops that share
+    an op order.
+    """
     rows = jnp.arange(x_NxSxSx3.shape[0])
     x = x_NxSxSx3
     for step in range(4):
@@ -120,31 +95,20 @@ def color_jitter(x_NxSxSx3, apply, order, factors):
 
 
 def blur_operators(sigma, size: int, max_sigma: float):
-    """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis (host.py)."""
-    radius = _box_radius(jnp.maximum(sigma, 1e-6))
-    whole = jnp.floor(radius)
-    frac = radius - whole
-    reach = int(np.floor(host.pil_box_radius(np.array([max_sigma]))[0])) + 1
-    distance = np.arange(-reach, reach + 1)
-    weights = jnp.where(
-        np.abs(distance)[None] <= whole[:, None],
-        1.0,
-        jnp.where(np.abs(distance)[None] == whole[:, None] + 1, frac[:, None], 0.0),
-    )
-    weights = weights / (2.0 * radius + 1.0)[:, None]
-    source = np.clip(np.arange(size)[:, None] + distance[None], 0, size - 1)
+    """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis.
+
+    The taps of one box pass are the kernels' (`kernels.box_pass_weights`), for a reach fixed by
+    `max_sigma` so the shapes are static; the one-pass matrices are built from one-hot rows and
+    composed by float32 products, where the kernels build only a corner and compose in float64.
+    """
+    radius = kernels.pil_box_radius(jnp.maximum(sigma, 1e-6), jnp)
+    reach = int(np.floor(kernels.pil_box_radius(np.array([max_sigma]))[0])) + 1
+    weights = kernels.box_pass_weights(radius, reach, jnp)
+    source = np.clip(np.arange(size)[:, None] + np.arange(-reach, reach + 1)[None], 0, size - 1)
     taps = np.eye(size, dtype=np.float32)[source]  # (size, taps, size) one-hot of the source row.
     one_pass = jnp.einsum("nt,ytx->nyx", weights, taps, precision=_HIGHEST)
     operator = jnp.einsum("nab,nbc->nac", one_pass, one_pass, precision=_HIGHEST)
     return jnp.einsum("nab,nbc->nac", one_pass, operator, precision=_HIGHEST)
-
-
-def _box_radius(sigma):
-    sigma2 = sigma**2 / 3.0
-    box_length = jnp.sqrt(12.0 * sigma2 + 1.0)
-    whole = jnp.floor((box_length - 1.0) / 2.0)
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (6 * (sigma2 - (whole + 1) * (whole + 1)))
-    return whole + frac
 
 
 def gaussian_blur(x_NxSxSx3, sigma, blur, max_sigma: float):
