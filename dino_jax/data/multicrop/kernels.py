@@ -1,4 +1,4 @@
-"""PIL-exact image kernels of the multi-crop recipe, in numpy (REFERENCE.md §2.8).
+"""PIL-exact image kernels of the multi-crop recipe, in numpy.
 
 Where PIL's integer arithmetic shapes the result, it is reproduced:
 - Bicubic resizing uses PIL's kernel (a=-0.5), its antialiasing support when shrinking, its

@@ -1,8 +1,8 @@
 """The multi-crop recipe both paths follow: its config and the table of random draws.
 
-DINO's multi-crop (REFERENCE.md §2.8), per crop in the reference's order: RandomResizedCrop
-(bicubic) -> horizontal flip -> colour jitter (brightness, contrast, saturation, hue in random
-order; p=0.8) -> grayscale (p=0.2) -> Gaussian blur -> solarisation.
+DINO's multi-crop (the reference's `DataAugmentationDINO`), per crop in its order:
+RandomResizedCrop (bicubic) -> horizontal flip -> colour jitter (brightness, contrast, saturation,
+hue in random order; p=0.8) -> grayscale (p=0.2) -> Gaussian blur -> solarisation.
 
 Every random number a crop needs is one entry of a row of `NUM_UNIFORMS` uniforms in [0, 1): the
 host path (`host.py`, numpy) and the device path (`device.py`, jitted JAX) read the same entries
@@ -205,14 +205,13 @@ def crop_draws(
     height: int,
     width: int,
     xp: Any = np,
-    dtype=None,
+    dtype=np.float64,
 ) -> CropDraws:
     """Reads the uniforms of B images' V views of `group` into draws of B * V crops, image-major.
 
-    `dtype` is the float type of the parameters the uniforms are scaled by and compared with:
-    float64 on the host, float32 on the device (default: numpy's float64).
+    `xp` is numpy or jax.numpy; `dtype` the float type of the parameters the uniforms are scaled
+    by and compared with: float64 on the host, float32 on the device.
     """
-    dtype = np.float64 if dtype is None else dtype
     batch, num_views = uniforms_BxVxU.shape[:2]
     u = uniforms_BxVxU.reshape(batch * num_views, NUM_UNIFORMS)
     ranges = xp.asarray(config.jitter_ranges(), dtype)
