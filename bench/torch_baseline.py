@@ -11,8 +11,8 @@ center), in float32 or with the reference's fp16 autocast and gradient scaler (`
 The networks and crop sizes are those of our recipe (`configs/<config>.py`); the images are the
 same synthetic images our trainer reads with `dataset.synthetic=True`. Where torchvision is not
 installed (the CPU test machine: its PyPI build does not load beside the CPU torch there), the
-same recipe runs through `dino_jax.data.augment_pil` (PIL, one crop at a time, as torchvision does
-it) and the output says so.
+same recipe runs through `dino_jax.data.multicrop.pil_reference` (PIL, one crop at a time, as
+torchvision does it) and the output says so.
 
 Figures: end-to-end images/s over the steps after `--warmup` (loader and GPU together, timed on
 the host around whole iterations; `train_iteration` ends with `loss.item()`, which waits for the
@@ -108,7 +108,7 @@ class DataAugmentationDINO:
 
 
 class PILMultiCrop:
-    """The same recipe without torchvision: `augment_pil.multicrop_pil`, then ToTensor + Normalize."""
+    """The same recipe without torchvision: `pil_reference.multicrop_pil`, then ToTensor + Normalize."""
 
     def __init__(self, crop_config, mean, std):
         self.crop_config = crop_config
@@ -118,10 +118,10 @@ class PILMultiCrop:
     def __call__(self, image):
         import torch
 
-        from dino_jax.data import augment_pil
+        from dino_jax.data.multicrop import pil_reference
 
         # `random` is seeded per DataLoader worker by torch, as the reference's transforms are.
-        globals_, locals_ = augment_pil.multicrop_pil(
+        globals_, locals_ = pil_reference.multicrop_pil(
             np.asarray(image), random.Random(random.getrandbits(64)), self.crop_config
         )
         crops = list(globals_) + list(locals_)
@@ -141,7 +141,8 @@ def make_transform(config) -> tuple[object, str]:
     try:
         import torchvision  # noqa: F401
     except ImportError:
-        return PILMultiCrop(config_lib.crop_config(config), mean, std), "PIL (dino_jax.data.augment_pil)"
+        name = "PIL (dino_jax.data.multicrop.pil_reference)"
+        return PILMultiCrop(config_lib.crop_config(config), mean, std), name
     return DataAugmentationDINO(config.augment, mean, std), "torchvision"
 
 

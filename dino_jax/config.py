@@ -214,10 +214,10 @@ def head_config(config: ml_collections.ConfigDict, in_dim: int):
 
 
 def crop_config(config: ml_collections.ConfigDict):
-    from dino_jax.data import augment
+    from dino_jax.data.multicrop import spec
 
     a = config.augment
-    return augment.MultiCropConfig(
+    return spec.MultiCropConfig(
         global_size=a.global_crop_size,
         local_size=a.local_crop_size,
         num_local_crops=a.num_local_crops,

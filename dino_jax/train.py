@@ -100,9 +100,9 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
     crop_config = config_lib.crop_config(config)
     device_augment = None
     if config.augment.on == "device":
-        from dino_jax.data import augment_device
+        from dino_jax.data.multicrop import device as multicrop_device
 
-        device_augment = functools.partial(augment_device.multicrop_batch, config=crop_config)
+        device_augment = functools.partial(multicrop_device.multicrop_batch, config=crop_config)
     step_fn = step_lib.make_train_step(
         graphdef,
         tx,

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax.data import augment, digits, normalize, pipeline, sources
+from dino_jax.data import digits, normalize, pipeline, sources
+from dino_jax.data.multicrop import spec
 
-CROPS = augment.MultiCropConfig(global_size=32, local_size=16, num_local_crops=4)
+CROPS = spec.MultiCropConfig(global_size=32, local_size=16, num_local_crops=4)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_crops_depend_on_the_example_not_on_batching_or_hosts():
         {"image": np.random.RandomState(i).randint(0, 256, (24, 24, 3)).astype(np.uint8), "label": i}
         for i in range(16)
     ]
-    config = augment.MultiCropConfig(16, 8, 2)
+    config = spec.MultiCropConfig(16, 8, 2)
 
     def first_examples(global_batch, shard_count):
         per_host = [
@@ -314,9 +315,9 @@ def test_linear_probe_views_are_random_resized_crops_and_flips_as_pil_makes_them
     flips = []
     for index, example in enumerate(source):
         # The same draws as `linear_probe_views`: the crop_boxes row, then the flip.
-        uniforms = pipeline.linear_probe_rng(3, 2, index).random(augment.NUM_UNIFORMS + 1)
-        ((top, left, height, width),) = augment.crop_boxes(
-            uniforms[None, : augment.NUM_UNIFORMS], 20, 30, (0.08, 1.0), (3 / 4, 4 / 3)
+        uniforms = pipeline.linear_probe_rng(3, 2, index).random(spec.NUM_UNIFORMS + 1)
+        ((top, left, height, width),) = spec.crop_boxes(
+            uniforms[None, : spec.NUM_UNIFORMS], 20, 30, (0.08, 1.0), (3 / 4, 4 / 3)
         )
         crop = Image.fromarray(example["image"]).crop((left, top, left + width, top + height))
         ref = crop.resize((16, 16), Image.BICUBIC)
