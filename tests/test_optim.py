@@ -58,7 +58,7 @@ def test_clip_is_per_tensor_not_global():
 
 
 def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_layer):
-    """The reference's loop (REFERENCE.md §2.1, §2.6) with torch.optim.AdamW."""
+    """The reference's loop (its iteration order and optimiser: docs/reference.md) with torch.optim.AdamW."""
     flat = {optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     tensors = {
         n: torch.tensor(v, requires_grad=not (norm_last_layer and n.endswith("weight_g")))

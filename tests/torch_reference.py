@@ -1,5 +1,5 @@
-"""The PyTorch reference (facebookresearch/dino) re-written from ../shared/REFERENCE.md, for the
-parity tests: the ViT with `interpolate_pos_encoding`, the DINO head, the multi-crop wrapper, the
+"""The PyTorch reference (facebookresearch/dino) re-written from its definitions (docs/reference.md
+sums them up), for the parity tests: the ViT with `interpolate_pos_encoding`, the DINO head, the multi-crop wrapper, the
 loss with centering, the schedules and one training iteration (per-tensor clipping, AdamW
 parameter groups, last-layer freeze, EMA teacher, center update), with fp16 (autocast + a gradient
 scaler) as an option.

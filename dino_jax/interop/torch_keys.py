@@ -1,6 +1,6 @@
 """Which PyTorch tensor is which of our parameters, and the architecture a state dict's shapes
 describe: the reference's training checkpoints, its released backbones and timm-named ViT state
-dicts (REFERENCE.md §3).
+dicts (their layouts: docs/reference.md).
 
 One table per model (`vit_key_table`, `head_key_table`) says which of our parameters is which
 PyTorch tensor and how its layout changes; both directions of `torch_convert` read that table, so a
