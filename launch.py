@@ -52,20 +52,27 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     f, mode = flags.FLAGS, _MODE.value
+    config = _CONFIG.value
+    if config is not None:
+        try:  # config_flags defers the error of a file it could not load until the config is read
+            config.keys()
+        except OSError:
+            sys.exit(
+                f"error: --config={f['config'].config_filename}: no such config file, or it cannot be read"
+            )
     checkpoint = f.checkpoint or f.workdir
-    given = {"config": _CONFIG.value is not None, "checkpoint": checkpoint}
+    given = {"config": config is not None, "checkpoint": checkpoint}
     missing = [f"--{name}" for name in _NEEDS[mode] if not given.get(name, f[name].value)]
     if missing:
         sys.exit(f"error: --mode={mode} needs {', '.join(missing)}")
-    from dino_jax import config as config_lib, errors, train
+    from dino_jax import errors, train
     from dino_jax.modes import convert, embed, eval as eval_mode, visualize
 
     try:
         if mode == "train":
-            config_lib.validate(_CONFIG.value)  # before anything is read or compiled: a typo costs nothing
-            train.run(_CONFIG.value, f.workdir)
+            train.run(config, f.workdir)
         elif mode == "eval":
-            eval_mode.run(_CONFIG.value, checkpoint, f.workdir)
+            eval_mode.run(config, checkpoint, f.workdir)
         elif mode == "visualize":
             visualize.run(checkpoint, f.images, os.path.join(f.workdir, "attention"))
         elif mode == "convert":
@@ -78,10 +85,20 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl's parser, with a wrong `--config.x` key reported as one line instead of a traceback."""
+    """absl's parser, with a wrong `--config.x` key, or a recipe's own error (an unknown
+    `:argument`), reported as one line instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
+        from dino_jax import errors
+
+        # config_flags re-raises what get_config raised with its traceback in the message; the
+        # original is at the end of the chain.
+        cause = error
+        while cause.__cause__ or cause.__context__:
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, errors.USER_ERRORS):
+            sys.exit(f"error: {cause}")
         sys.exit(f"error: {error}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError) as error:
         message = str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'")

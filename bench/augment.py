@@ -1,7 +1,7 @@
 """Benchmark of multi-crop augmentation: our host path and device path against PIL.
 
-    python bench/augment.py            # ~1 minute on a 2-core CPU
-    python bench/augment.py --quick    # a smoke run, seconds
+    python -m bench.augment            # ~1 minute on a 2-core CPU
+    python -m bench.augment --quick    # a smoke run, seconds
 
 Both resolutions of issue 3: 32 px images with 2x32 + 8x16 crops, 64 px images with 2x64 + 8x32
 crops, the reference's probabilities and scales. Inputs are smoothed random colour images.
@@ -37,16 +37,15 @@ os.environ["XLA_FLAGS"] = (
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from dino_jax import config as config_lib  # noqa: E402
+from dino_jax.configs import base  # noqa: E402
 from dino_jax.data import normalize  # noqa: E402
-from dino_jax.data.multicrop import host, pil_reference, spec  # noqa: E402
+from dino_jax.data.multicrop import host, pil_reference  # noqa: E402
 
 SETTINGS = {32: (32, 16), 64: (64, 32)}  # image size -> (global crop, local crop)
 _ROUNDS = 6  # Interleaved rounds per path and size, sharing the time budget.
@@ -96,7 +95,9 @@ def main():
 
     results = {}
     for size, (global_size, local_size) in SETTINGS.items():
-        config = spec.MultiCropConfig(global_size, local_size, 8)
+        recipe = base.get_config()
+        recipe.augment.global_crop_size, recipe.augment.local_crop_size = global_size, local_size
+        config = config_lib.crop_config(recipe)
         images = _images(64, size)
         py_rng = random.Random(0)
         counter = iter(range(1 << 62))

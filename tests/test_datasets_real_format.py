@@ -21,9 +21,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from dino_jax.data import pipeline, sources, tiny_imagenet
-from dino_jax.data.multicrop import spec
+from tests.config_helpers import reference_crops
 
-CROPS = spec.MultiCropConfig(global_size=16, local_size=8, num_local_crops=2)
+CROPS = reference_crops(global_size=16, local_size=8, num_local_crops=2)
 
 
 def _image(seed, size):

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from dino_jax.data.multicrop import device, host, pil_reference, spec
+from tests.config_helpers import reference_crops
 
-CONFIG = spec.MultiCropConfig(global_size=16, local_size=8, num_local_crops=4)
+CONFIG = reference_crops(global_size=16, local_size=8, num_local_crops=4)
 
 
 def _smooth_images(count, size, seed=0):
@@ -121,7 +122,7 @@ def test_independent_draws_have_the_same_statistics():
 
 def test_op_rates_on_device():
     """Solarize fires only on global crop 2 (p=0.2); grayscale on every crop (p=0.2)."""
-    config = spec.MultiCropConfig(
+    config = reference_crops(
         8,
         8,
         2,
@@ -201,7 +202,7 @@ def test_grayscale_and_solarize_match_pil():
     gray = np.asarray(device.luma(jnp.asarray(image, jnp.float32))).astype(np.int64)
     ref = np.asarray(Image.fromarray(image).convert("L"), np.int64)
     assert np.abs(gray - ref).max() <= 1 and (gray != ref).mean() < 0.05
-    config = spec.MultiCropConfig(
+    config = reference_crops(
         24,
         8,
         0,

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from dino_jax.data.multicrop import host, pil_reference, spec
+from tests.config_helpers import reference_crops
 
-CONFIG = spec.MultiCropConfig(global_size=32, local_size=16, num_local_crops=6)
+CONFIG = reference_crops(global_size=32, local_size=16, num_local_crops=6)
 # Everything off, so a single op's effect can be read off the output.
 QUIET = dict(
     flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=(0.0, 0.0, 0.0)
@@ -46,15 +47,15 @@ def test_batch_equals_one_image_at_a_time():
 
 
 def test_zero_local_crops_and_bad_inputs():
-    config = spec.MultiCropConfig(global_size=16, local_size=8, num_local_crops=0)
+    config = reference_crops(global_size=16, local_size=8, num_local_crops=0)
     globals_, locals_ = host.multicrop(_smooth_image(1, 20), np.random.default_rng(0), config)
     assert globals_.shape == (2, 16, 16, 3) and locals_.shape == (0, 8, 8, 3)
     with pytest.raises(ValueError, match="uint8"):
         host.multicrop(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0), config)
     with pytest.raises(ValueError, match="global_scale"):
-        spec.MultiCropConfig(32, 16, 2, global_scale=(0.9, 0.4))
+        reference_crops(32, 16, 2, global_scale=(0.9, 0.4))
     with pytest.raises(ValueError, match="blur_p"):
-        spec.MultiCropConfig(32, 16, 2, blur_p=(1.0, 0.1))
+        reference_crops(32, 16, 2, blur_p=(1.0, 0.1))
 
 
 # ----------------------------------------------------------------------------- ops vs PIL
@@ -63,7 +64,7 @@ def test_zero_local_crops_and_bad_inputs():
 def test_solarize_matches_pil():
     ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (2, 1, 3))
     # A full-size crop at the same size is an identity resize, so the output is the op alone.
-    config = spec.MultiCropConfig(
+    config = reference_crops(
         256,
         8,
         0,
@@ -90,7 +91,7 @@ def _run_many(image, config, seed=0):
 
 
 def test_solarize_fires_only_on_global_two_at_rate_0_2():
-    config = spec.MultiCropConfig(16, 8, 4, **{**QUIET, "solarize_p": (0.0, 0.2, 0.0)})
+    config = reference_crops(16, 8, 4, **{**QUIET, "solarize_p": (0.0, 0.2, 0.0)})
     globals_, locals_ = _run_many(np.full((16, 16, 3), 200, np.uint8), config)
     solarized = lambda crops: (crops == 55).all(axis=(-3, -2, -1))
     assert not solarized(globals_[:, 0]).any()
@@ -100,7 +101,7 @@ def test_solarize_fires_only_on_global_two_at_rate_0_2():
 
 
 def test_grayscale_rate_0_2_on_every_crop():
-    config = spec.MultiCropConfig(16, 8, 4, **{**QUIET, "grayscale_p": 0.2})
+    config = reference_crops(16, 8, 4, **{**QUIET, "grayscale_p": 0.2})
     globals_, locals_ = _run_many(np.tile(np.array([200, 50, 120], np.uint8), (16, 16, 1)), config)
     for crops in (globals_[:, 0], globals_[:, 1], locals_):
         gray = (crops[..., 0] == crops[..., 1]).all(axis=(-2, -1))
@@ -108,7 +109,7 @@ def test_grayscale_rate_0_2_on_every_crop():
 
 
 def test_flip_rate_0_5():
-    config = spec.MultiCropConfig(16, 8, 4, **{**QUIET, "flip_p": 0.5})
+    config = reference_crops(16, 8, 4, **{**QUIET, "flip_p": 0.5})
     gradient = np.tile(np.linspace(0, 255, 16).astype(np.uint8)[None, :, None], (16, 1, 3))
     globals_, locals_ = _run_many(gradient, config)
     for crops in (globals_, locals_):
@@ -119,7 +120,7 @@ def test_flip_rate_0_5():
 
 def test_blur_rates_1_0_0_1_0_5():
     # Sigma drawn from (1.5, 2) so every blur is visible on 2-pixel stripes.
-    config = spec.MultiCropConfig(
+    config = reference_crops(
         16,
         8,
         4,
@@ -141,7 +142,7 @@ def test_blur_rates_1_0_0_1_0_5():
 
 
 def test_color_jitter_rate_0_8_and_factor_range():
-    config = spec.MultiCropConfig(
+    config = reference_crops(
         16, 8, 2, **{**QUIET, "color_jitter_p": 0.8, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
     )
     globals_, _ = _run_many(np.full((16, 16, 3), 100, np.uint8), config)

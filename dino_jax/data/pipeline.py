@@ -29,19 +29,6 @@ from dino_jax.data.multicrop import host, kernels, spec
 AUGMENT_PLACES = ("host", "device")
 
 
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-    """Full global batches in one pass over `num_examples` (floor, like torch's drop_last)."""
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size={global_batch_size}: expected > 0")
-    steps = num_examples // global_batch_size
-    if steps == 0:
-        raise ValueError(
-            f"global batch size {global_batch_size} is larger than the dataset "
-            f"({num_examples} examples): an epoch would have no step"
-        )
-    return steps
-
-
 def example_rng(seed: int, position: int) -> np.random.Generator:
     """The generator of the example at `position` in the global training stream.
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax import checkpointing
+from dino_jax import checkpointing, config as config_lib
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dino_jax.interop.torch_convert import abstract_model, backbone_from_torch, dino_from_torch
 from dino_jax.interop.torch_io import TORCH_SUFFIXES, CheckpointFormatError, read_checkpoint_file, to_numpy
@@ -74,7 +74,7 @@ def load_checkpoint(path: str, *, image_size: int | None = None) -> LoadedCheckp
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, CONVERTED_MODEL_FILE)):
             return load_converted(path)
-        if os.path.exists(os.path.join(path, "config.json")):
+        if config_lib.has_run_config(path):
             return load_workdir(path)
         raise FileNotFoundError(
             f"{path} is a directory with neither {CONVERTED_MODEL_FILE} (a converted checkpoint) nor "
@@ -220,12 +220,7 @@ def load_converted(directory: str) -> LoadedCheckpoint:
 
 def load_workdir(workdir: str) -> LoadedCheckpoint:
     """The latest checkpoint of a dino_jax training run, with the configs its config.json gives."""
-    import ml_collections
-
-    from dino_jax import config as config_lib
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.load_run_config(workdir)
     vit_config = config_lib.vit_config(config, drop_path=False)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
     state, step = checkpointing.restore_item(os.path.join(workdir, "checkpoints"), "state")

@@ -12,17 +12,11 @@ from dino_jax.interop.load import load_checkpoint
 
 
 def config_for(checkpoint: str, config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-    """`config` if given, else the config.json of the training workdir `checkpoint`."""
+    """`config` if given, else the config of the training workdir `checkpoint`."""
     if config is not None:
         return config
-    if os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, "config.json")):
-        from configs import common
-        from dino_jax import train
-
-        # Onto today's defaults, so a run saved before a key existed still loads.
-        config = common.base_config()
-        config.update(train.load_saved_config(checkpoint))
-        return config
+    if os.path.isdir(checkpoint) and config_lib.has_run_config(checkpoint):
+        return config_lib.load_run_config(checkpoint)
     raise config_lib.ConfigError(
         f"--mode=eval of {checkpoint} needs --config (which dataset and evaluators to use)"
     )

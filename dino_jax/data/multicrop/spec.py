@@ -47,7 +47,8 @@ def _check_probability(name, value):
 
 @dataclasses.dataclass(frozen=True)
 class MultiCropConfig:
-    """The multi-crop recipe. Defaults are the reference's except the crop sizes.
+    """The multi-crop recipe; `dino_jax.config.crop_config` builds it from `config.augment`,
+    whose defaults (`dino_jax/configs/base.py`) are the reference's except the crop sizes.
 
     Per-crop tuples (`blur_p`, `solarize_p`) are (global crop 1, global crop 2, local crops).
     Colour-jitter strengths follow torchvision: brightness b draws a factor in [max(0, 1-b), 1+b],
@@ -57,19 +58,19 @@ class MultiCropConfig:
     global_size: int
     local_size: int
     num_local_crops: int
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    flip_p: float = 0.5
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
-    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    flip_p: float
+    color_jitter_p: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale_p: float
+    blur_p: tuple[float, float, float]
+    blur_sigma: tuple[float, float]
+    solarize_p: tuple[float, float, float]
+    aspect_ratio: tuple[float, float]
 
     def __post_init__(self):
         for name in ("global_size", "local_size"):
