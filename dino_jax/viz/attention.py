@@ -29,7 +29,7 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dino_jax.data.image_files import load_image
+from dino_jax.data.image_files import ImageFileError, load_image
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 DEFAULT_THRESHOLD = 0.6
@@ -72,7 +72,9 @@ def crop_to_patch_multiple(image_HxWxC: np.ndarray, patch_size: int) -> np.ndarr
     height = image_HxWxC.shape[0] - image_HxWxC.shape[0] % patch_size
     width = image_HxWxC.shape[1] - image_HxWxC.shape[1] % patch_size
     if height == 0 or width == 0:
-        raise ValueError(f"image of shape {image_HxWxC.shape} is smaller than one {patch_size}-pixel patch")
+        raise ImageFileError(
+            f"image of shape {image_HxWxC.shape} is smaller than one {patch_size}-pixel patch"
+        )
     return image_HxWxC[:height, :width]
 
 
