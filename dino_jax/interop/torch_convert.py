@@ -251,7 +251,6 @@ def training_checkpoint(
     head_config: HeadConfig,
     *,
     epoch: int = 0,
-    include_args: bool = True,
 ) -> dict[str, Any]:
     """The reference's `checkpoint.pth` layout: `student` under `module.` (DDP), `teacher` bare
     (under `module.` too when the head has BatchNorm, as the reference then wraps it in DDP),
@@ -260,12 +259,10 @@ def training_checkpoint(
     student_sd = {"module." + k: v for k, v in dino_to_torch(student, vit_config, head_config).items()}
     teacher_prefix = "module." if head_config.use_bn else ""
     teacher_sd = {teacher_prefix + k: v for k, v in dino_to_torch(teacher, vit_config, head_config).items()}
-    checkpoint = {
+    return {
         "student": student_sd,
         "teacher": teacher_sd,
         "dino_loss": {"center": np.asarray(jax.device_get(center), np.float32)},
         "epoch": int(epoch),
+        "args": reference_args(vit_config, head_config),
     }
-    if include_args:
-        checkpoint["args"] = reference_args(vit_config, head_config)
-    return checkpoint
