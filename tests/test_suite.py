@@ -267,17 +267,12 @@ def test_avgpool_linear_feature_keeps_the_knn_feature_and_the_episode_width():
         fewshot_n_query=3,
         fewshot_episodes=4,
     )
-    results, extracted = suite.evaluate_backbone(
-        graphdef, params, data, mean=(0.5,), std=(0.25,), settings=settings
-    )
-    _, plain = suite.evaluate_backbone(
-        graphdef,
-        params,
-        data,
-        mean=(0.5,),
-        std=(0.25,),
-        settings=suite_settings(evaluators=("knn",), knn_ks=(5,)),
-    )
+
+    def evaluate(settings):
+        return suite.evaluate_backbone(graphdef, params, data, mean=(0.5,), std=(0.25,), settings=settings)
+
+    results, extracted = evaluate(settings)
+    _, plain = evaluate(suite_settings(evaluators=("knn",), knn_ks=(5,)))
     # CLS and mean patch token interleaved; the CLS columns are the kNN feature.
     assert extracted[0].train_blocks.shape == (48, 16)
     np.testing.assert_allclose(extracted[0].train_cls, plain[0].train_cls, rtol=1e-6)
