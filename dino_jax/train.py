@@ -145,6 +145,8 @@ class Trainer:
     def restore_if_any(self) -> int:
         """The step to start from: the workdir's latest checkpoint, else `train.init_from` (a
         reference run, `interop.resume`), else 0."""
+        for path in self.checkpointer.unfinished:
+            _print(f"removed {path}: a checkpoint the previous run was writing when it stopped")
         if self.checkpointer.latest_step() is None:
             if not self.config.train.init_from:
                 return 0
@@ -158,7 +160,9 @@ class Trainer:
                 freeze_last_layer_steps=self.plan.freeze_last_layer_steps,
             )
             return step
-        self.state = self.checkpointer.restore(checkpointing.abstract_like(self.state), self.data_iterator)
+        self.state = self.checkpointer.restore(
+            checkpointing.abstract_like(self.state), self.data_iterator, log=_print
+        )
         step = int(self.state.step)
         _print(f"resumed from {self.checkpointer.directory} at step {step}")
         return step
@@ -198,10 +202,11 @@ class Trainer:
             )
         return made
 
-    def train(self) -> dict[str, float]:
-        """Runs the remaining steps; returns the last logged metrics."""
+    def train(self, start_step: int | None = None) -> dict[str, float]:
+        """Runs the steps from `start_step` (None: `restore_if_any()` first); returns the last logged
+        metrics."""
         config, plan = self.config, self.plan
-        start = self.restore_if_any()
+        start = self.restore_if_any() if start_step is None else start_step
         _print(accelerator.describe_backend(jax.default_backend(), jax.devices(), jax.process_count()))
         _print(
             f"training {plan.train_steps} steps ({plan.steps_per_epoch} per epoch, batch "
@@ -241,7 +246,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     evaluation; returns it (percent)."""
     started = time.perf_counter()
     trainer = Trainer(config, workdir)
-    config_lib.save_run_config(config, workdir)
     image_size = config.augment.global_crop_size
     norm = dict(mean=config.dataset.mean, std=config.dataset.std)
     if (
@@ -254,7 +258,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         baseline = evaluation.knn(config, graphdef, params, image_size=image_size, mesh=trainer.mesh, **norm)
         report.write_results(workdir, {f"random_init_{k}": v for k, v in baseline.items()})
         _print("untrained: " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items() if k.endswith("top1")))
-    last = trainer.train()
+    # Restored before config.json is written: a refused checkpoint (another model) leaves the
+    # workdir's config.json describing the run it holds.
+    start = trainer.restore_if_any()
+    config_lib.save_run_config(config, workdir)
+    last = trainer.train(start)
     train_results = {"train_wall_s": time.perf_counter() - started}
     if config.dataset.synthetic:
         # Kept beside the numbers so no table built from results.json mistakes them for real ones.
