@@ -81,11 +81,18 @@ def fetch(metrics) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl`.
 
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+    `resumed_at`: the step a resumed run starts from. The rows of later steps, which the run that
+    stopped wrote after its last checkpoint (and a last line cut short by a kill), are dropped
+    first: the resumed run writes those steps again, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl", *, resumed_at: int | None = None):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, filename)
+        if resumed_at is not None and os.path.exists(self.path):
+            _keep_rows_up_to(self.path, resumed_at)
         self._file = open(self.path, "a", buffering=1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -94,6 +101,21 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _keep_rows_up_to(path: str, last_step: int) -> None:
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short
+                continue
+            if row["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def _to_python(value):
@@ -143,7 +165,7 @@ class LogMetrics(Hook):
     """The progress line, and the metrics (plus `images_per_s`) as a line of `metrics.jsonl`."""
 
     def __init__(self, workdir: str, *, total_steps: int, images_per_step: int, start_step: int):
-        self.writer = MetricsWriter(workdir)
+        self.writer = MetricsWriter(workdir, resumed_at=start_step)
         self.progress = Progress(total_steps, images_per_step)
         self.progress.start(start_step)
 

@@ -1,5 +1,6 @@
-"""Runs that are restarted, through launch.py as a user meets them: on a damaged latest
-checkpoint or on another model's workdir; and a full disk while a checkpoint is written.
+"""Runs that are interrupted and restarted, through launch.py as a user meets them: killed
+(SIGKILL) mid-step and mid-checkpoint-write, restarted on a damaged latest checkpoint or on
+another model's workdir; and a full disk while a checkpoint is written.
 
 Every run is digits:smoke for 12 steps (a checkpoint every 4, a metrics row every step), sharing
 one compilation cache, so only the first run compiles.
@@ -9,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -59,6 +61,11 @@ def launch(flags, workdir, *extra):
     return run(["launch.py", *flags, f"--workdir={workdir}", *extra])
 
 
+def launch_with_signal(name, point, flags, workdir):
+    """launch.py that sends itself SIG`name` at `point` (tests/launch_with_signal.py)."""
+    return run(["-m", "tests.launch_with_signal", name, point, *flags, f"--workdir={workdir}"])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(flags, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -91,6 +98,41 @@ def assert_same_final_state(workdir, expected_workdir):
     ]
     assert not different, f"{len(different)} leaves differ, e.g. {different[:3]}"
     assert data == expected_data  # the data order: the iterator stands at the same place
+
+
+def metric_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        del row["images_per_s"]  # a timing, the one thing allowed to differ
+    return rows
+
+
+def test_a_run_killed_mid_step_and_mid_checkpoint_write_ends_bitwise_equal_to_an_uninterrupted_one(
+    flags, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    # Killed while step 6 runs, with checkpoint 4 written.
+    out = launch_with_signal("KILL", "row:5", flags, workdir)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-4000:]
+    assert os.listdir(checkpoints) == ["4"]
+
+    # Restarted, then killed while checkpoint 8 is being written.
+    out = launch_with_signal("KILL", "write:8", flags, workdir)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-4000:]
+    assert "at step 4" in out.stderr
+    assert set(os.listdir(checkpoints)) == {"4", "8.orbax-checkpoint-tmp"}
+
+    out = launch(flags, workdir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"removed {checkpoints / '8.orbax-checkpoint-tmp'}: a checkpoint the previous run" in out.stderr
+    assert f"resumed from {checkpoints} at step 4" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert set(os.listdir(checkpoints)) == {"8", "12"}  # the unfinished write is gone
+    assert_same_final_state(workdir, uninterrupted)
+    # One row per step, the resumed run's where the killed runs had written some already.
+    assert metric_rows(workdir) == metric_rows(uninterrupted)
 
 
 def test_a_truncated_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(
