@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -141,6 +143,7 @@ class Trainer:
             max_to_keep=t.keep_checkpoints,
             save_every_steps=t.checkpoint_every_steps,
         )
+        self.interrupted_by: str | None = None  # set by train(): the signal that stopped it
 
     def restore_if_any(self) -> int:
         """The step to start from: the workdir's latest checkpoint, else `train.init_from` (a
@@ -204,7 +207,8 @@ class Trainer:
 
     def train(self, start_step: int | None = None) -> dict[str, float]:
         """Runs the steps from `start_step` (None: `restore_if_any()` first); returns the last logged
-        metrics."""
+        metrics. SIGTERM or SIGINT stops it after the step in flight, with a checkpoint of that
+        step; `interrupted_by` then names the signal."""
         config, plan = self.config, self.plan
         start = self.restore_if_any() if start_step is None else start_step
         _print(accelerator.describe_backend(jax.default_backend(), jax.devices(), jax.process_count()))
@@ -215,29 +219,86 @@ class Trainer:
         )
         hooks = self.make_hooks(start)
         logged = hooks_lib.DelayedMetrics(hooks)
+        done = saved = start
         try:
-            for step in range(start, plan.train_steps):
-                self.state, metrics = self.step_fn(self.state, self.next_batch())
-                done = step + 1
+            with StopSignals() as stop:
+                for step in range(start, plan.train_steps):
+                    self.state, metrics = self.step_fn(self.state, self.next_batch())
+                    done = step + 1
+                    logged.flush()
+                    if done % config.train.log_every_steps == 0 or done == plan.train_steps:
+                        logged.put(done, metrics)
+                    for hook in hooks:
+                        if hook.every_steps and done % hook.every_steps == 0:
+                            hook.on_state(done, self.state)
+                    periodic = done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps
+                    if periodic or stop.received:
+                        # A checkpoint is written only for a finite state.
+                        if not logged.flush():
+                            hooks_lib.check_finite(done, hooks_lib.fetch(metrics))
+                        self.checkpointer.save(
+                            done, self.state, self.data_iterator, force=stop.received is not None
+                        )
+                        saved = done
+                    if stop.received:
+                        break
                 logged.flush()
-                if done % config.train.log_every_steps == 0 or done == plan.train_steps:
-                    logged.put(done, metrics)
-                for hook in hooks:
-                    if hook.every_steps and done % hook.every_steps == 0:
-                        hook.on_state(done, self.state)
-                if done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps:
-                    # A checkpoint is written only for a finite state.
-                    if not logged.flush():
-                        hooks_lib.check_finite(done, hooks_lib.fetch(metrics))
-                    self.checkpointer.save(done, self.state, self.data_iterator)
-            logged.flush()
+                if done > saved:
+                    self.checkpointer.save(done, self.state, self.data_iterator, force=True)
+                self.checkpointer.wait()
         finally:
             for hook in hooks:
                 hook.close()
-        if plan.train_steps > start:
-            self.checkpointer.save(plan.train_steps, self.state, self.data_iterator, force=True)
-        self.checkpointer.wait()
+        self.interrupted_by = stop.received
         return logged.last
+
+
+class StopSignals:
+    """Within `with StopSignals() as stop:`, SIGTERM (a TPU preemption notice, `kill`) and SIGINT
+    (Ctrl-C, Colab's interrupt) only set `stop.received` to the signal's name, for the loop to
+    stop at a step boundary. A second signal gets the handler that was there before (stop at
+    once). Signals are left alone outside the main thread, in a run of several processes (they
+    would stop at different steps and wait for each other's checkpoint forever) and where they were
+    ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._receive)
+        return self
+
+    def _receive(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+
+def interrupted_message(trainer: Trainer) -> str:
+    """Where an interrupted run stopped, and the command that continues it."""
+    step = int(trainer.state.step)
+    if os.path.basename(sys.argv[0]) == "launch.py":
+        again = f"run the same command again:\n  {report.default_command()}"
+    else:
+        again = f"call train.run with the same config and workdir ({trainer.workdir}) again"
+    return (
+        f"{trainer.interrupted_by} received: stopped after step {step}/{trainer.plan.train_steps}, "
+        f"checkpoint written to {os.path.join(trainer.checkpointer.directory, str(step))}. "
+        f"To continue from step {step}, {again}"
+    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -263,6 +324,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start = trainer.restore_if_any()
     config_lib.save_run_config(config, workdir)
     last = trainer.train(start)
+    if trainer.interrupted_by:
+        trainer.checkpointer.close()
+        _print(interrupted_message(trainer))
+        return report.read_results(workdir)
     train_results = {"train_wall_s": time.perf_counter() - started}
     if config.dataset.synthetic:
         # Kept beside the numbers so no table built from results.json mistakes them for real ones.

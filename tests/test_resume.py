@@ -1,6 +1,6 @@
 """Runs that are interrupted and restarted, through launch.py as a user meets them: killed
-(SIGKILL) mid-step and mid-checkpoint-write, restarted on a damaged latest checkpoint or on
-another model's workdir; and a full disk while a checkpoint is written.
+(SIGKILL) mid-step and mid-checkpoint-write, stopped by SIGTERM/SIGINT, restarted on a damaged
+latest checkpoint or on another model's workdir; and a full disk while a checkpoint is written.
 
 Every run is digits:smoke for 12 steps (a checkpoint every 4, a metrics row every step), sharing
 one compilation cache, so only the first run compiles.
@@ -9,10 +9,12 @@ one compilation cache, so only the first run compiles.
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import grain
 import jax
@@ -133,6 +135,57 @@ def test_a_run_killed_mid_step_and_mid_checkpoint_write_ends_bitwise_equal_to_an
     assert_same_final_state(workdir, uninterrupted)
     # One row per step, the resumed run's where the killed runs had written some already.
     assert metric_rows(workdir) == metric_rows(uninterrupted)
+
+
+def watch_then_signal(process, workdir, step, signum, timeout_s=300):
+    """Sends `signum` to `process` once metrics.jsonl has the row of `step` (the loop runs)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(path) and any(json.loads(line)["step"] >= step for line in open(path)):
+            process.send_signal(signum)
+            break
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=timeout_s)
+    return process.returncode, stderr
+
+
+def test_sigterm_and_sigint_stop_after_the_step_in_flight_with_a_checkpoint_and_exit_0(flags, tmp_path):
+    workdir = tmp_path / "run"
+    # The whole epoch (89 steps): the signal comes long before the end, whenever the machine is.
+    args = ["launch.py", *flags, f"--workdir={workdir}", "--config.train.max_steps=0"]
+
+    def start(args):
+        # `python ARGS` with SIGINT at its default, as in a terminal, even where this test runs in
+        # a background job, which ignores it (and exec keeps an ignored signal ignored).
+        default_sigint = (
+            "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
+        return subprocess.Popen(
+            command("-c", default_sigint, *args),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, **ENV),
+        )
+
+    returncode, stderr = watch_then_signal(start(args), workdir, 2, signal.SIGTERM)
+    assert returncode == 0, stderr[-4000:]
+    line = next(line for line in stderr.splitlines() if line.startswith("SIGTERM received"))
+    stopped = int(line.split("stopped after step ")[1].split("/")[0])
+    assert stopped >= 3 and f"checkpoint written to {workdir / 'checkpoints' / str(stopped)}." in line
+    assert str(stopped) in os.listdir(workdir / "checkpoints")
+    assert not (workdir / "results.md").exists()  # no evaluation of a half-trained network
+    rerun = stderr.splitlines()[stderr.splitlines().index(line) + 1].strip()
+    assert rerun == "python " + shlex.join(args)
+
+    # The printed command continues the run; Ctrl-C (SIGINT) stops it the same way.
+    returncode, stderr = watch_then_signal(start(shlex.split(rerun)[1:]), workdir, stopped + 2, signal.SIGINT)
+    assert returncode == 0, stderr[-4000:]
+    assert f"at step {stopped}" in stderr and "SIGINT received: stopped after step " in stderr
+    assert max(int(name) for name in os.listdir(workdir / "checkpoints")) >= stopped + 3
+    assert [row["step"] for row in metric_rows(workdir)] == list(range(1, len(metric_rows(workdir)) + 1))
 
 
 def test_a_truncated_latest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(
