@@ -57,7 +57,10 @@ def forward_outputs(config, params, images):
 @pytest.mark.parametrize(
     "variant, patch, size, batch, extra_sizes",
     [
-        ("tiny", 4, 32, 2, [(16, 16), (32, 24)]),  # local-crop size and a non-square input
+        # Local-crop size, a non-square input, and two that are neither square nor multiples of
+        # the patch: the conv floors both to the trained 8 x 8 grid, yet the reference resamples
+        # the position embedding (it decides on pixels: `npatch == N and w == h`).
+        ("tiny", 4, 32, 2, [(16, 16), (32, 24), (32, 35), (34, 32)]),
         ("small", 16, 224, 1, []),
     ],
 )
