@@ -16,13 +16,12 @@ from dino_jax.models.dino import DINO
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig, VisionTransformer, interpolate_pos_embed
 
-torch = pytest.importorskip("torch")
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
+from tests.optional_torch import ref, torch
 
 EMBED = 64  # one head of 64: the default head count the importer infers
 
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")
+pytestmark = [pytest.mark.usefixtures("fast_compilation"), pytest.mark.torch]
 
 
 def reference_wrapper(seed=0, use_bn=False, nlayers=3, parametrized=False, norm_last_layer=True):

@@ -15,9 +15,8 @@ from dino_jax.interop import load, torch_convert
 from dino_jax.models.dino import DINO
 from dino_jax.modes import convert, embed
 
-torch = pytest.importorskip("torch")
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
-from tests.test_interop import (  # noqa: E402  (the reference checkpoint writer and comparisons)
+from tests.optional_torch import ref, torch
+from tests.test_interop import (  # the reference checkpoint writer and comparisons
     EMBED,
     assert_same_tensors,
     numpy_state,
@@ -25,7 +24,7 @@ from tests.test_interop import (  # noqa: E402  (the reference checkpoint writer
     reference_wrapper,
 )
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")
+pytestmark = [pytest.mark.usefixtures("fast_compilation"), pytest.mark.torch]
 
 
 def restart_like_the_reference(path, network, *, teacher_in_ddp=False):

@@ -19,9 +19,9 @@ from dino_jax.models.dino import DINO
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig, VisionTransformer
 from dino_jax.state import TrainState
+from tests.optional_torch import ref, torch
 
-torch = pytest.importorskip("torch")
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
+pytestmark = pytest.mark.torch
 
 
 def assert_close(ours, expected, tol, what):
@@ -257,7 +257,8 @@ def make_batch(setup, seed):
     }
 
 
-def torch_crops(batch, dtype=torch.float32):
+def torch_crops(batch, dtype=None):
+    dtype = dtype or torch.float32
     crops = []
     for name in ("global_crops", "local_crops"):
         for view in range(batch[name].shape[1]):
