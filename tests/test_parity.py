@@ -421,3 +421,63 @@ def test_adam_bias_correction_like_reference():
         weight.grad = torch.tensor(grads["w"], dtype=torch.float64)
         adamw.step()
         assert_close(updates["w"], (weight.detach() - before).numpy(), 1e-6, f"Adam step {step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe.
+
+
+def test_one_linear_probe_epoch_matches_torch_sgd():
+    """One epoch of `eval.linear` (70 rows in minibatches of 16: the last has 6 rows and 10 padded
+    ones) against the reference's classifier and optimiser written in torch: nn.Linear, SGD with
+    momentum 0.9 and no weight decay, CosineAnnealingLR stepped per epoch, from the same weights and
+    in the same minibatch order, in float64."""
+    from dino_jax.eval import linear
+
+    rng = np.random.default_rng(0)
+    num_train, dim, classes, batch, epochs = 70, 64, 10, 16, 4
+    train_x = rng.standard_normal((num_train, dim)).astype(np.float32)
+    train_y = rng.integers(0, classes, num_train)
+    learning_rate = linear.scaled_learning_rate(batch, 2.0)  # large, so that every step shows
+    rates = jnp.asarray([learning_rate], jnp.float32)
+    (params, opt_state), shuffle_key = linear._initial_state(
+        jax.random.key(0), rates, dim=dim, num_classes=classes, epochs=epochs, steps_per_epoch=5
+    )
+    kernel, bias = np.asarray(params["kernel"][0]), np.asarray(params["bias"][0])
+    # The reference's initialisation: weight N(0, 0.01), bias 0 (640 draws: std within 10%).
+    assert kernel.std() == pytest.approx(0.01, rel=0.1) and abs(kernel.mean()) < 1e-3
+    assert not bias.any()
+    (params, _), _ = linear._train_epoch(
+        (params, opt_state),
+        jnp.asarray(train_x),
+        jnp.asarray(train_y),
+        jnp.asarray(train_x[:5]),
+        jnp.asarray(train_y[:5]),
+        shuffle_key,
+        jnp.asarray(0, jnp.int32),
+        rates,
+        num_classes=classes,
+        epochs=epochs,
+        batch_size=batch,
+    )
+
+    layer = torch.nn.Linear(dim, classes).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(kernel.T.astype(np.float64)))
+        layer.bias.zero_()
+    sgd = torch.optim.SGD(layer.parameters(), lr=learning_rate, momentum=0.9, weight_decay=0)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=epochs, eta_min=0)
+    order = torch.from_numpy(np.array(linear.minibatch_order(shuffle_key, 0, num_train)))
+    x, y = torch.from_numpy(train_x.astype(np.float64)), torch.from_numpy(train_y)
+    for rows in order.split(batch):  # the last minibatch is short, as the reference's loader keeps it
+        sgd.zero_grad()
+        torch.nn.functional.cross_entropy(layer(x[rows]), y[rows]).backward()
+        sgd.step()
+    annealing.step()
+    assert_close(
+        np.asarray(params["kernel"][0]) - kernel,
+        layer.weight.detach().numpy().T - kernel,
+        1e-5,
+        "kernel update after one epoch",
+    )
+    assert_close(params["bias"][0], layer.bias.detach().numpy(), 1e-5, "bias after one epoch")
