@@ -477,7 +477,7 @@ def test_one_linear_probe_epoch_matches_torch_sgd():
     assert_close(
         np.asarray(params["kernel"][0]) - kernel,
         layer.weight.detach().numpy().T - kernel,
-        1e-5,
+        2e-6,  # float32 rounding: 2e-7; a weight decay of 1e-4 would show as 5e-5
         "kernel update after one epoch",
     )
-    assert_close(params["bias"][0], layer.bias.detach().numpy(), 1e-5, "bias after one epoch")
+    assert_close(params["bias"][0], layer.bias.detach().numpy(), 2e-6, "bias after one epoch")
