@@ -42,7 +42,9 @@ def image_files(image_paths: str | Sequence[str]) -> list[str]:
                 for name in names
                 if name.lower().endswith(IMAGE_SUFFIXES)
             )
-            problems += [f"{error.filename}: cannot read this folder ({error.strerror})" for error in unreadable]
+            problems += [
+                f"{error.filename}: cannot read this folder ({error.strerror})" for error in unreadable
+            ]
             if not found and not unreadable:
                 problems.append(f"{path}: a folder with no image files ({', '.join(IMAGE_SUFFIXES)})")
             files += found

@@ -265,9 +265,7 @@ def attention_panel(
     )
 
 
-def fit_to_patches(
-    path: str, patch_size: int, max_patches: int = MAX_PATCHES
-) -> tuple[int, int] | None:
+def fit_to_patches(path: str, patch_size: int, max_patches: int = MAX_PATCHES) -> tuple[int, int] | None:
     """`(height, width)` to scale the image file at `path` to so that it holds at most
     `max_patches` patches (aspect ratio kept), or None when it already does."""
     height, width = check_image_file(path)
