@@ -1,7 +1,6 @@
 """The convert and embed modes (dino_jax/modes/) on PyTorch files, converted checkpoints and
 training workdirs."""
 
-import argparse
 import os
 
 import jax
@@ -16,16 +15,39 @@ from dino_jax.interop import load, torch_convert
 from dino_jax.models.dino import DINO
 from dino_jax.modes import convert, embed
 
-torch = pytest.importorskip("torch")
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
-from tests.test_interop import (  # noqa: E402  (the reference checkpoint writer and comparisons)
+from tests.optional_torch import ref, torch
+from tests.test_interop import (  # the reference checkpoint writer and comparisons
     EMBED,
     assert_same_tensors,
     numpy_state,
     reference_training_checkpoint,
+    reference_wrapper,
 )
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")
+pytestmark = [pytest.mark.usefixtures("fast_compilation"), pytest.mark.torch]
+
+
+def restart_like_the_reference(path, network, *, teacher_in_ddp=False):
+    """Resumes from our exported `path` as the reference's main_dino.py does (its
+    `restart_from_checkpoint`, with PyTorch's default `torch.load`): `network()` builds the model,
+    the student inside DDP. Checks that the student, teacher and center are found and every key
+    matches (the reference loads with strict=False, which would let a renamed key pass) and that the
+    file also loads with an explicit `weights_only=True`. Returns the restored objects and epoch."""
+    student = ref.DistributedWrapper(network())
+    teacher = ref.DistributedWrapper(network()) if teacher_in_ddp else network()
+    dino_loss = ref.DINOLoss(student.module.head.last_layer.weight_v.shape[0], 4, 0.04, 0.04, 0, 2)
+    optimizer = torch.optim.AdamW(ref.get_params_groups(student))
+    run_variables = {"epoch": 0}
+    messages = ref.restart_from_checkpoint(
+        path, run_variables, student=student, teacher=teacher, optimizer=optimizer, dino_loss=dino_loss
+    )
+    for name in ("student", "teacher", "dino_loss"):
+        assert messages[name] != "not found", name
+        assert not messages[name].missing_keys and not messages[name].unexpected_keys, (name, messages[name])
+    assert messages["optimizer"] == "not found"  # we export no optimizer state; the reference starts afresh
+    args = torch.load(path, weights_only=True)["args"]
+    assert all(isinstance(value, (str, int, float, bool)) for value in args.values()), args
+    return {"student": student, "teacher": teacher, "dino_loss": dino_loss, **run_variables}
 
 
 def test_convert_both_ways_and_embed(tmp_path):
@@ -38,9 +60,12 @@ def test_convert_both_ways_and_embed(tmp_path):
     # Ours -> the reference's training layout again, and the backbone-only form.
     back = str(tmp_path / "back.pth")
     convert.run(converted, back)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        written = torch.load(back, weights_only=True)
+    written = torch.load(back, weights_only=True)
     assert_same_tensors({k: v.numpy() for k, v in written["teacher"].items()}, numpy_state(teacher))
+    restarted = restart_like_the_reference(back, lambda: reference_wrapper(7))
+    assert restarted["epoch"] == 2
+    assert_same_tensors(numpy_state(restarted["student"].module), numpy_state(student))
+    assert_same_tensors(numpy_state(restarted["teacher"]), numpy_state(teacher))
     backbone = str(tmp_path / "backbone.safetensors")
     convert.run(converted, backbone, backbone_only=True)
     from safetensors.numpy import load_file
@@ -96,14 +121,15 @@ def test_training_workdir_exports_to_reference(tmp_path):
 
     out = str(tmp_path / "run.pth")
     convert.run(str(workdir), out)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        written = torch.load(out, weights_only=True)
     # BatchNorm head: the reference wraps the teacher in DDP too, hence `module.` on both.
-    network = ref.MultiCropWrapper(
-        ref.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
-        ref.DINOHead(32, 256, use_bn=True, hidden_dim=64, bottleneck_dim=32),
+    restarted = restart_like_the_reference(
+        out,
+        lambda: ref.MultiCropWrapper(
+            ref.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+            ref.DINOHead(32, 256, use_bn=True, hidden_dim=64, bottleneck_dim=32),
+        ),
+        teacher_in_ddp=True,
     )
-    network.load_state_dict({k[len("module.") :]: v for k, v in written["teacher"].items()}, strict=True)
-    np.testing.assert_array_equal(written["dino_loss"]["center"].numpy(), 0.25)
+    np.testing.assert_array_equal(restarted["dino_loss"].center.numpy(), 0.25)
     expected = torch_convert.dino_to_torch(teacher, vit_config, head_config)
-    assert_same_tensors({k: v.numpy() for k, v in network.state_dict().items()}, expected)
+    assert_same_tensors(numpy_state(restarted["teacher"].module), expected)

@@ -5,8 +5,7 @@ import optax
 import pytest
 
 from dino_jax import optim, schedules
-
-torch = pytest.importorskip("torch")
+from tests.optional_torch import torch
 
 
 def make_params(rng):
@@ -89,6 +88,7 @@ def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_
     return {n: t.detach().numpy() for n, t in tensors.items()}
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_update_rule_matches_torch_adamw_with_groups_clip_and_freeze(norm_last_layer):
     rng = np.random.default_rng(0)

@@ -401,3 +401,35 @@ def train_iteration(
         for param_q, param_k in zip(student.parameters(), teacher.parameters()):
             param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
     return loss.item()
+
+
+class DistributedWrapper(nn.Module):
+    """Stands in for DistributedDataParallel around a network: its keys gain `module.`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def restart_from_checkpoint(path, run_variables=None, **objects):
+    """`utils.restart_from_checkpoint`: PyTorch's default `torch.load` (weights-only since 2.6),
+    then `load_state_dict(checkpoint[name], strict=False)` for each named object present (without
+    `strict` for one whose loader does not take it, an optimizer's), and the run variables copied.
+    Returns `{name: what the load returned, or "not found"}`: what the reference prints."""
+    checkpoint = torch.load(path, map_location="cpu")
+    messages = {}
+    for name, target in objects.items():
+        if name not in checkpoint or target is None:
+            messages[name] = "not found"
+            continue
+        try:
+            messages[name] = target.load_state_dict(checkpoint[name], strict=False)
+        except TypeError:
+            messages[name] = target.load_state_dict(checkpoint[name])
+    for name in run_variables or {}:
+        if name in checkpoint:
+            run_variables[name] = checkpoint[name]
+    return messages

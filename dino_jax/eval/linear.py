@@ -110,6 +110,12 @@ def _steps_per_epoch(num_train: int, batch_size: int) -> int:
     return -(-num_train // batch_size)
 
 
+def minibatch_order(shuffle_key, epoch_index, num_train: int) -> jax.Array:
+    """The order of the train rows in epoch `epoch_index`: consecutive runs of the minibatch size
+    are the minibatches, the last one shorter when the batch size does not divide `num_train`."""
+    return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
+
+
 @functools.partial(jax.jit, static_argnames=("dim", "num_classes", "epochs", "steps_per_epoch"))
 def _initial_state(key, learning_rates_L, *, dim: int, num_classes: int, epochs: int, steps_per_epoch: int):
     """`(params, opt_state)` of every rate (leading axis L), all from the same initial weights, and
@@ -210,7 +216,7 @@ def _epoch(
         top5 = jnp.sum(jnp.any(top5_MxK == test_y_M[:, None], axis=1))
         return top1, top5, loss
 
-    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
+    order = minibatch_order(shuffle_key, epoch_index, num_train)
     index_SxB = jnp.pad(order, (0, padded - num_train)).reshape(steps_per_epoch, batch_size)
     mask_SxB = (jnp.arange(padded) < num_train).reshape(steps_per_epoch, batch_size)
     (params, opt_state), (loss_sums, corrects, counts) = jax.lax.scan(

@@ -7,7 +7,6 @@ tables of `torch_keys` say which tensor is which and how its layout changes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -218,16 +217,19 @@ def dino_to_torch(
     return out
 
 
-def reference_args(vit_config: ViTConfig, head_config: HeadConfig) -> argparse.Namespace:
-    """The model-describing options of the reference's `args`, for an exported checkpoint."""
-    return argparse.Namespace(
-        arch=f"vit_{_variant_name(vit_config)}",
-        patch_size=vit_config.patch_size,
-        out_dim=head_config.out_dim,
-        norm_last_layer=head_config.norm_last_layer,
-        use_bn_in_head=head_config.use_bn,
-        drop_path_rate=vit_config.drop_path_rate,
-    )
+def reference_args(vit_config: ViTConfig, head_config: HeadConfig) -> dict[str, Any]:
+    """The model-describing options of the reference's `args`, for an exported checkpoint, as a
+    dict of plain str/int/float/bool: the reference pickles an `argparse.Namespace` there, which
+    `torch.load` refuses by default since PyTorch 2.6 (`weights_only=True`); its resume never
+    reads `args`, and our importer reads either form."""
+    return {
+        "arch": f"vit_{_variant_name(vit_config)}",
+        "patch_size": int(vit_config.patch_size),
+        "out_dim": int(head_config.out_dim),
+        "norm_last_layer": bool(head_config.norm_last_layer),
+        "use_bn_in_head": bool(head_config.use_bn),
+        "drop_path_rate": float(vit_config.drop_path_rate),
+    }
 
 
 def _variant_name(config: ViTConfig) -> str:
@@ -254,8 +256,9 @@ def training_checkpoint(
 ) -> dict[str, Any]:
     """The reference's `checkpoint.pth` layout: `student` under `module.` (DDP), `teacher` bare
     (under `module.` too when the head has BatchNorm, as the reference then wraps it in DDP),
-    `dino_loss.center`, `epoch`; `args` holds the options that describe the model. No optimizer
-    state: the reference's resume tolerates its absence and starts the optimizer fresh."""
+    `dino_loss.center`, `epoch`; `args` holds the options that describe the model, as plain
+    types, so the file loads with `torch.load(weights_only=True)`. No optimizer state: the
+    reference's resume tolerates its absence and starts the optimizer fresh."""
     student_sd = {"module." + k: v for k, v in dino_to_torch(student, vit_config, head_config).items()}
     teacher_prefix = "module." if head_config.use_bn else ""
     teacher_sd = {teacher_prefix + k: v for k, v in dino_to_torch(teacher, vit_config, head_config).items()}

@@ -56,18 +56,42 @@ def _reference_safe_globals() -> list:
     return [argparse.Namespace, scalar, np.dtype, *dtype_classes]
 
 
+def _check_readable(path: str) -> None:
+    """A FileNotFoundError, IsADirectoryError or PermissionError that names the checkpoint, before
+    torch or safetensors say it their way."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a folder; expected a .pth or .safetensors file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError as error:
+        raise PermissionError(f"checkpoint {path} cannot be read: permission denied") from error
+
+
+def _damaged(path: str) -> CheckpointFormatError:
+    kind = "safetensors" if path.endswith(".safetensors") else "PyTorch"
+    return CheckpointFormatError(
+        f"{path} cannot be read as a {kind} checkpoint: the file is truncated, damaged or in another format"
+    )
+
+
 def read_checkpoint_file(path: str) -> dict[str, Any]:
     """Reads a `.pth` (weights-only unpickling) or `.safetensors` file into nested dicts of numpy.
 
     A training checkpoint's `args` (an argparse.Namespace) becomes a dict. A `.safetensors` file
     whose keys start with `student.`, `teacher.` or `dino_loss.` is nested under those names.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_readable(path)
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        flat = load_file(path)
+        try:
+            flat = load_file(path)
+        except SafetensorError as error:
+            raise _damaged(path) from error
         nested: dict[str, Any] = {}
         for key, value in flat.items():
             top, _, rest = key.partition(".")
@@ -83,12 +107,19 @@ def read_checkpoint_file(path: str) -> dict[str, Any]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # a bare pickle (protocol 2+) rather than torch's zip
+        if found is None and not is_pickle:
+            raise _damaged(path) from error
         what = f"'{found.group(1)}'" if found else "code or objects"
         raise UnsafeCheckpointError(
-            f"refused to load {path}: its pickle refers to {what}, which a weights-only load does "
-            f"not allow, and this loader never runs code from a checkpoint. If you trust the file, "
-            f"re-save just its tensors (a state dict) or convert it to .safetensors"
+            f"refused to load {path}: its pickle refers to {what}, which a weights-only load does not "
+            f"allow, and this loader never runs code from a checkpoint. If you trust the file, re-save "
+            f"just its tensors (a state dict) or convert it to .safetensors"
         ) from error
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+        # What torch.load raises on a truncated zip, an empty file or bytes of another format.
+        raise _damaged(path) from error
     if not isinstance(raw, Mapping):
         raise CheckpointFormatError(
             f"{path} holds a {type(raw).__name__}; expected a dict (a state dict or a training "

@@ -13,6 +13,7 @@ from dino_jax.data import pipeline
 from dino_jax.data.image_files import ImageFileSource, image_files
 from dino_jax.eval.features import extract_features, make_feature_fn
 from dino_jax.interop.load import load_checkpoint
+from dino_jax.modes.paths import check_output_file
 
 
 def run(
@@ -30,9 +31,11 @@ def run(
     Pixels are normalised with the statistics the checkpoint was trained with (ImageNet's for
     PyTorch checkpoints, as in the reference; the run's config for a dino_jax workdir).
     """
+    # Every input and output checked before the checkpoint is read.
+    check_output_file(out_npz, "the embeddings")
+    files = image_files(image_paths)
     loaded = load_checkpoint(checkpoint)
     graphdef, params = loaded.backbone(network)
-    files = image_files(image_paths)
     # Every batch padded to one shape (one compilation), no larger than the files need, and
     # divisible by the devices the batch is split over.
     devices = jax.local_device_count()

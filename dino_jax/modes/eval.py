@@ -9,6 +9,7 @@ import ml_collections
 
 from dino_jax import config as config_lib, evaluation
 from dino_jax.interop.load import load_checkpoint
+from dino_jax.modes.paths import check_output_folder
 
 
 def config_for(checkpoint: str, config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
@@ -27,6 +28,7 @@ def run(config: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str)
     with `config` (default: the workdir's own); writes `out_dir/results.json` and `results.md`."""
     config = config_for(checkpoint, config)
     config_lib.validate(config)
+    check_output_folder(out_dir, "the results")
     loaded = load_checkpoint(checkpoint)
     graphdef, params = loaded.backbone()
     vit_config = loaded.vit_config
