@@ -1,4 +1,4 @@
-"""The DINO loss with centering, and collapse monitors (REFERENCE.md §2.2).
+"""The DINO loss with centering, and collapse monitors (docs/reference.md, "The loss and the center").
 
 Pure functions of arrays. Row layout is crop-major, as in the reference: the student's logits are
 `[g1 (B rows), g2, l1, ..., lL]` and the teacher's `[g1, g2]`.

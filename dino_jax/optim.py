@@ -1,4 +1,4 @@
-"""The reference's update rule as one optax transformation (REFERENCE.md §2.6).
+"""The reference's update rule as one optax transformation (docs/reference.md, "One training iteration").
 
     per-tensor gradient clip -> AdamW per parameter group -> (last layer held during freeze)
 
