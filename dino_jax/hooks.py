@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from dino_jax import loss_scale
 from dino_jax.models import dino
 
 
@@ -182,12 +183,24 @@ class LogMetrics(Hook):
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
-    if not math.isfinite(metrics["loss"]):
+    """Raises NonFiniteLossError for a non-finite loss, except on a float16 step the loss scaling
+    skipped while it can still lower the scale (nothing was applied; the next steps retry)."""
+    if math.isfinite(metrics["loss"]):
+        return
+    if metrics.get("skipped_step") and metrics.get("loss_scale", loss_scale.MIN_SCALE) > loss_scale.MIN_SCALE:
+        return
+    if "loss_scale" in metrics:
         raise NonFiniteLossError(
-            f"loss is {metrics['loss']} at step {step}; stopping without saving this state. The last "
-            "checkpoint in the workdir is intact. Lower train.lr, raise train.clip_grad's effect "
-            "(smaller value) or use model.dtype=float32."
+            f"loss is {metrics['loss']} at step {step} under float16 with the loss scale at its minimum "
+            f"({loss_scale.MIN_SCALE:g}): the forward pass itself overflows float16, which scaling cannot "
+            "fix. The last checkpoint in the workdir is intact. Use model.dtype=bfloat16 where the "
+            "accelerator has it (A100, H100, TPU), or float32."
         )
+    raise NonFiniteLossError(
+        f"loss is {metrics['loss']} at step {step}; stopping without saving this state. The last "
+        "checkpoint in the workdir is intact. Lower train.lr, raise train.clip_grad's effect "
+        "(smaller value) or use model.dtype=float32."
+    )
 
 
 class NonFiniteGuard(Hook):

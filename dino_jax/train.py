@@ -85,7 +85,12 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
         norm_last_layer=config.head.norm_last_layer,
     )
     graphdef, state = state_lib.create_train_state(
-        build_model_fn(config), tx, out_dim=config.head.out_dim, seed=config.seed, mesh=mesh
+        build_model_fn(config),
+        tx,
+        out_dim=config.head.out_dim,
+        seed=config.seed,
+        mesh=mesh,
+        compute_dtype=config.model.dtype,
     )
     crop_config = config_lib.crop_config(config)
     device_augment = None
@@ -102,6 +107,7 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
         student_temp=t.student_temp,
         center_momentum=t.center_momentum,
         device_augment=device_augment,
+        freeze_last_layer_steps=plan.freeze_last_layer_steps,
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))

@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depth = 0
     c.model.num_heads = 0
     c.model.drop_path_rate = 0.1  # student only; the teacher never drops paths
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (with loss scaling); parameters stay float32
 
     c.head = ml_collections.ConfigDict()
     c.head.out_dim = 65536
