@@ -6,6 +6,7 @@ python launch.py --mode=eval --config=configs/cifar100.py --checkpoint=dino.pth 
 python launch.py --mode=visualize --workdir=runs/c100 --images=a.jpg,b.png        # attention maps
 python launch.py --mode=convert --from=checkpoint.pth --to=runs/converted         # PyTorch <-> ours
 python launch.py --mode=embed --checkpoint=runs/c100 --images=photos/ --out=emb.npz
+python launch.py --mode=report --workdir=runs/c100                                # report.html of a run
 """
 
 import os
@@ -22,13 +23,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 # The modes and the flags each needs; `checkpoint` is --checkpoint or else --workdir.
 _NEEDS = {"train": ("config", "workdir"), "eval": ("workdir",), "visualize": ("workdir", "images")}
-_NEEDS.update({"convert": ("from", "to"), "embed": ("checkpoint", "images", "out")})
+_NEEDS.update({"convert": ("from", "to"), "embed": ("checkpoint", "images", "out"), "report": ("workdir",)})
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
     list(_NEEDS),
     "train: train then evaluate; eval: evaluate a checkpoint; visualize: attention maps of --images; "
-    "convert: --from -> --to between PyTorch files and our checkpoints; embed: CLS features of --images.",
+    "convert: --from -> --to between PyTorch files and our checkpoints; embed: CLS features of --images; "
+    "report: report.html and figures of the training run in --workdir (finished or not).",
 )
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results, figures.")
 flags.DEFINE_string(
@@ -66,7 +68,7 @@ def main(argv):
     if missing:
         sys.exit(f"error: --mode={mode} needs {', '.join(missing)}")
     from dino_jax import errors, train
-    from dino_jax.modes import convert, embed, eval as eval_mode, visualize
+    from dino_jax.modes import convert, embed, eval as eval_mode, report, visualize
 
     try:
         if mode == "train":
@@ -75,6 +77,8 @@ def main(argv):
             eval_mode.run(config, checkpoint, f.workdir)
         elif mode == "visualize":
             visualize.run(checkpoint, f.images, os.path.join(f.workdir, "attention"))
+        elif mode == "report":
+            report.run(f.workdir, config=config)
         elif mode == "convert":
             print(convert.run(f["from"].value, f.to, backbone_only=f.backbone_only))
         else:
