@@ -247,13 +247,16 @@ def feature_map_projections(features_NxD: np.ndarray, *, log=lambda message: Non
         return projections
     try:
         from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits
     except ImportError:
         log("note: no t-SNE map (scikit-learn is not installed)")
     else:
         perplexity = min(30.0, (len(features) - 1) / 3)
-        projections["tsne"] = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(
-            features
-        )
+        # One thread: on a busy machine its OpenMP threads wait on each other (30x slower, measured).
+        with threadpool_limits(1):
+            projections["tsne"] = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(
+                features
+            )
     try:
         import umap
     except ImportError:
