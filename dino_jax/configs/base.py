@@ -173,3 +173,4 @@ def shrink_for_smoke_test(c: ml_collections.ConfigDict) -> None:
     c.train.log_every_steps = 5
     c.eval.linear_epochs = 10
     c.eval.fewshot_episodes = 60
+    c.eval.monitor_train_images, c.eval.monitor_test_images = 1000, 200

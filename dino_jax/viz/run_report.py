@@ -22,12 +22,14 @@ import glob
 import html
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from dino_jax import config as config_lib, hooks
+from dino_jax import config as config_lib
+from dino_jax import hooks
 from dino_jax.data import sources
 from dino_jax.eval import report as results_report
 from dino_jax.viz.attention import agg_figure
@@ -345,9 +347,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _results_tables(results: Mapping[str, float], config) -> str:
+def _results_tables(results: Mapping[str, float], config, *, evaluated: bool) -> str:
     name = config.dataset.name
-    parts = []
+    parts = (
+        []
+        if evaluated
+        else ["<p>No evaluation yet: it runs when training ends (or <code>--mode=eval</code>).</p>"]
+    )
     ks = [k for k in config.eval.knn_ks if f"knn_k{k}_top1" in results]
     if ks:
         parts.append("<h3>Weighted kNN of the teacher (whole splits)</h3>")
@@ -389,7 +395,7 @@ def _results_tables(results: Mapping[str, float], config) -> str:
         )
     else:
         parts.append(f"<p>The project this replaces gives no figure for {html.escape(name)}.</p>")
-    return "\n".join(parts) if parts else "<p>No evaluation yet (it runs when training ends).</p>"
+    return "\n".join(parts)
 
 
 def _monitor_table(monitor_rows, config, *, max_rows: int = 40) -> str:
@@ -471,7 +477,7 @@ def _page(
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
     parts.append(_table(["", ""], summary))
     parts.append("<h2>Results</h2>")
-    parts.append(_results_tables(results, config))
+    parts.append(_results_tables(results, config, evaluated=evaluated))
     parts.append("<h2>Training</h2>")
     if not train_rows:
         parts.append("<p>No logged step yet (metrics.jsonl is empty or missing).</p>")
