@@ -21,9 +21,11 @@ What survives what:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import sys
+import traceback
 from typing import Any, Callable
 
 import grain
@@ -249,11 +251,26 @@ def _brief(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class _DropOrbaxOrphanTaskErrors(logging.Filter):
+    """asyncio logs "Task exception was never retrieved" (with a traceback) for each of orbax's
+    parallel reads that failed after the first failure was raised; the first is reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
 def _quiet_closed_event_loop_noise() -> None:
     """When a read or write fails inside orbax (a damaged checkpoint, a full disk), orbax closes
     its event loop while tensorstore finishes the other reads or writes, and each of them reports
-    "Event loop is closed" through `sys.unraisablehook`: a screen of harmless tracebacks around the
-    one message that matters. From the first use of orbax on, this drops those, and only those."""
+    "Event loop is closed" through `sys.unraisablehook`, or asyncio logs it as a task exception
+    never retrieved: a screen of harmless tracebacks around the one message that matters. From the
+    first use of orbax on, this drops those, and only those."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxOrphanTaskErrors) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropOrbaxOrphanTaskErrors())
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_event_loop_noise", False):
         return
