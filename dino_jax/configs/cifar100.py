@@ -2,6 +2,7 @@
 
     python launch.py --config=configs/cifar100.py --workdir=runs/cifar100
     python launch.py --config=configs/cifar100.py:smoke --workdir=/tmp/smoke   # a minute, to try
+    dino-jax --config=cifar100 --workdir=runs/cifar100   # installed (pip install .), from any directory
 
 Target (the PyTorch project this replaces, ViT-Tiny, 100-300 epochs): kNN(k=5) 59.34%, linear
 61.0%; STL-10 transfer kNN 63.40%, linear 64.12%, 5-shot 56.97%. The dataset is prepared by TFDS on

@@ -1,6 +1,7 @@
 """DINO on the 8x8 digits that scikit-learn ships (upsampled to 32 px): offline, minutes on a CPU.
 
     python launch.py --config=configs/digits.py --workdir=runs/digits
+    dino-jax --config=digits --workdir=runs/digits   # installed (pip install .), from any directory
 
 Expected on a 2-core CPU (docs/results.md has the measured run): kNN(k=20) about 85-90% against
 about 75-80% for the same network untrained, in under 15 minutes including evaluation.

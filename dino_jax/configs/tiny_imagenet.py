@@ -2,6 +2,7 @@
 
     python launch.py --config=configs/tiny_imagenet.py --workdir=runs/tiny_imagenet
     python launch.py --config=configs/tiny_imagenet.py:smoke --workdir=/tmp/smoke   # to try
+    dino-jax --config=tiny_imagenet --workdir=runs/tiny_imagenet   # installed (pip install .), from any directory
 
 Data: our TFDS builder over the official tiny-imagenet-200.zip (dino_jax/data/tiny_imagenet.py).
 It is downloaded (and its md5 checked) on first use where there is internet; offline, put the zip
