@@ -140,7 +140,10 @@ def started_from_command_line() -> bool:
 
 def default_command() -> str:
     """The command line of this process, shell-quoted: `dino-jax ...` as typed for the installed
-    command (whose sys.argv[0] is its full path), else `python ...`."""
+    command (whose sys.argv[0] is its full path), else `python ...`; in a notebook, which has no
+    command line of its own, a pointer to the run's config.json."""
+    if "ipykernel" in sys.modules:  # a Jupyter or Colab kernel: its command line says nothing of the run
+        return "a notebook (the settings: config.json)"
     words = [shlex.quote(arg) for arg in sys.argv]
     if os.path.basename(sys.argv[0]) == CONSOLE_COMMAND:
         return " ".join([CONSOLE_COMMAND, *words[1:]])
