@@ -358,7 +358,7 @@ class StopSignals:
 def interrupted_message(trainer: Trainer) -> str:
     """Where an interrupted run stopped, and the command that continues it."""
     step = int(trainer.state.step)
-    if os.path.basename(sys.argv[0]) == "launch.py":
+    if report.started_from_command_line():
         again = f"run the same command again:\n  {report.default_command()}"
     else:
         again = f"call train.run with the same config and workdir ({trainer.workdir}) again"

@@ -1,8 +1,9 @@
 """Every config key and its default: the one schema of a run.
 
-The recipes in the repository's `configs/` start from `get_config()` and change what their dataset
-needs. Every key exists here, so a misspelled key in a recipe or in `--config.x=y` fails (the
-config is locked); `dino_jax/config.py` checks the values and turns them into typed specs, and
+The recipes beside this file (`cifar100.py`, `digits.py`, `tiny_imagenet.py`; `configs/` in a
+checkout re-exports them) start from `get_config()` and change what their dataset needs. Every key
+exists here, so a misspelled key in a recipe or in `--config.x=y` fails (the config is locked);
+`dino_jax/config.py` checks the values and turns them into typed specs, and
 `config.load_run_config` reads a run's saved `config.json` onto these defaults. The defaults are the
 reference's (`main_dino.py`, `eval_knn.py`, `eval_linear.py`; docs/reference.md) where they make
 sense for every dataset.
