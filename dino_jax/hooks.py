@@ -448,6 +448,9 @@ class KnnMonitor(Hook):
         return f"monitor_{network}_knn_k{self.k}_top{top}"
 
     def on_state(self, step: int, state) -> StateResults:
+        # The steps dispatched since the last fetched metrics may still be computing: they finish
+        # before the clock starts, so `monitor_seconds` is the monitor's own time, not theirs.
+        jax.block_until_ready([getattr(state, network) for network in self.networks])
         started = time.perf_counter()
         scalars = {}
         for network in self.networks:

@@ -152,3 +152,26 @@ def test_the_knn_monitor_measures_teacher_and_student_and_logs_a_row(capsys):
         "kNN monitor at step 5: k=20 top-1 teacher 43.00%, student 44.00% (untrained 41.00%)"
     )
     assert math.isfinite(results.scalars["monitor_seconds"])
+
+
+def test_the_knn_monitor_times_itself_only_once_the_queued_steps_have_finished(monkeypatch):
+    # Steps are dispatched asynchronously; a monitor call that started its clock at once would be
+    # charged with the computation of every step queued since the last fetched metrics.
+    from tests import train_helpers
+
+    parts, _ = train_helpers.build(train_helpers.tiny_config())
+    events = []
+    monkeypatch.setattr(hooks.jax, "block_until_ready", lambda tree: events.append(("ready", len(tree))))
+    clock = iter(range(100))
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
+
+    def knn_fn(vit_graphdef, params):
+        events.append("knn")
+        return {"knn_k20_top1": 40.0, "knn_k20_top5": 90.0}
+
+    monitor = hooks.KnnMonitor(
+        parts.graphdef, knn_fn, every_steps=5, k=20, num_train=10, num_test=5, networks=("teacher", "student")
+    )
+    results = monitor.on_state(5, parts.state)
+    assert events == [("ready", 2), "clock", "knn", "knn", "clock"]
+    assert results.scalars["monitor_seconds"] == 1.0
