@@ -9,6 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from dino_jax import hooks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 NOTEBOOKS = sorted(name for name in os.listdir(NOTEBOOK_DIR) if name.endswith(".ipynb"))
@@ -82,8 +84,14 @@ def test_quickstart_trains_shows_curves_and_attention_and_evaluates(quickstart):
     assert "dino_jax is importable here: nothing to install" in text
     assert "knn_k20_top1" in text and "random_init_knn_k20_top1" in text
     assert "Weighted kNN" in text and "Command: `a notebook" in text  # results.md, displayed
+    assert "no TensorBoard here" in text  # not installed here; Colab has it
     assert images_shown(notebook) == 2  # the curves, the first and last attention panels
-    assert sorted(os.listdir(os.path.join(workdir, "attention"))) == ["step_0000003.png", "step_0000006.png"]
+    # The kNN monitor every 3 steps (the smoke run's 6 steps are less than an epoch) and its panels.
+    monitor_steps = [row["step"] for row in hooks.read_metrics(workdir) if "monitor_seconds" in row]
+    assert monitor_steps == [0, 3, 6]
+    panels = ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
+    assert sorted(os.listdir(os.path.join(workdir, "attention"))) == panels
+    assert os.path.exists(os.path.join(workdir, "report.html"))
 
 
 def test_pytorch_interop_matches_pytorch_and_exports_back(quickstart, tmp_path):
@@ -103,4 +111,7 @@ def test_report_opens_the_quickstart_run(quickstart):
     text = text_of(notebook)
     assert "| knn_k20_top1 |" in text  # trained against untrained
     assert "logged steps, up to step 6" in text
-    assert images_shown(notebook) == 3  # main curves, the other metrics, the attention panels
+    assert f"wrote {workdir}/report.html" in text  # written again from the notebook
+    # Main curves with the kNN monitor, the other metrics, the attention panels, then the report's
+    # kNN curve and feature map.
+    assert images_shown(notebook) == 5

@@ -57,3 +57,22 @@ def test_attention_panels_by_step_and_a_spread_of_them(tmp_path):
     assert [axis.get_title() for axis in figure.axes] == ["step 5", "step 10"]
     np.testing.assert_allclose(figure.get_size_inches(), [4.0, 4.0])  # two 2 x 4 inch panels in a row
     assert progress.attention_panels(str(tmp_path / "nothing")) == []
+
+
+def test_the_knn_monitor_rows_between_the_logged_steps_draw_whole_lines(tmp_path):
+    # As a run writes them: the monitor's rows (its metrics only) between the logged steps' rows.
+    rows = [{"step": 0, "monitor_teacher_knn_k20_top1": 60.0, "monitor_seconds": 1.0}]
+    for step in (2, 4, 6):
+        rows.append({"step": step, "loss": 7.0 - step / 2, "lr": 1e-3})
+        rows.append({"step": step, "monitor_teacher_knn_k20_top1": 60.0 + step, "monitor_seconds": 1.0})
+    write_rows(tmp_path, rows)
+    metrics = progress.read_metrics(str(tmp_path))
+    assert progress.knn_curves(metrics) == ["monitor_teacher_knn_k20_top1"]
+    figure = progress.plot_curves(metrics)
+    titles = [axis.get_title() for axis in figure.axes if axis.axison]
+    assert titles == ["loss", "lr", "monitor_teacher_knn_k20_top1"]
+    loss, knn = figure.axes[0].lines[0], figure.axes[2].lines[0]
+    np.testing.assert_array_equal(loss.get_xdata(), [2, 4, 6])
+    np.testing.assert_array_equal(loss.get_ydata(), [6.0, 5.0, 4.0])
+    np.testing.assert_array_equal(knn.get_xdata(), [0, 2, 4, 6])
+    np.testing.assert_array_equal(knn.get_ydata(), [60.0, 62.0, 64.0, 66.0])
