@@ -113,7 +113,9 @@ def test_dino_jax_command_lists_its_flags(installed, tmp_path):
     out = outside_the_repository([str(installed / "dino-jax"), "--helpfull"], tmp_path)
     for flag in ("--config", "--mode", "--workdir", "--checkpoint", "--[no]backbone_only"):
         assert flag in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "train: train then evaluate" in out.stdout
+    help_text = " ".join(out.stdout.split())  # absl wraps the help at its own width
+    assert "train: train then evaluate" in help_text
+    assert "report: report.html and figures of the training run in --workdir" in help_text
 
 
 def test_dino_jax_command_trains_a_recipe_by_name_outside_the_repository(
