@@ -199,10 +199,10 @@ def panel_figure(panels: Sequence[Panel], *, columns: int = 2):
     for index, panel in enumerate(panels):
         axes = figure.add_subplot(rows, columns, index + 1)
         for series in panel.series:
-            marker = "o" if len(series.steps) < 30 and series.style in ("-", "--") else None
-            axes.plot(
-                series.steps, series.values, series.style, label=series.label, marker=marker, markersize=3
-            )
+            # Points on a short line; a marker-only style ("s") keeps its own marker (marker=None
+            # would erase it).
+            marker = {"marker": "o"} if len(series.steps) < 30 and series.style in ("-", "--") else {}
+            axes.plot(series.steps, series.values, series.style, label=series.label, markersize=3, **marker)
         for value, label in panel.hlines:
             axes.axhline(value, color="grey", linestyle=":", linewidth=1, label=label)
         if panel.log_y and all(np.all(series.values > 0) for series in panel.series):
