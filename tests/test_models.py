@@ -58,8 +58,8 @@ def test_variants_and_validation():
         ViTConfig.from_variant("huge")
     with pytest.raises(ValueError, match="not a positive multiple of patch_size 5"):
         ViTConfig(image_size=16, patch_size=5, embed_dim=32, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="dtype 'float16'"):
-        ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, dtype="float16")
+    with pytest.raises(ValueError, match="dtype 'float64'"):
+        ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, dtype="float64")
 
 
 def test_output_shapes(tiny_vit):

@@ -29,3 +29,30 @@ def test_without_torch_the_other_tests_run_and_ci_fails_on_the_skipped_parity_te
     stopped = re.findall(r"^ERROR (\S+)", out.stdout, flags=re.MULTILINE)
     assert stopped and all("test_update_rule_matches_torch_adamw" in name for name in stopped), stopped
     assert out.stdout.count("CI=true: a parity test was skipped (Skipped: needs torch") >= 2
+
+
+def test_without_torch_a_module_that_skips_itself_fails_collection_under_ci(tmp_path):
+    """The collection hook: a test module that skips itself for want of torch (an importorskip at
+    module level) is an error under CI=true, not a quiet skip."""
+    (tmp_path / "torch.py").write_text('raise ImportError("torch hidden for this test")\n')
+    env = dict(os.environ, CI="true", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "--collect-only",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_init_from.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode != 0 and "1 error" in out.stdout, out.stdout[-3000:]
+    assert "CI=true: a parity test was skipped" in out.stdout, out.stdout[-3000:]
