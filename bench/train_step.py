@@ -1,7 +1,8 @@
 """Benchmark of one DINO training step: our jitted, donated step against the PyTorch reference's.
 
-    python bench/train_step.py                   # both configs, ~3-5 minutes on a 2-core CPU
-    python bench/train_step.py --only digits --steps 5 --warmup 1   # seconds (a smoke run)
+    python bench/train_step.py                   # all rows with their phases, ~20-30 minutes on a 2-core CPU
+    python bench/train_step.py --only cifar      # the two CIFAR rows
+    python bench/train_step.py --only digits --steps 5 --warmup 1 --phase-reps 0   # a smoke run
 
 Ours: `train.build_training(config, ...)`'s `step_fn` (jit, state donated) on uint8 crops already
 placed on the device, exactly what `Trainer.train` calls once per step. Baseline:
@@ -16,8 +17,10 @@ Configs:
 1. `digits`: `configs/digits.py` as it is (96-d, 4 blocks, 3 heads, patch 4, head 1024/256/2048
    with BatchNorm, batch 64, 2x32 + 6x16 crops).
 2. `cifar`: `configs/cifar100.py` (ViT-Tiny/4, 192-d, 12 blocks, out_dim 65536, 2x32 + 8x16 crops)
-   at batch `--cifar-batch` (16), with the crops made on the host so that both sides get the same
+   at batch `--cifar-batch` (64), with the crops made on the host so that both sides get the same
    ones (the recipe crops on the device, inside the step; augmentation is not timed here).
+3. `cifar_k4096`: the same with out_dim 4096 (`--cifar-out-dims` picks the CIFAR rows), where the
+   backbone weighs more than the 65536-wide last layer.
 
 Two changes to both recipes, applied to both sides: `train.freeze_last_layer = 0`, so every timed
 step updates the last layer (the steady state of a run; the freeze lasts one epoch of 100-200),
@@ -31,9 +34,19 @@ step times are medians over the next `--steps`. Threads: `--threads N` pins the 
 (XLA sizes its thread pool from the cores it may use; for N = 1 its Eigen pool is also switched
 off) and sets torch's intra-op threads to N.
 
+Phases (`--phase-reps` > 0): after the steps, the pieces of one step are timed apart on the inputs
+of the last step, interleaved ours / torch, median of `--phase-reps` calls (ours compiled first):
+ours jits `train_step`'s own functions one at a time (`teacher_forward`, `student_loss`, its
+`value_and_grad`, the optimiser's `update` + `apply_updates`, `optim.ema`, `losses.update_center`,
+`norm_metrics`); the reference times the same statements of `train_iteration` (teacher forward;
+student forward + loss; zero_grad + forward + loss + backward; clip + freeze + `optimizer.step`;
+`ema_teacher`; `update_center`; it computes no metrics). A piece jitted alone cannot fuse with its
+neighbours, so ours' phases need not add up to its step.
+
 The last line of stdout is one JSON object: times in seconds (`_s`), throughputs (`_per_s`),
 `_speedup` = torch step time / our step time, and `_loss_max_rel_diff`, the largest
-|ours - torch| / |torch| of the per-step loss over all steps.
+|ours - torch| / |torch| of the per-step loss over all steps; phases as `<row>_<side>_<phase>_s`.
+A table of the phases is printed to stdout before it.
 """
 
 from __future__ import annotations
@@ -51,7 +64,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIG_NAMES = ("digits", "cifar")
+RECIPE_CIFAR_OUT_DIM = 65536  # the row named plain `cifar`; other out_dims are `cifar_k<out_dim>`
 NUM_TRAIN_EXAMPLES = {"digits": 1437, "cifar": 50000}  # sets steps per epoch, hence the schedules
+PHASES = (
+    "teacher_forward",
+    "student_forward_loss",
+    "student_forward_backward",
+    "optimizer",
+    "ema",
+    "center",
+    "metrics",
+)
 
 
 def parse_args():
@@ -59,13 +82,33 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=0, help="cores / threads per side (default: all)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per config and side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (>= 1: compilation)")
-    parser.add_argument("--only", choices=CONFIG_NAMES, help="run one config")
-    parser.add_argument("--cifar-batch", type=int, default=16)
+    parser.add_argument("--only", choices=CONFIG_NAMES, help="run one config (cifar: all its rows)")
+    parser.add_argument("--cifar-batch", type=int, default=64)
+    parser.add_argument(
+        "--cifar-out-dims", default="65536,4096", help="comma-separated head out_dims, one CIFAR row each"
+    )
+    parser.add_argument(
+        "--phase-reps", type=int, default=3, help="timed calls per phase and side (0: no phase breakdown)"
+    )
     parser.add_argument("--no-drop-path", action="store_true", help="stochastic depth off on both sides")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup {args.warmup} / --steps {args.steps}: expected at least 1 each")
+    args.cifar_out_dims = [int(d) for d in args.cifar_out_dims.split(",")]
     return args
+
+
+def row_names(args) -> list[tuple[str, str, int | None]]:
+    """(row name, config name, head out_dim override) of every row to run, in order."""
+    rows = []
+    for name in (args.only,) if args.only else CONFIG_NAMES:
+        if name != "cifar":
+            rows.append((name, name, None))
+            continue
+        for out_dim in args.cifar_out_dims:
+            row = "cifar" if out_dim == RECIPE_CIFAR_OUT_DIM else f"cifar_k{out_dim}"
+            rows.append((row, name, out_dim))
+    return rows
 
 
 def limit_threads(threads: int) -> int:
@@ -82,7 +125,7 @@ def limit_threads(threads: int) -> int:
     return threads
 
 
-def make_config(name: str, args):
+def make_config(name: str, args, out_dim: int | None = None):
     from configs import cifar100, digits
     from dino_jax import config as config_lib
 
@@ -92,6 +135,8 @@ def make_config(name: str, args):
         config = cifar100.get_config()
         config.augment.on = "host"
         config.train.batch_size = args.cifar_batch
+    if out_dim is not None:
+        config.head.out_dim = out_dim
     config.train.freeze_last_layer = 0
     if args.no_drop_path:
         config.model.drop_path_rate = 0.0
@@ -207,14 +252,140 @@ class TorchReference:
         )
 
 
-def run_config(name: str, args, report: dict) -> None:
+def our_phases(parts, config, state, batch) -> dict[str, object]:
+    """Each piece of our step, jitted alone: phase -> a callable without arguments that runs it
+    on `state` and `batch` (the state is not donated) and waits for its result."""
+    import jax
+    import optax
+
+    from dino_jax import losses, optim, schedules as schedules_lib, train_step as step_lib
+
+    graphdef, tx, schedules = parts.graphdef, parts.tx, parts.schedules
+    mean, std, t = config.dataset.mean, config.dataset.std, config.train
+    num_crops = 2 + config.augment.num_local_crops
+    crop_groups = jax.jit(lambda g, l: step_lib.normalized_crop_groups(g, l, mean, std))(
+        batch["global_crops"], batch["local_crops"]
+    )
+    teacher_temperature = schedules_lib.lookup(schedules.teacher_temperature, 0)
+    drop_path_rng = jax.random.key(1)
+
+    def loss_fn(student_params, teacher_logits):
+        return step_lib.student_loss(
+            graphdef,
+            student_params,
+            crop_groups,
+            teacher_logits,
+            state.center,
+            num_crops=num_crops,
+            teacher_temperature=teacher_temperature,
+            student_temperature=t.student_temp,
+            drop_path_rng=drop_path_rng,
+        )
+
+    def optimizer_update(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), updates, opt_state
+
+    teacher_forward = jax.jit(lambda params, group: step_lib.teacher_forward(graphdef, params, group))
+    forward_loss = jax.jit(loss_fn)
+    forward_backward = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    update = jax.jit(optimizer_update)
+    ema = jax.jit(optim.ema)
+    center = jax.jit(lambda c, logits: losses.update_center(c, logits, t.center_momentum))
+    metrics = jax.jit(step_lib.norm_metrics)
+
+    teacher_logits = teacher_forward(state.teacher, crop_groups[0])
+    _, grads = forward_backward(state.student, teacher_logits)
+    student, updates, _ = update(grads, state.opt_state, state.student)
+    momentum = jax.numpy.float32(0.996)
+    done = jax.block_until_ready
+    return {
+        "teacher_forward": lambda: done(teacher_forward(state.teacher, crop_groups[0])),
+        "student_forward_loss": lambda: done(forward_loss(state.student, teacher_logits)),
+        "student_forward_backward": lambda: done(forward_backward(state.student, teacher_logits)),
+        "optimizer": lambda: done(update(grads, state.opt_state, state.student)),
+        "ema": lambda: done(ema(state.teacher, student, momentum)),
+        "center": lambda: done(center(state.center, teacher_logits)),
+        "metrics": lambda: done(metrics(grads, updates, student)),
+    }
+
+
+def torch_phases(torch, ref, reference, crops, it: int) -> dict[str, object]:
+    """The same pieces of `train_iteration`, on the reference's networks as the steps left them."""
+    epoch = it // reference.steps_per_epoch
+    student, teacher, dino_loss = reference.student, reference.teacher, reference.loss
+    teacher_output = teacher(crops[:2])
+
+    def forward_loss():
+        return dino_loss(student(crops), teacher_output, epoch)
+
+    def forward_backward():
+        reference.optimizer.zero_grad()
+        forward_loss().backward()
+
+    def optimizer_step():
+        if reference.clip_grad:
+            ref.clip_gradients(student, reference.clip_grad)
+        ref.cancel_gradients_last_layer(epoch, student, reference.freeze_last_layer)
+        reference.optimizer.step()
+
+    forward_backward()  # gradients for the optimiser phase
+    return {
+        "teacher_forward": lambda: teacher(crops[:2]),
+        "student_forward_loss": lambda: forward_loss().item(),
+        "student_forward_backward": forward_backward,
+        "optimizer": optimizer_step,
+        "ema": lambda: ref.ema_teacher(student, teacher, 0.996),
+        "center": lambda: dino_loss.update_center(teacher_output),
+    }
+
+
+def time_phases(ours: dict, theirs: dict, reps: int) -> dict[str, dict[str, float | None]]:
+    """phase -> {"ours": median s, "torch": median s or None}; ours' first call (compilation) and
+    torch's first call are not timed; the two sides alternate call by call."""
+    timings = {}
+    for phase in PHASES:
+        calls = {"ours": ours[phase], "torch": theirs.get(phase)}
+        times = {side: [] for side, call in calls.items() if call is not None}
+        for side in times:
+            calls[side]()
+        for rep in range(reps):
+            for side in sorted(times, reverse=rep % 2 == 1):
+                started = time.perf_counter()
+                calls[side]()
+                times[side].append(time.perf_counter() - started)
+        timings[phase] = {side: statistics.median(times[side]) if side in times else None for side in calls}
+        print(
+            f"  phase {phase}: "
+            + ", ".join(
+                f"{side} {value:.4f} s" for side, value in timings[phase].items() if value is not None
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+    return timings
+
+
+def print_phase_table(row: str, timings: dict, ours_step: float, torch_step: float) -> None:
+    print(f"\n{row}: phases (median s)\n| phase | ours | torch | torch / ours |\n|---|---|---|---|")
+    for phase, sides in list(timings.items()) + [("full step", {"ours": ours_step, "torch": torch_step})]:
+        ours, torch = sides["ours"], sides["torch"]
+        ratio = f"{torch / ours:.2f}" if torch is not None else "-"
+        print(
+            f"| {phase} | {ours:.4f} | {torch:.4f} | {ratio} |"
+            if torch is not None
+            else f"| {phase} | {ours:.4f} | - | - |"
+        )
+
+
+def run_config(row: str, name: str, out_dim: int | None, args, report: dict) -> None:
     import jax
     import torch
 
     from dino_jax import sharding, train
     from tests import torch_reference as ref
 
-    config = make_config(name, args)
+    config = make_config(name, args, out_dim)
     batch_size, total = config.train.batch_size, args.warmup + args.steps
     mesh = sharding.make_mesh()
     parts = train.build_training(config, NUM_TRAIN_EXAMPLES[name], mesh)
@@ -238,7 +409,7 @@ def run_config(name: str, args, report: dict) -> None:
                 torch_loss.append(reference.step(reference_batches[it], it))
                 torch_s.append(time.perf_counter() - started)
         print(
-            f"{name} step {it}{' (warm-up)' if it < args.warmup else ''}: ours {ours_s[-1]:.3f} s "
+            f"{row} step {it}{' (warm-up)' if it < args.warmup else ''}: ours {ours_s[-1]:.3f} s "
             f"loss {ours_loss[-1]:.6f} | torch {torch_s[-1]:.3f} s loss {torch_loss[-1]:.6f}",
             file=sys.stderr,
             flush=True,
@@ -250,24 +421,37 @@ def run_config(name: str, args, report: dict) -> None:
     a = config.augment
     report.update(
         {
-            f"{name}_batch": batch_size,
-            f"{name}_crops": f"2x{a.global_crop_size} + {a.num_local_crops}x{a.local_crop_size}",
-            f"{name}_drop_path_rate": config.model.drop_path_rate,
-            f"{name}_ours_first_step_s": round(ours_s[0], 3),
-            f"{name}_torch_first_step_s": round(torch_s[0], 3),
-            f"{name}_ours_warmup_s": round(sum(ours_s[: args.warmup]), 3),
-            f"{name}_torch_warmup_s": round(sum(torch_s[: args.warmup]), 3),
-            f"{name}_ours_step_s": round(ours_step, 4),
-            f"{name}_torch_step_s": round(torch_step, 4),
-            f"{name}_ours_step_min_s": round(min(ours_s[args.warmup :]), 4),
-            f"{name}_torch_step_min_s": round(min(torch_s[args.warmup :]), 4),
-            f"{name}_ours_images_per_s": round(batch_size / ours_step, 1),
-            f"{name}_torch_images_per_s": round(batch_size / torch_step, 1),
-            f"{name}_speedup": round(torch_step / ours_step, 2),
-            f"{name}_loss_max_rel_diff": float(f"{max(rel_diff):.3g}"),
-            f"{name}_loss_last_rel_diff": float(f"{rel_diff[-1]:.3g}"),
+            f"{row}_batch": batch_size,
+            f"{row}_out_dim": config.head.out_dim,
+            f"{row}_crops": f"2x{a.global_crop_size} + {a.num_local_crops}x{a.local_crop_size}",
+            f"{row}_drop_path_rate": config.model.drop_path_rate,
+            f"{row}_ours_first_step_s": round(ours_s[0], 3),
+            f"{row}_torch_first_step_s": round(torch_s[0], 3),
+            f"{row}_ours_warmup_s": round(sum(ours_s[: args.warmup]), 3),
+            f"{row}_torch_warmup_s": round(sum(torch_s[: args.warmup]), 3),
+            f"{row}_ours_step_s": round(ours_step, 4),
+            f"{row}_torch_step_s": round(torch_step, 4),
+            f"{row}_ours_step_min_s": round(min(ours_s[args.warmup :]), 4),
+            f"{row}_torch_step_min_s": round(min(torch_s[args.warmup :]), 4),
+            f"{row}_ours_images_per_s": round(batch_size / ours_step, 1),
+            f"{row}_torch_images_per_s": round(batch_size / torch_step, 1),
+            f"{row}_speedup": round(torch_step / ours_step, 2),
+            f"{row}_loss_max_rel_diff": float(f"{max(rel_diff):.3g}"),
+            f"{row}_loss_last_rel_diff": float(f"{rel_diff[-1]:.3g}"),
         }
     )
+    if args.phase_reps <= 0:
+        return
+    timings = time_phases(
+        our_phases(parts, config, state, our_batches[-1]),
+        torch_phases(torch, ref, reference, reference_batches[-1], total - 1),
+        args.phase_reps,
+    )
+    print_phase_table(row, timings, ours_step, torch_step)
+    for phase, sides in timings.items():
+        for side, seconds in sides.items():
+            if seconds is not None:
+                report[f"{row}_{side}_{phase}_s"] = round(seconds, 4)
 
 
 def main():
@@ -284,10 +468,11 @@ def main():
         "torch_threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup_steps": args.warmup,
+        "phase_reps": args.phase_reps,
         "load_avg_1m_start": round(os.getloadavg()[0], 2),
     }
-    for name in (args.only,) if args.only else CONFIG_NAMES:
-        run_config(name, args, report)
+    for row, name, out_dim in row_names(args):
+        run_config(row, name, out_dim, args, report)
     report["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report))
 

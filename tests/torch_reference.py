@@ -377,8 +377,12 @@ def train_iteration(
         clip_gradients(student, clip_grad)
     cancel_gradients_last_layer(epoch, student, freeze_last_layer)
     optimizer.step()
-    with torch.no_grad():
-        m = momentum_schedule[it]
-        for param_q, param_k in zip(student.parameters(), teacher.parameters()):
-            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+    ema_teacher(student, teacher, momentum_schedule[it])
     return loss.item()
+
+
+@torch.no_grad()
+def ema_teacher(student, teacher, m):
+    """The teacher update after each step: `teacher = m * teacher + (1 - m) * student`."""
+    for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+        param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
