@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dino_jax.models.vit import COMPUTE_DTYPES, linear, torch_default_uniform_init
+from dino_jax.models.vit import COMPUTE_DTYPES, gelu, linear, torch_default_uniform_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +102,7 @@ class DINOHead(nnx.Module):
             if index < len(self.mlp) - 1:
                 if self.config.use_bn:
                     x = self.bn[index](x)
-                # Exact erf GELU like the reference's nn.GELU; none after the bottleneck.
-                x = jax.nn.gelu(x, approximate=False)
+                x = gelu(x)  # none after the bottleneck
         x = x.astype(jnp.float32)
         # F.normalize: divide by max(||x||, 1e-12).
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
