@@ -29,6 +29,11 @@ recipes) the two sides draw different masks, so their losses differ by more than
 
 Crops are random uint8 noise, a fresh batch per step, the same for both sides. The steps are
 interleaved (ours, torch, torch, ours, ...) so that a change in the machine's load hits both alike.
+The reference runs in a child process that this one drives step by step (one side runs at a time):
+in one process the two disturb each other. After a reference step, glibc keeps the ~6 GB the
+reference freed in its heap, and our next step (whose XLA:CPU temp buffer, ~6 GB at CIFAR batch 64,
+is mapped afresh at every execution) spent 5-7 s instead of 2.6 s of system time faulting in pages
+(`--torch-in-process` keeps the old arrangement).
 The first `--warmup` steps of each side (the first includes our compilation) are reported apart;
 step times are medians over the next `--steps`. Threads: `--threads N` pins the process to N cores
 (XLA sizes its thread pool from the cores it may use; for N = 1 its Eigen pool is also switched
@@ -91,6 +96,11 @@ def parse_args():
         "--phase-reps", type=int, default=3, help="timed calls per phase and side (0: no phase breakdown)"
     )
     parser.add_argument("--no-drop-path", action="store_true", help="stochastic depth off on both sides")
+    parser.add_argument(
+        "--torch-in-process",
+        action="store_true",
+        help="run the reference in this process instead of a child process (the two then disturb each other)",
+    )
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup {args.warmup} / --steps {args.steps}: expected at least 1 each")
@@ -158,31 +168,27 @@ def random_batches(config, count: int, seed: int = 0) -> list[dict[str, np.ndarr
     ]
 
 
-def torch_crops(torch, batch, mean, std):
-    """The reference's input: one NCHW float tensor per view, global views first."""
+def reference_crops(batch, mean, std) -> list[np.ndarray]:
+    """The reference's input: one normalised NCHW float32 array per view, global views first."""
     from dino_jax.data.normalize import normalize_images
 
     crops = []
     for name in ("global_crops", "local_crops"):
         for view in range(batch[name].shape[1]):
             normalized = normalize_images(batch[name][:, view], mean, std)
-            crops.append(torch.from_numpy(np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))))
+            crops.append(np.ascontiguousarray(normalized.transpose(0, 3, 1, 2)))
     return crops
 
 
 class TorchReference:
     """Student, teacher, AdamW, loss and schedules of the reference, from our initial weights."""
 
-    def __init__(self, torch, ref, config, plan, params):
+    def __init__(self, torch, ref, config, plan, weights: dict[str, np.ndarray]):
         from dino_jax import config as config_lib
-        from dino_jax.interop import torch_ckpt
 
         vit_config = config_lib.vit_config(config, drop_path=True)
         head_config = config_lib.head_config(config, vit_config.embed_dim)
-        weights = {
-            key: torch.tensor(value)
-            for key, value in torch_ckpt.dino_to_torch(params, vit_config, head_config).items()
-        }
+        weights = {key: torch.tensor(value) for key, value in weights.items()}
 
         def network(drop_path_rate, norm_last_layer):
             return ref.MultiCropWrapper(
@@ -238,6 +244,7 @@ class TorchReference:
         self.clip_grad, self.freeze_last_layer = t.clip_grad, t.freeze_last_layer
 
     def step(self, crops, it: int) -> float:
+        """One `train_iteration` on NCHW float tensors (the loader's output); returns the loss."""
         return self.ref.train_iteration(
             self.student,
             self.teacher,
@@ -340,21 +347,102 @@ def torch_phases(torch, ref, reference, crops, it: int) -> dict[str, object]:
     }
 
 
-def time_phases(ours: dict, theirs: dict, reps: int) -> dict[str, dict[str, float | None]]:
-    """phase -> {"ours": median s, "torch": median s or None}; ours' first call (compilation) and
-    torch's first call are not timed; the two sides alternate call by call."""
+class TorchSide:
+    """The reference's steps and phases, timed where they run: `step(crops, it) -> (s, loss)`,
+    `setup_phases(crops, it)`, `phase(name) -> s`. Crops are `reference_crops` arrays."""
+
+    def __init__(self, name: str, args, out_dim: int | None, weights: dict[str, np.ndarray], threads: int):
+        import torch
+
+        from dino_jax import config as config_lib
+        from tests import torch_reference as ref
+
+        torch.set_num_threads(threads)
+        config = make_config(name, args, out_dim)
+        plan = config_lib.plan_steps(config, NUM_TRAIN_EXAMPLES[name])
+        self.torch, self.ref = torch, ref
+        self.reference = TorchReference(torch, ref, config, plan, weights)
+        self.phases: dict[str, object] = {}
+
+    def tensors(self, crops: list[np.ndarray]):
+        return [self.torch.from_numpy(crop) for crop in crops]
+
+    def step(self, crops: list[np.ndarray], it: int) -> tuple[float, float]:
+        tensors = self.tensors(crops)
+        started = time.perf_counter()
+        loss = self.reference.step(tensors, it)
+        return time.perf_counter() - started, loss
+
+    def setup_phases(self, crops: list[np.ndarray], it: int) -> None:
+        self.phases = torch_phases(self.torch, self.ref, self.reference, self.tensors(crops), it)
+
+    def phase(self, name: str) -> float | None:
+        if name not in self.phases:
+            return None
+        started = time.perf_counter()
+        self.phases[name]()
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        pass
+
+
+def serve_torch_side(conn, *init_args) -> None:
+    """Child process: builds a TorchSide and runs the calls the parent sends, `(method, args)`."""
+    side = TorchSide(*init_args)
+    conn.send("ready")
+    while True:
+        method, call_args = conn.recv()
+        if method == "close":
+            break
+        conn.send(getattr(side, method)(*call_args))
+
+
+class TorchProcess:
+    """A TorchSide in a child process, called synchronously: each side keeps its own allocator and
+    thread pools, as it would running alone (see `--torch-in-process`)."""
+
+    def __init__(self, *init_args):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=serve_torch_side, args=(child_conn, *init_args), daemon=True)
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the reference's process did not start")
+
+    def _call(self, method: str, *call_args):
+        self.conn.send((method, call_args))
+        return self.conn.recv()
+
+    def step(self, crops, it):
+        return self._call("step", crops, it)
+
+    def setup_phases(self, crops, it):
+        return self._call("setup_phases", crops, it)
+
+    def phase(self, name):
+        return self._call("phase", name)
+
+    def close(self) -> None:
+        self.conn.send(("close", ()))
+        self.process.join(timeout=60)
+
+
+def time_phases(ours: dict, theirs, reps: int) -> dict[str, dict[str, float | None]]:
+    """phase -> {"ours": median s, "torch": median s or None}; each side's first call (ours
+    compiles) is not timed; the two sides alternate call by call."""
     timings = {}
     for phase in PHASES:
-        calls = {"ours": ours[phase], "torch": theirs.get(phase)}
-        times = {side: [] for side, call in calls.items() if call is not None}
-        for side in times:
-            calls[side]()
+        calls = {"ours": lambda: time_call(ours[phase]), "torch": lambda: theirs.phase(phase)}
+        times = {"ours": [], "torch": []}
+        available = {side: call() is not None for side, call in calls.items()}
         for rep in range(reps):
-            for side in sorted(times, reverse=rep % 2 == 1):
-                started = time.perf_counter()
-                calls[side]()
-                times[side].append(time.perf_counter() - started)
-        timings[phase] = {side: statistics.median(times[side]) if side in times else None for side in calls}
+            for side in sorted(calls, reverse=rep % 2 == 1):
+                if available[side]:
+                    times[side].append(calls[side]())
+        timings[phase] = {side: statistics.median(v) if v else None for side, v in times.items()}
         print(
             f"  phase {phase}: "
             + ", ".join(
@@ -366,51 +454,60 @@ def time_phases(ours: dict, theirs: dict, reps: int) -> dict[str, dict[str, floa
     return timings
 
 
+def time_call(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def print_phase_table(row: str, timings: dict, ours_step: float, torch_step: float) -> None:
     print(f"\n{row}: phases (median s)\n| phase | ours | torch | torch / ours |\n|---|---|---|---|")
     for phase, sides in list(timings.items()) + [("full step", {"ours": ours_step, "torch": torch_step})]:
         ours, torch = sides["ours"], sides["torch"]
-        ratio = f"{torch / ours:.2f}" if torch is not None else "-"
-        print(
-            f"| {phase} | {ours:.4f} | {torch:.4f} | {ratio} |"
-            if torch is not None
-            else f"| {phase} | {ours:.4f} | - | - |"
-        )
+        if torch is None:
+            print(f"| {phase} | {ours:.4f} | - | - |")
+        else:
+            print(f"| {phase} | {ours:.4f} | {torch:.4f} | {torch / ours:.2f} |")
 
 
 def run_config(row: str, name: str, out_dim: int | None, args, report: dict) -> None:
     import jax
-    import torch
 
-    from dino_jax import sharding, train
-    from tests import torch_reference as ref
+    from dino_jax import config as config_lib, sharding, train
+    from dino_jax.interop import torch_ckpt
 
     config = make_config(name, args, out_dim)
     batch_size, total = config.train.batch_size, args.warmup + args.steps
     mesh = sharding.make_mesh()
     parts = train.build_training(config, NUM_TRAIN_EXAMPLES[name], mesh)
-    reference = TorchReference(torch, ref, config, parts.plan, parts.state.student)
+    vit_config = config_lib.vit_config(config, drop_path=True)
+    head_config = config_lib.head_config(config, vit_config.embed_dim)
+    weights = torch_ckpt.dino_to_torch(parts.state.student, vit_config, head_config)
+    side_args = (name, args, out_dim, weights, args.threads_in_force)
+    torch_side = TorchSide(*side_args) if args.torch_in_process else TorchProcess(*side_args)
     batches = random_batches(config, total)
     our_batches = [sharding.to_global_batch(batch, mesh) for batch in batches]
     mean, std = config.dataset.mean, config.dataset.std
-    reference_batches = [torch_crops(torch, batch, mean, std) for batch in batches]
+    reference_batches = [reference_crops(batch, mean, std) for batch in batches]
     jax.block_until_ready(our_batches)
 
     state = parts.state
     ours_s, torch_s, ours_loss, torch_loss = [], [], [], []
     for it in range(total):
         for side in ("ours", "torch") if it % 2 == 0 else ("torch", "ours"):
-            started = time.perf_counter()
             if side == "ours":
+                started = time.perf_counter()
                 state, metrics = parts.step_fn(state, our_batches[it])
                 ours_loss.append(float(metrics["loss"]))  # waits for the step, like torch's .item()
                 ours_s.append(time.perf_counter() - started)
             else:
-                torch_loss.append(reference.step(reference_batches[it], it))
-                torch_s.append(time.perf_counter() - started)
+                seconds, loss = torch_side.step(reference_batches[it], it)
+                torch_s.append(seconds)
+                torch_loss.append(loss)
         print(
             f"{row} step {it}{' (warm-up)' if it < args.warmup else ''}: ours {ours_s[-1]:.3f} s "
-            f"loss {ours_loss[-1]:.6f} | torch {torch_s[-1]:.3f} s loss {torch_loss[-1]:.6f}",
+            f"loss {ours_loss[-1]:.6f} | torch {torch_s[-1]:.3f} s loss {torch_loss[-1]:.6f} "
+            f"| load {os.getloadavg()[0]:.2f}",
             file=sys.stderr,
             flush=True,
         )
@@ -440,32 +537,29 @@ def run_config(row: str, name: str, out_dim: int | None, args, report: dict) -> 
             f"{row}_loss_last_rel_diff": float(f"{rel_diff[-1]:.3g}"),
         }
     )
-    if args.phase_reps <= 0:
-        return
-    timings = time_phases(
-        our_phases(parts, config, state, our_batches[-1]),
-        torch_phases(torch, ref, reference, reference_batches[-1], total - 1),
-        args.phase_reps,
-    )
-    print_phase_table(row, timings, ours_step, torch_step)
-    for phase, sides in timings.items():
-        for side, seconds in sides.items():
-            if seconds is not None:
-                report[f"{row}_{side}_{phase}_s"] = round(seconds, 4)
+    if args.phase_reps > 0:
+        torch_side.setup_phases(reference_batches[-1], total - 1)
+        timings = time_phases(our_phases(parts, config, state, our_batches[-1]), torch_side, args.phase_reps)
+        print_phase_table(row, timings, ours_step, torch_step)
+        for phase, sides in timings.items():
+            for side, seconds in sides.items():
+                if seconds is not None:
+                    report[f"{row}_{side}_{phase}_s"] = round(seconds, 4)
+    torch_side.close()
 
 
 def main():
     args = parse_args()
     threads = limit_threads(args.threads)
+    args.threads_in_force = threads
 
     import jax
-    import torch
 
-    torch.set_num_threads(threads)
     report = {
         "device": jax.devices()[0].platform,
         "threads": threads,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
+        "torch_in_process": args.torch_in_process,
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "phase_reps": args.phase_reps,
