@@ -10,7 +10,7 @@ from flax import nnx
 
 from dino_jax.models import vit as vit_lib
 from dino_jax.models.dino import DINO
-from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig
+from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig, weight_norm_linear
 from dino_jax.models.vit import ViTConfig, VisionTransformer
 
 TINY = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -263,6 +263,23 @@ def test_head_single_layer_and_no_activation_after_bottleneck():
     bottleneck = x @ head.mlp[0].kernel[...]
     bottleneck = bottleneck / jnp.linalg.norm(bottleneck, axis=-1, keepdims=True)
     np.testing.assert_allclose(head(x), bottleneck @ head.last_layer.weight(), atol=1e-6)
+
+
+def test_weight_norm_linear_gradients_match_autodiff_of_the_weight_form():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((16, 300)), jnp.float32)
+    g = jnp.asarray(rng.uniform(0.5, 2.0, (1, 300)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((40, 300)), jnp.float32)
+
+    def weight_form(x, v, g):
+        return x @ (v * g / jnp.linalg.norm(v, axis=0, keepdims=True))
+
+    expected_y, expected_vjp = jax.vjp(weight_form, x, v, g)
+    y, vjp = jax.vjp(lambda x, v, g: weight_norm_linear(x, v, g, jnp.float32), x, v, g)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("x", "v", "g"), vjp(dy), expected_vjp(dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"gradient of {name}")
 
 
 def test_batch_norm_uses_batch_statistics():

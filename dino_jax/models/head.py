@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,45 @@ class BatchNorm(nnx.Module):
         return y.astype(x_NxF.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def weight_norm_linear(x_NxI: jax.Array, v_IxO: jax.Array, g_1xO: jax.Array, dtype) -> jax.Array:
+    """`x @ (v * g / ||v||)`, column norms of v, products in `dtype`; (N, out) float32.
+
+    Computed as `(x @ v) * s` with the per-column scale `s = g / ||v||`: the same product up to
+    rounding (~1e-7 relative) without a scaled copy of the (in, out) weight. (XLA:CPU's YNNPACK
+    fused the weight scaling, norm included, into the dot and in effect recomputed it inside the
+    matmul: 40x the dot alone at out 65536, batch 16.)
+
+    The backward is PyTorch's weight-norm backward: the gradient of the normalised weight,
+    `x^T dy`, projected as `s * (dw - v * sum(dw * v) / ||v||^2)`. Autodiff of the forward would
+    keep `x @ v` (N, out) for the scale's gradient and reduce over the N rows of `dy * (x @ v)`.
+    """
+    return _weight_norm_linear_forward(x_NxI, v_IxO, g_1xO, dtype)[0]
+
+
+def _weight_norm_linear_forward(x_NxI, v_IxO, g_1xO, dtype):
+    norm_1xO = jnp.linalg.norm(v_IxO, axis=0, keepdims=True)
+    y_NxO = jnp.dot(x_NxI.astype(dtype), v_IxO.astype(dtype), preferred_element_type=jnp.float32)
+    return y_NxO * (g_1xO / norm_1xO), (x_NxI, v_IxO, g_1xO, norm_1xO)
+
+
+def _weight_norm_linear_backward(dtype, residuals, dy_NxO):
+    x_NxI, v_IxO, g_1xO, norm_1xO = residuals
+    scale_1xO = g_1xO / norm_1xO
+    dy = dy_NxO.astype(dtype)
+    weight_IxO = (v_IxO * scale_1xO).astype(dtype)
+    dx_NxI = jnp.dot(dy, weight_IxO.T, preferred_element_type=jnp.float32).astype(x_NxI.dtype)
+    dweight_IxO = jnp.dot(x_NxI.astype(dtype).T, dy, preferred_element_type=jnp.float32)
+    # As torch's _weight_norm_interface_backward (dim 0 of its (out, in) layout).
+    per_column_1xO = jnp.sum(dweight_IxO * v_IxO, axis=0, keepdims=True)
+    dv_IxO = scale_1xO * (dweight_IxO - v_IxO * (per_column_1xO / (norm_1xO * norm_1xO)))
+    dg_1xO = per_column_1xO / norm_1xO
+    return dx_NxI, dv_IxO, dg_1xO
+
+
+weight_norm_linear.defvjp(_weight_norm_linear_forward, _weight_norm_linear_backward)
+
+
 class WeightNormLinear(nnx.Module):
     """Bias-free Linear with weight = weight_v / ||weight_v|| (per output column) * weight_g.
 
@@ -70,24 +110,12 @@ class WeightNormLinear(nnx.Module):
         self.weight_v = nnx.Param(init(rngs.params(), (in_features, out_features)))
         self.weight_g = nnx.Param(jnp.ones((1, out_features), jnp.float32))
 
-    def column_scale(self) -> jax.Array:
-        """(1, out): weight_g / ||weight_v|| per output column."""
-        v = self.weight_v[...]
-        return self.weight_g[...] / jnp.linalg.norm(v, axis=0, keepdims=True)
-
     def weight(self) -> jax.Array:
-        return self.weight_v[...] * self.column_scale()
+        v = self.weight_v[...]
+        return v * (self.weight_g[...] / jnp.linalg.norm(v, axis=0, keepdims=True))
 
     def __call__(self, x_NxI: jax.Array) -> jax.Array:
-        # x @ (v * s) computed as (x @ v) * s, s the per-column scale: the same product up to
-        # rounding (~1e-7 relative), and no scaled copy of the (in, out) weight is made. XLA:CPU's
-        # YNNPACK fuses the weight scaling (norm included) into the dot's operand and in effect
-        # recomputes it inside the matmul (40x the dot alone at out 65536); the output scale stays
-        # an elementwise op on (N, out).
-        y_NxO = jnp.dot(
-            x_NxI.astype(self.dtype), self.weight_v[...].astype(self.dtype), preferred_element_type=jnp.float32
-        )
-        return y_NxO * self.column_scale()
+        return weight_norm_linear(x_NxI, self.weight_v[...], self.weight_g[...], self.dtype)
 
 
 class DINOHead(nnx.Module):
