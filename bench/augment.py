@@ -1,19 +1,19 @@
 """Benchmark of multi-crop augmentation: our host path and device path against PIL.
 
-    python bench/augment.py            # ~1 minute on a 2-core CPU
-    python bench/augment.py --quick    # a smoke run, seconds
+    python -m bench.augment            # ~1 minute on a 2-core CPU
+    python -m bench.augment --quick    # a smoke run, seconds
 
 Both resolutions of issue 3: 32 px images with 2x32 + 8x16 crops, 64 px images with 2x64 + 8x32
 crops, the reference's probabilities and scales. Inputs are smoothed random colour images.
 
 - `pil`: the reference recipe written with PIL, one crop at a time as torchvision runs it
-  (`dino_jax.data.augment_pil.multicrop_pil`), ending at uint8 crops.
+  (`dino_jax.data.multicrop.pil_reference.multicrop_pil`), ending at uint8 crops.
 - `pil_normalized`: the same, plus what the reference does next to every crop: ToTensor
   (float32, CHW, /255) and Normalize(ImageNet mean/std). Our paths leave normalisation to the
   accelerator (uint8 batches travel 4x lighter), so this is the reference's full host cost.
-- `host`: `augment.multicrop_batch` on batches of 64 images, each with its own generator, as the
+- `host`: `multicrop.host.multicrop_batch` on batches of 64 images, each with its own generator, as the
   grain pipeline calls it.
-- `device_cpu`: `augment_device.multicrop_batch` jitted on the CPU backend, batch 256 (a GPU or
+- `device_cpu`: `multicrop.device.multicrop_batch` jitted on the CPU backend, batch 256 (a GPU or
   TPU would run the same program; there is none on the machine this was written on).
 
 Every number is images per second on ONE core: BLAS and XLA are pinned to one thread, and each
@@ -37,15 +37,15 @@ os.environ["XLA_FLAGS"] = (
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dino_jax.data import augment, augment_pil, normalize  # noqa: E402
+from dino_jax import config as config_lib  # noqa: E402
+from dino_jax.configs import base  # noqa: E402
+from dino_jax.data import normalize  # noqa: E402
+from dino_jax.data.multicrop import host, pil_reference  # noqa: E402
 
 SETTINGS = {32: (32, 16), 64: (64, 32)}  # image size -> (global crop, local crop)
 _ROUNDS = 6  # Interleaved rounds per path and size, sharing the time budget.
@@ -79,7 +79,7 @@ def _rate(step, images_per_step, budget_s):
 def _pil_normalized(image, rng, config):
     mean = np.asarray(normalize.IMAGENET_MEAN, np.float32)[:, None, None]
     std = np.asarray(normalize.IMAGENET_STD, np.float32)[:, None, None]
-    global_crops, local_crops = augment_pil.multicrop_pil(image, rng, config)
+    global_crops, local_crops = pil_reference.multicrop_pil(image, rng, config)
     return [
         (crop.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
         for crop in list(global_crops) + list(local_crops)
@@ -95,20 +95,22 @@ def main():
 
     results = {}
     for size, (global_size, local_size) in SETTINGS.items():
-        config = augment.MultiCropConfig(global_size, local_size, 8)
+        recipe = base.get_config()
+        recipe.augment.global_crop_size, recipe.augment.local_crop_size = global_size, local_size
+        config = config_lib.crop_config(recipe)
         images = _images(64, size)
         py_rng = random.Random(0)
         counter = iter(range(1 << 62))
 
         def pil_step():
-            augment_pil.multicrop_pil(images[next(counter) % 64], py_rng, config)
+            pil_reference.multicrop_pil(images[next(counter) % 64], py_rng, config)
 
         def pil_normalized_step():
             _pil_normalized(images[next(counter) % 64], py_rng, config)
 
         def host_step():
             rngs = [np.random.default_rng(next(counter)) for _ in range(64)]
-            augment.multicrop_batch(images, rngs, config)
+            host.multicrop_batch(images, rngs, config)
 
         # Interleave the paths in short rounds so a change in machine load hits them alike.
         rates = {"pil": [], "pil_normalized": [], "host": []}
@@ -128,10 +130,10 @@ def main():
         if not args.skip_device:
             import jax
             import jax.numpy as jnp
-            from dino_jax.data import augment_device
+            from dino_jax.data.multicrop import device
 
             device_batch = 256
-            step_fn = jax.jit(augment_device.multicrop_batch, static_argnums=2)
+            step_fn = jax.jit(device.multicrop_batch, static_argnums=2)
             device_images = jnp.asarray(np.resize(images, (device_batch, size, size, 3)))
             keys = iter(jax.random.split(jax.random.key(0), 100000))
 

@@ -1,7 +1,7 @@
 """Benchmark of the evaluators against the reference's algorithms written in PyTorch (CPU).
 
-    python bench/eval.py            # full size: ~3-4 minutes on a 2-core CPU
-    python bench/eval.py --quick    # small sizes, seconds (a smoke run)
+    python -m bench.eval            # full size: ~3-4 minutes on a 2-core CPU
+    python -m bench.eval --quick    # small sizes, seconds (a smoke run)
 
 1. Weighted kNN, 50,000 train x 10,000 test x 192-d features (ViT-Tiny CLS), 100 classes,
    k in {5, 10, 20, 100, 200}. Ours: `dino_jax.eval.knn.weighted_knn` (one top-k over the largest
@@ -11,7 +11,7 @@
    per k, as `eval_knn.py` loops over `--nb_knn`.
 2. Linear probe, 100 epochs on 50,000 cached 768-d features (ViT-Tiny, CLS of the last 4 blocks),
    100 classes, batch 128, test pass over 10,000 features after every epoch. Ours:
-   `dino_jax.eval.linear.linear_probe` (all epochs in one jitted scan). Baseline: the reference's
+   `dino_jax.eval.linear.linear_probe` (each epoch one jitted scan over the minibatches). Baseline: the reference's
    training loop on the same tensors in torch: `nn.Linear` N(0, 0.01), SGD momentum 0.9, lr
    0.001 * 128 / 256, `CosineAnnealingLR` stepped per epoch, a fresh random permutation per epoch
    (no DataLoader, which would only slow the baseline down), evaluation every epoch.
@@ -28,12 +28,9 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def clustered_features(rng, num_classes, dim, count, centres, spread):
@@ -205,8 +202,15 @@ def run_linear(args, report, rng, torch, linear_probe, linear_train, linear_test
     train_x, train_y = clustered_features(rng, num_classes, 768, linear_train, centres, 6.0)
     test_x, test_y = clustered_features(rng, num_classes, 768, linear_test, centres, 6.0)
     started = time.perf_counter()
-    result = linear_probe(
-        train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=epochs, batch_size=128
+    (result,) = linear_probe(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=num_classes,
+        epochs=epochs,
+        batch_size=128,
+        base_lrs=(0.001,),
     )
     report["linear_s"] = time.perf_counter() - started
     report["linear_best_test_top1"] = result.best_test_top1

@@ -1,7 +1,7 @@
 """kNN of the teacher and the student at every checkpoint of a training workdir: the learning
 curve behind a run's final number (used for the digits recipe in docs/results.md).
 
-    python bench/knn_curve.py runs/digits
+    python -m bench.knn_curve runs/digits
 
 Prints one line per checkpoint and, last, one JSON object mapping `step_<n>_{teacher,student}_knn_k20_top1`
 to percent.
@@ -12,25 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # noqa: E402
-from dino_jax import checkpointing, evaluation, sharding, train  # noqa: E402
-from dino_jax.data import sources  # noqa: E402
+from dino_jax import checkpointing, config as config_lib, evaluation, sharding, train
+from dino_jax.models import dino
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir")
     args = parser.parse_args()
-    config = common.base_config()
-    config.update(train.load_saved_config(args.workdir))
-    spec = sources.DATASETS[config.dataset.name]
-    num_train = len(
-        sources.load_source(config.dataset.name, spec.train_split, config.dataset.data_dir or None)
-    )
+    config = config_lib.load_run_config(args.workdir)
+    num_train = len(config_lib.open_split(config, "train"))
     mesh = sharding.make_mesh()
     parts = train.build_training(config, num_train, mesh)
     checkpointer = checkpointing.Checkpointer(os.path.join(args.workdir, "checkpoints"))
@@ -39,8 +31,8 @@ def main() -> None:
         state = checkpointer.restore(checkpointing.abstract_like(parts.state), step=step)
         line = [f"step {step}"]
         for network in ("teacher", "student"):
-            graphdef, params = train.backbone_of(parts.graphdef, getattr(state, network))
-            knn = evaluation.knn_only(
+            graphdef, params = dino.split_backbone(parts.graphdef, getattr(state, network))
+            knn = evaluation.knn(
                 config,
                 graphdef,
                 params,

@@ -10,7 +10,7 @@ placed on the device, exactly what `Trainer.train` calls once per step. Baseline
 backward, per-tensor gradient clipping, AdamW with the reference's two parameter groups and
 per-step lr / weight decay, EMA teacher, center update; fp16 off), on the same crops already
 normalised into NCHW float tensors (the reference's data loader hands it those). Both sides start
-from the same weights: ours are initialised, exported with `torch_ckpt.dino_to_torch` and loaded
+from the same weights: ours are initialised, exported with `torch_convert.dino_to_torch` and loaded
 into the reference's `MultiCropWrapper`s (student and teacher), as `tests/test_parity.py` does.
 
 Configs:
@@ -474,7 +474,7 @@ def run_config(row: str, name: str, out_dim: int | None, args, report: dict) -> 
     import jax
 
     from dino_jax import config as config_lib, sharding, train
-    from dino_jax.interop import torch_ckpt
+    from dino_jax.interop import torch_convert
 
     config = make_config(name, args, out_dim)
     batch_size, total = config.train.batch_size, args.warmup + args.steps
@@ -482,7 +482,7 @@ def run_config(row: str, name: str, out_dim: int | None, args, report: dict) -> 
     parts = train.build_training(config, NUM_TRAIN_EXAMPLES[name], mesh)
     vit_config = config_lib.vit_config(config, drop_path=True)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
-    weights = torch_ckpt.dino_to_torch(parts.state.student, vit_config, head_config)
+    weights = torch_convert.dino_to_torch(parts.state.student, vit_config, head_config)
     side_args = (name, args, out_dim, weights, args.threads_in_force)
     torch_side = TorchSide(*side_args) if args.torch_in_process else TorchProcess(*side_args)
     batches = random_batches(config, total)

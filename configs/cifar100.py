@@ -8,12 +8,12 @@ Target (the PyTorch project this replaces, ViT-Tiny, 100-300 epochs): kNN(k=5) 5
 first use (needs internet once); see README for an offline copy.
 """
 
-from configs import common
+from dino_jax.configs import base
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg)
-    c = common.base_config()
+    args = base.parse_arg(arg)
+    c = base.get_config()
     c.dataset.name = "cifar100"
 
     # 32 px images: patch 4 gives an 8x8 grid (64 tokens), like 224/16 = 14x14 in spirit; patch 16
@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.model.drop_path_rate = 0.1  # reference default
 
     # Reference head. K = 65536 is what the reference uses; lower it (8192) if the loss sits at
-    # ln(K) (uniform collapse, FINDINGS.md) on a shorter run.
+    # ln(K) = 11.09 (uniform collapse: docs/reference.md) on a shorter run.
     c.head.out_dim = 65536
     c.head.norm_last_layer = True  # the reference's advice for stability
 
@@ -33,8 +33,8 @@ def get_config(arg=None):
     c.augment.global_crop_size = 32
     c.augment.local_crop_size = 16
     c.augment.num_local_crops = 8
-    # Blur radii are in output pixels (REFERENCE.md §2.8); at 32 px a sigma of 2 wipes out most
-    # detail, but we keep the reference's probabilities so results are comparable.
+    # Blur radii are in pixels of the output crop, as in the reference; at 32 px a sigma of 2 wipes
+    # out most detail, but we keep the reference's probabilities so results are comparable.
 
     # Batch 256 on one GPU with the reference's linear lr scaling (5e-4 x 256/256); 200 epochs =
     # 39,000 steps, within the 100-300 epoch range of the numbers above.
@@ -48,5 +48,5 @@ def get_config(arg=None):
     c.eval.batch_size = 512
 
     if args.get("smoke"):
-        common.shrink_for_smoke_test(c)
+        base.shrink_for_smoke_test(c)
     return c

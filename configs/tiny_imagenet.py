@@ -9,12 +9,12 @@ at <data_dir>/downloads/manual/tiny-imagenet-200.zip and the first run builds th
 No result has been measured with this recipe yet: nothing here is a promise of accuracy.
 """
 
-from configs import common
+from dino_jax.configs import base
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg)
-    c = common.base_config()
+    args = base.parse_arg(arg)
+    c = base.get_config()
     c.dataset.name = "tiny_imagenet"
 
     # 64 px images: patch 8 gives an 8x8 grid (64 tokens), the same token count as CIFAR-100 at
@@ -45,5 +45,5 @@ def get_config(arg=None):
     c.eval.batch_size = 512
 
     if args.get("smoke"):
-        common.shrink_for_smoke_test(c)
+        base.shrink_for_smoke_test(c)
     return c

@@ -1,34 +1,80 @@
-"""Orbax checkpoints of the train state together with the grain iterator.
+"""Orbax checkpoints: the train state together with the grain iterator, and single pytrees.
 
 Everything orbax-specific lives here, so a later move to the orbax v1 API touches one file.
-A checkpoint holds two items: `state` (the TrainState pytree) and `data` (the iterator position),
-so a resumed run sees exactly the batches an uninterrupted one would.
+A training checkpoint holds two items: `state` (the TrainState pytree) and `data` (the iterator
+position), so a resumed run sees exactly the batches an uninterrupted one would. `save_item` and
+`restore_item` write and read one item without a target (a converted checkpoint's `params`, a
+training run's `state` read by a loader that builds the model from the run's config).
+
+What survives what:
+- A process killed at any moment (SIGKILL, a crash, a lost VM): orbax writes a step into
+  `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when every file is written, so a
+  directory named by a step is complete; an unfinished one is removed when the next run opens the
+  directory.
+- A latest checkpoint damaged afterwards (a truncated copy, a bad disk): `Checkpointer.restore`
+  names it, moves it aside to `<step>.damaged` and restores the newest one that reads.
+- A checkpoint of another model: refused, naming the parameters whose shapes differ.
+- A failed write (a full disk): the unfinished step is removed, the earlier steps are untouched,
+  and the error says which ones are kept.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
-from typing import Any
+import shutil
+import sys
+import traceback
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+# Where orbax writes a step before renaming it to `<step>` (orbax's atomic-rename commit).
+_UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"
+DAMAGED_SUFFIX = ".damaged"
+# How tensorstore (which writes the arrays) reports a failed write: a ValueError whose text ends
+# with e.g. "No space left on device [os_error_code='28']".
+_OS_ERROR_CODE = "os_error_code="
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or was written for another model or config."""
+    """A checkpoint is missing, corrupt, or was written for another model or config, or could not
+    be written."""
+
+
+def _print(*args):
+    print(*args, file=sys.stderr, flush=True)
 
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 2, save_every_steps: int = 1000):
+        _quiet_closed_event_loop_noise()
         self.directory = os.path.abspath(directory)
+        # Steps a stopped run was still writing; orbax removes them as it opens the directory.
+        self.unfinished: list[str] = sorted(
+            os.path.join(self.directory, name)
+            for name in (os.listdir(self.directory) if os.path.isdir(self.directory) else ())
+            if _UNFINISHED_SUFFIX in name
+        )
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, save_interval_steps=save_every_steps, create=True
+                max_to_keep=max_to_keep,
+                save_interval_steps=save_every_steps,
+                create=True,
+                cleanup_tmp_directories=True,
             ),
-            item_names=("state", "data"),
+            # Handlers rather than bare item names: reading a step's metadata (the stored shapes)
+            # needs them before anything was saved or restored.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
         )
+        self._writing: int | None = None  # the step of a save that may still be in flight
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -37,40 +83,236 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+        """Starts writing `step` (orbax writes in the background; `wait` or the next `save` waits
+        for it). Raises CheckpointError when a write fails (the disk is full, ...): the failed step
+        is removed and every earlier one kept."""
+        self.wait()  # a failed previous write is reported as that step's failure
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-
-    def restore(self, abstract_state, data_iterator=None, step: int | None = None):
-        """Restores onto `abstract_state`'s shapes and shardings (and the iterator in place).
-
-        Raises CheckpointError naming the directory when there is nothing to restore or the stored
-        tree does not match the model the config describes.
-        """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as error:  # orbax raises many types for a bad or foreign checkpoint
-            raise CheckpointError(
-                f"cannot restore step {step} from {self.directory}: it is corrupt or was written for "
-                f"another model/config ({type(error).__name__}: {str(error)[:500]})"
-            ) from error
-        return restored["state"]
+            started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:
+            self._raise_if_write_failed(step, error)
+            raise
+        if started:
+            self._writing = step
+        return started
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits until the checkpoint being written is complete."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self._raise_if_write_failed(self._writing, error)
+            raise
+        self._writing = None
+
+    def _raise_if_write_failed(self, step: int | None, error: Exception) -> None:
+        """Raises CheckpointError when `error` is the file system refusing a write (OSError, or
+        tensorstore's ValueError carrying an OS error code), after removing the unfinished step."""
+        if not (isinstance(error, OSError) or _OS_ERROR_CODE in str(error)):
+            return
+        self._writing = None
+        for name in os.listdir(self.directory):
+            if _UNFINISHED_SUFFIX in name:  # the failed step's files: they may be what filled the disk
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._manager.reload()
+        kept = self.all_steps()
+        if kept:
+            outcome = (
+                f"the checkpoint of step {kept[-1]} is intact (steps kept: {', '.join(map(str, kept))}); "
+                f"rerun the same command to continue from step {kept[-1]}"
+            )
+        else:
+            outcome = "there is no earlier checkpoint; rerun the same command to start again"
+        if _is_disk_full(error):
+            raise CheckpointError(
+                f"the disk is full: checkpoint step {step} could not be written to {self.directory}; "
+                f"{outcome} once there is space"
+            ) from error
+        raise CheckpointError(
+            f"checkpoint step {step} could not be written to {self.directory} ({_brief(error)}); {outcome}"
+        ) from error
+
+    def restore(self, abstract_state, data_iterator=None, step: int | None = None, *, log: Callable = _print):
+        """Restores onto `abstract_state`'s shapes and shardings (and the iterator in place).
+
+        `step=None`: the newest checkpoint that reads. One that does not (truncated, corrupted) is
+        reported through `log`, by name, and moved aside to `<step>.damaged` once an older one has
+        restored. Raises CheckpointError, naming the directory, when there is nothing to restore,
+        no checkpoint reads, or the stored tree is another model's (naming the parameters whose
+        shapes differ).
+        """
+        steps = self.all_steps() if step is None else [step]
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        damaged: list[tuple[int, str]] = []
+        for candidate in reversed(steps):
+            self._check_same_tree(candidate, abstract_state)
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                state = self._manager.restore(candidate, args=ocp.args.Composite(**items))["state"]
+            except Exception as error:  # orbax and tensorstore raise many types for unreadable files
+                damaged.append((candidate, _brief(error)))
+                continue
+            for bad_step, reason in damaged:
+                moved = self._set_aside(bad_step)
+                log(
+                    f"checkpoint {self._step_path(bad_step)} is damaged (truncated or corrupted: "
+                    f"{reason}); moved it to {moved} and restored step {candidate} instead"
+                )
+            return state
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be read: "
+            + "; ".join(f"step {bad_step}: {reason}" for bad_step, reason in damaged)
+        )
+
+    def _step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _check_same_tree(self, step: int, abstract_state) -> None:
+        """Raises CheckpointError when `step` stores other parameters or shapes than
+        `abstract_state` has. Unreadable metadata is left to the restore (damage, not a foreign
+        model)."""
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+        except Exception:  # unreadable: the restore reports it as damage
+            return
+        if stored is None:
+            return
+        differences = _tree_differences(_shapes(stored), _shapes(abstract_state))
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {self._step_path(step)} was written for another model than this config "
+                f"describes; the shapes that differ (checkpoint -> this config): {differences}. Use a "
+                "new --workdir, or the config this workdir was trained with (its config.json)"
+            )
+
+    def _set_aside(self, step: int) -> str:
+        target = self._step_path(step) + DAMAGED_SUFFIX
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = f"{self._step_path(step)}{DAMAGED_SUFFIX}{suffix}"
+        if jax.process_index() == 0:
+            os.rename(self._step_path(step), target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 
 def abstract_like(state: Any):
     """Shape/dtype/sharding skeleton of `state`, the target a restore fills in."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """`{"student.backbone.cls_token": (1, 1, 192), ...}` of a state, its abstract skeleton or the
+    metadata orbax stored for it (the names are the same in all three)."""
+
+    def name(path) -> str:
+        parts = [str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path]
+        return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _tree_differences(stored: dict, expected: dict, shown: int = 6) -> str:
+    """`name (checkpoint's shape) -> (this config's)` for the first `shown` parameters that
+    differ: the student's (the teacher and the optimiser's moments repeat them), the least nested
+    first (the embeddings show a model's width at a glance)."""
+    names = [name for name in set(stored) | set(expected) if stored.get(name) != expected.get(name)]
+    names.sort(key=lambda name: (not name.startswith("student."), name.count("."), name))
+    differences = [f"{name} {stored.get(name, 'none')} -> {expected.get(name, 'none')}" for name in names]
+    more = len(differences) - shown
+    return ", ".join(differences[:shown]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError):
+        return error.errno in codes
+    return any(f"{_OS_ERROR_CODE}'{code}'" in str(error) for code in codes)
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """One line of an orbax/tensorstore error: without the tensorstore spec that follows the
+    reason, and its end (the file and what was wrong with it) when it is long."""
+    text = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
+    text = text[0] if text else ""
+    if len(text) > limit:
+        text = "..." + text[-limit:]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _DropOrbaxOrphanTaskErrors(logging.Filter):
+    """asyncio logs "Task exception was never retrieved" (with a traceback) for each of orbax's
+    parallel reads that failed after the first failure was raised; the first is reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+def _quiet_closed_event_loop_noise() -> None:
+    """When a read or write fails inside orbax (a damaged checkpoint, a full disk), orbax closes
+    its event loop while tensorstore finishes the other reads or writes, and each of them reports
+    "Event loop is closed" through `sys.unraisablehook`, or asyncio logs it as a task exception
+    never retrieved: a screen of harmless tracebacks around the one message that matters. From the
+    first use of orbax on, this drops those, and only those."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxOrphanTaskErrors) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropOrbaxOrphanTaskErrors())
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loop_noise", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_event_loop_noise = True
+    sys.unraisablehook = hook
+
+
+def save_item(directory: str, item: str, tree: Any, *, step: int = 0) -> None:
+    """Writes `tree` as item `item` of step `step` in `directory` (created if missing)."""
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory), item_names=(item,), options=ocp.CheckpointManagerOptions(create=True)
+    )
+    manager.save(step, args=ocp.args.Composite(**{item: ocp.args.StandardSave(tree)}), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def restore_item(directory: str, item: str, step: int | None = None) -> tuple[Any, int]:
+    """`(tree, step)`: item `item` of `step` (default: the latest) as stored, nested dicts of
+    arrays with no target to match; raises CheckpointError when there is none or it is corrupt."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint in {directory}")
+    _quiet_closed_event_loop_noise()
+    manager = ocp.CheckpointManager(directory, item_names=(item,))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+        except Exception as error:  # orbax raises many types for a bad or foreign checkpoint
+            raise CheckpointError(
+                f"cannot restore step {step} from {directory}: it is damaged, or holds no {item!r} "
+                f"({_brief(error)})"
+            ) from error
+        return restored[item], step
+    finally:
+        manager.close()

@@ -1,28 +1,30 @@
-"""The one place that knows config keys: value checks with clear errors, typed sub-configs, and
-the conversion of epochs into steps.
+"""What a config means: value checks with clear errors, the one adapter from the config to the
+typed specs the library takes, a run's saved config, and the conversion of epochs into steps.
 
-`validate` runs before any data is read or any array is built, and reports every bad value at
-once, naming the key, the value and what was expected.
+The keys and their defaults live in `dino_jax/configs/base.py`. `validate` runs before any data is
+read or any array is built, and reports every bad value at once, naming the key, the value and what
+was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import ml_collections
+
+CONFIG_FILE = "config.json"
 
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names every bad key."""
 
 
-_DTYPES = ("float32", "bfloat16")
-_AUGMENT_PLACES = ("host", "device")
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError listing every problem found in `config`."""
-    from dino_jax.data import sources
+    from dino_jax.data import pipeline, sources
+    from dino_jax.eval import fewshot, suite
     from dino_jax.models import vit
 
     problems: list[str] = []
@@ -37,6 +39,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = d[key]
         check(len(value) == 3, f"dataset.{key}", value, "3 numbers (R, G, B)")
     check(all(s > 0 for s in d.std), "dataset.std", d.std, "positive numbers")
+    check(isinstance(d.synthetic, bool), "dataset.synthetic", d.synthetic, "True or False")
 
     check(m.variant in vit.VIT_VARIANTS, "model.variant", m.variant, f"one of {sorted(vit.VIT_VARIANTS)}")
     check(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")
@@ -55,7 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"a multiple of model.num_heads ({m.num_heads})",
         )
     check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "a rate in [0, 1)")
-    check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"one of {_DTYPES}")
+    check(m.dtype in vit.COMPUTE_DTYPES, "model.dtype", m.dtype, f"one of {vit.COMPUTE_DTYPES}")
 
     check(h.out_dim > 0, "head.out_dim", h.out_dim, "a positive integer")
     check(h.nlayers >= 1, "head.nlayers", h.nlayers, "at least 1")
@@ -66,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "positive integers",
     )
 
-    check(a.on in _AUGMENT_PLACES, "augment.on", a.on, f"one of {_AUGMENT_PLACES}")
+    check(a.on in pipeline.AUGMENT_PLACES, "augment.on", a.on, f"one of {pipeline.AUGMENT_PLACES}")
     if m.patch_size > 0:
         for key in ("global_crop_size", "local_crop_size"):
             size = a[key]
@@ -81,6 +84,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("global_crop_scale", "local_crop_scale"):
         lo, hi = a[key]
         check(0 < lo <= hi <= 1, f"augment.{key}", a[key], "(low, high) with 0 < low <= high <= 1")
+    for key in ("crop_aspect_ratio", "blur_sigma"):
+        lo, hi = a[key]
+        check(0 < lo <= hi, f"augment.{key}", a[key], "(low, high) with 0 < low <= high")
     for key in ("flip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
         check(0 <= a[key] <= 1, f"augment.{key}", a[key], "a probability in [0, 1]")
     check(
@@ -128,6 +134,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(0 <= t.center_momentum < 1, "train.center_momentum", t.center_momentum, "in [0, 1)")
     for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
         check(t[key] > 0, f"train.{key}", t[key], "a positive temperature")
+    check(
+        isinstance(t.compilation_cache_dir, str),
+        "train.compilation_cache_dir",
+        t.compilation_cache_dir,
+        'a directory, or "" for none',
+    )
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(t[key] > 0, f"train.{key}", t[key], "a positive integer")
 
@@ -139,13 +151,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "one or more positive neighbour counts",
     )
     check(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "a positive temperature")
-    known_evaluators = ("knn", "linear", "fewshot")
     for key in ("evaluators", "transfer_evaluators"):
         check(
-            all(name in known_evaluators for name in e[key]),
+            all(name in suite.EVALUATORS for name in e[key]),
             f"eval.{key}",
             e[key],
-            f"names from {known_evaluators}",
+            f"names from {tuple(suite.EVALUATORS)}",
         )
     check(
         all(name in sources.DATASETS for name in e.transfer),
@@ -163,7 +174,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         check(e[key] > 0, f"eval.{key}", e[key], "a positive integer")
     check(e.linear_base_lr > 0, "eval.linear_base_lr", e.linear_base_lr, "a positive learning rate")
-    check(isinstance(e.linear_augment, bool), "eval.linear_augment", e.linear_augment, "True or False")
+    check(
+        all(lr > 0 for lr in e.linear_base_lrs),
+        "eval.linear_base_lrs",
+        e.linear_base_lrs,
+        "() or positive learning rates",
+    )
+    for key in ("linear_augment", "linear_avgpool"):
+        check(isinstance(e[key], bool), f"eval.{key}", e[key], "True or False")
+    if e.linear_avgpool is True:
+        check(
+            e.linear_n_last_blocks == 1,
+            "eval.linear_n_last_blocks",
+            e.linear_n_last_blocks,
+            "1 with eval.linear_avgpool=True (the reference pools the last block only)",
+        )
+    check(
+        e.fewshot_n_way == 0 or e.fewshot_n_way >= 2,
+        "eval.fewshot_n_way",
+        e.fewshot_n_way,
+        "0 (every class) or at least 2 classes",
+    )
+    check(
+        len(e.fewshot_classifiers) > 0 and all(name in fewshot.CLASSIFIERS for name in e.fewshot_classifiers),
+        "eval.fewshot_classifiers",
+        e.fewshot_classifiers,
+        f"one or more of {fewshot.CLASSIFIERS}",
+    )
+    check(
+        e.fewshot_logreg_max_way >= 0,
+        "eval.fewshot_logreg_max_way",
+        e.fewshot_logreg_max_way,
+        "0 or more classes",
+    )
     check(
         e.attention_every_steps >= 0,
         "eval.attention_every_steps",
@@ -207,10 +250,10 @@ def head_config(config: ml_collections.ConfigDict, in_dim: int):
 
 
 def crop_config(config: ml_collections.ConfigDict):
-    from dino_jax.data import augment
+    from dino_jax.data.multicrop import spec
 
     a = config.augment
-    return augment.MultiCropConfig(
+    return spec.MultiCropConfig(
         global_size=a.global_crop_size,
         local_size=a.local_crop_size,
         num_local_crops=a.num_local_crops,
@@ -224,8 +267,75 @@ def crop_config(config: ml_collections.ConfigDict):
         hue=a.hue,
         grayscale_p=a.grayscale_p,
         blur_p=tuple(a.blur_p),
+        blur_sigma=tuple(a.blur_sigma),
         solarize_p=(0.0, a.solarize_p, 0.0),
+        aspect_ratio=tuple(a.crop_aspect_ratio),
     )
+
+
+def suite_settings(config: ml_collections.ConfigDict):
+    """The evaluation suite's protocol (`eval.suite.SuiteSettings`) from `config.eval`."""
+    from dino_jax.eval import suite
+
+    e = config.eval
+    return suite.SuiteSettings(
+        evaluators=tuple(e.evaluators),
+        transfer_evaluators=tuple(e.transfer_evaluators),
+        knn_ks=tuple(e.knn_ks),
+        knn_temperature=e.knn_temperature,
+        linear_n_last_blocks=e.linear_n_last_blocks,
+        linear_avgpool=e.linear_avgpool,
+        linear_epochs=e.linear_epochs,
+        linear_batch_size=e.linear_batch_size,
+        linear_base_lrs=tuple(e.linear_base_lrs) or (e.linear_base_lr,),
+        linear_augment=e.linear_augment,
+        fewshot_n_way=e.fewshot_n_way or None,
+        fewshot_k_shot=e.fewshot_k_shot,
+        fewshot_n_query=e.fewshot_n_query,
+        fewshot_episodes=e.fewshot_episodes,
+        fewshot_classifiers=tuple(e.fewshot_classifiers),
+        fewshot_logreg_max_way=e.fewshot_logreg_max_way,
+        seed=config.seed,
+    )
+
+
+def open_split(config: ml_collections.ConfigDict, which: str, dataset: str | None = None):
+    """The `which` ("train" or "eval") split of `dataset` (default: the run's) where the config says
+    the data is: in `dataset.data_dir`, or random images shaped like it (`dataset.synthetic`).
+    Raises DatasetUnavailableError when it is missing."""
+    from dino_jax.data import sources
+
+    name = dataset or config.dataset.name
+    spec = sources.DATASETS[name]
+    split = {"train": spec.train_split, "eval": spec.eval_split}[which]
+    return sources.open_split(
+        name, split, data_dir=config.dataset.data_dir or None, synthetic=config.dataset.synthetic
+    )
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `<workdir>/config.json`, which `load_run_config` reads back."""
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def has_run_config(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, CONFIG_FILE))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run in `workdir` used: its `config.json` onto today's defaults, so a
+    run saved before a key existed still loads (with that key's default)."""
+    from dino_jax.configs import base
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
+    with open(path) as f:
+        saved = json.load(f)
+    config = base.get_config()
+    config.update(saved)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)

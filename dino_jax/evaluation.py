@@ -1,44 +1,31 @@
-"""Evaluation and visualisation of a backbone, wired from a config: which datasets, which
-evaluators, which images. Used at the end of training and by `launch.py --mode=eval|visualize`.
+"""The evaluation jobs, wired from a config: which datasets (the run's and its transfer datasets),
+which protocol (`config.suite_settings`), which test images. This is the config side; the evaluators
+and their orchestration (`dino_jax/eval/`) never see a config or a train state.
 
-The evaluators themselves (dino_jax/eval, dino_jax/viz) never see a config or a train state; this
-module is the adapter between the two.
+Two jobs, one entry point each:
+- `evaluate`: the whole suite on a backbone, written as the report (`results.json`, `results.md`);
+  run at the end of training and by `launch.py --mode=eval`.
+- `knn`: weighted kNN on the run's dataset, nothing written; the untrained network's baseline, the
+  checkpoints of `bench/knn_curve.py`, and the place for a periodic kNN monitor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Sequence
 
+import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
+from dino_jax import config as config_lib
 from dino_jax.data import pipeline, sources
-from dino_jax.eval import suite
+from dino_jax.eval import report, suite
 
 
 def _print(*args):
     print(*args, file=sys.stderr, flush=True)
-
-
-def suite_settings(config: ml_collections.ConfigDict, *, knn_only: bool = False) -> suite.SuiteSettings:
-    e = config.eval
-    return suite.SuiteSettings(
-        evaluators=("knn",) if knn_only else tuple(e.evaluators),
-        transfer_evaluators=tuple(e.transfer_evaluators),
-        knn_ks=tuple(e.knn_ks),
-        knn_temperature=e.knn_temperature,
-        linear_n_last_blocks=e.linear_n_last_blocks,
-        linear_epochs=e.linear_epochs,
-        linear_batch_size=e.linear_batch_size,
-        linear_base_lr=e.linear_base_lr,
-        linear_augment=e.linear_augment,
-        fewshot_k_shot=e.fewshot_k_shot,
-        fewshot_n_query=e.fewshot_n_query,
-        fewshot_episodes=e.fewshot_episodes,
-        seed=config.seed,
-    )
 
 
 def eval_data(name: str, config: ml_collections.ConfigDict, image_size: int) -> suite.EvalData:
@@ -46,14 +33,14 @@ def eval_data(name: str, config: ml_collections.ConfigDict, image_size: int) -> 
 
     Raises DatasetUnavailableError (before any compute) when the dataset is missing.
     """
-    spec = sources.DATASETS[name]
-    data_dir = config.dataset.data_dir or None
-    train = sources.load_source(name, spec.train_split, data_dir)
-    test = sources.load_source(name, spec.eval_split, data_dir)
+    # Each batch is split over this host's devices.
+    config_lib.check_divisible(config.eval.batch_size, jax.local_device_count(), "config.eval.batch_size")
+    train = config_lib.open_split(config, "train", name)
+    test = config_lib.open_split(config, "eval", name)
     batch_size = config.eval.batch_size
     return suite.EvalData(
         name=name,
-        num_classes=spec.num_classes,
+        num_classes=sources.DATASETS[name].num_classes,
         train_batches=lambda: pipeline.eval_batches(train, batch_size=batch_size, image_size=image_size),
         test_batches=lambda: pipeline.eval_batches(test, batch_size=batch_size, image_size=image_size),
         augmented_train_batches=lambda seed, epoch: pipeline.linear_probe_batches(
@@ -88,113 +75,42 @@ def evaluate(
     mesh=None,
     command: str | None = None,
 ) -> dict[str, float]:
-    """The whole configured suite on the config's dataset and its transfer datasets; writes
-    `out_dir/results.json` (merged) and `out_dir/results.md`. `graphdef/params`: a ViT backbone."""
+    """The whole configured suite on the config's dataset and its transfer datasets; merges the
+    metrics into `out_dir/results.json` and writes the tables as `out_dir/results.md` (headed by
+    `command`, default this process's command line). `graphdef/params`: a ViT backbone."""
     main = eval_data(config.dataset.name, config, image_size)
-    return suite.run(
-        graphdef,
-        params,
-        main,
-        transfer_data(config, image_size),
-        out_dir=out_dir,
-        mean=mean,
-        std=std,
-        settings=suite_settings(config),
-        command=command,
-        mesh=mesh,
-        log=_print,
-    )
-
-
-def knn_only(config, graphdef, params, *, image_size: int, mean, std, mesh=None) -> dict[str, float]:
-    """kNN on the config's dataset, nothing written (the random-init baseline)."""
-    main = eval_data(config.dataset.name, config, image_size)
+    transfer = transfer_data(config, image_size)
+    settings = config_lib.suite_settings(config)
     results, _ = suite.evaluate_backbone(
-        graphdef, params, main, mean=mean, std=std, settings=suite_settings(config, knn_only=True), mesh=mesh
+        graphdef, params, main, transfer, mean=mean, std=std, settings=settings, mesh=mesh, log=_print
+    )
+    markdown = report.results_markdown(
+        results,
+        main_name=main.name,
+        transfer_names=[data.name for data in transfer],
+        settings=settings,
+        command=command,
+    )
+    json_path, md_path = report.write_results(out_dir, results, markdown)
+    _print(f"wrote {json_path} and {md_path}")
+    return results
+
+
+def knn(config, graphdef, params, *, image_size: int, mean, std, mesh=None) -> dict[str, float]:
+    """`knn_k{k}_top{1,5}` on the config's dataset (the config's ks and temperature); nothing
+    written."""
+    main = eval_data(config.dataset.name, config, image_size)
+    settings = dataclasses.replace(config_lib.suite_settings(config), evaluators=("knn",))
+    results, _ = suite.evaluate_backbone(
+        graphdef, params, main, mean=mean, std=std, settings=settings, mesh=mesh
     )
     return {k: v for k, v in results.items() if k.startswith("knn_")}
 
 
-def backbone_of(loaded) -> tuple[object, object, object]:
-    """(graphdef, teacher params, ViTConfig) of the ViT in a loaded checkpoint (interop.cli)."""
-    from dino_jax.models.vit import VisionTransformer
-
-    model = loaded.model
-    params = model.teacher if model.teacher is not None else model.student
-    if model.head_config is None:
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: VisionTransformer(model.vit_config, rngs=nnx.Rngs(0))))
-        return graphdef, params, model.vit_config
-    from dino_jax.models.dino import DINO
-
-    graphdef = nnx.graphdef(
-        nnx.eval_shape(lambda: DINO(model.vit_config, model.head_config, rngs=nnx.Rngs(0)))
-    )
-    backbone_graphdef, backbone_params = nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
-    return backbone_graphdef, backbone_params, model.vit_config
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) -> dict[str, float]:
-    """`--mode=eval`: a training workdir's latest teacher, a converted checkpoint or a PyTorch file."""
-    from dino_jax.interop import cli
-
-    loaded = cli.load_checkpoint(checkpoint)
-    graphdef, params, vit_config = backbone_of(loaded)
-    where = f" (step {loaded.step})" if loaded.step is not None else ""
-    _print(
-        f"evaluating the teacher of {checkpoint}{where}: ViT {vit_config.embed_dim}-d x {vit_config.depth}, "
-        f"patch {vit_config.patch_size}, {vit_config.image_size} px"
-    )
-    return evaluate(
-        config,
-        graphdef,
-        params,
-        out_dir=out_dir,
-        image_size=vit_config.image_size,
-        mean=loaded.mean,
-        std=loaded.std,
-    )
-
-
-def visualize(
-    checkpoint: str,
-    image_paths: Sequence[str],
-    out_dir: str,
-    *,
-    image_size: int | None = None,
-    threshold: float | None = 0.6,
-) -> dict[str, list[str]]:
-    """`--mode=visualize`: per-head CLS attention, threshold masks and overlays for each image."""
-    from dino_jax.interop import cli
-    from dino_jax.viz import attention
-
-    loaded = cli.load_checkpoint(checkpoint)
-    graphdef, params, vit_config = backbone_of(loaded)
-    attention_fn = attention.make_cls_attention_fn(
-        graphdef, patch_size=vit_config.patch_size, mean=loaded.mean, std=loaded.std
-    )
-    files = cli.image_files(image_paths)
-    written = attention.visualize_files(
-        attention_fn,
-        params,
-        files,
-        out_dir,
-        patch_size=vit_config.patch_size,
-        image_size=image_size,
-        threshold=threshold,
-    )
-    _print(f"wrote attention maps of {len(files)} image(s) into {out_dir}")
-    return written
-
-
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:
     """A fixed set of test images (the first `count`) for the attention panel logged in training."""
-    spec = sources.DATASETS[config.dataset.name]
-    source = sources.load_source(config.dataset.name, spec.eval_split, config.dataset.data_dir or None)
-    batch = next(
-        iter(
-            pipeline.eval_batches(
-                source, batch_size=min(count, len(source)), image_size=config.augment.global_crop_size
-            )
-        )
+    source = config_lib.open_split(config, "eval")
+    batches = pipeline.eval_batches(
+        source, batch_size=min(count, len(source)), image_size=config.augment.global_crop_size
     )
-    return batch["image"]
+    return next(iter(batches))["image"]

@@ -46,10 +46,6 @@ def path_name(path) -> str:
     return ".".join(parts)
 
 
-def named_leaves(params) -> list[tuple[str, Any]]:
-    return [(path_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def is_decayed(name: str, leaf) -> bool:
     return not (name.endswith("bias") or jnp.ndim(leaf) <= 1)
 
@@ -191,15 +187,21 @@ def set_schedule_step(opt_state, step: int, freeze_last_layer_steps: int):
     """`make_optimizer`'s state with its step counters at global `step` (a resume from another
     trainer): the main group's schedules at `step`, the held last layer's hold counter at `step`
     and its own schedules at `step - freeze` (they start when the freeze ends). Adam's own counts
-    are left as they are (they follow each parameter's updates, like PyTorch's)."""
+    are left as they are (they follow each parameter's updates, like PyTorch's).
 
-    def with_count(node, count):
-        return node._replace(count=jnp.asarray(count, node.count.dtype))
+    "Schedules" are every state that is a counter alone: the learning rate's
+    (`ScaleByScheduleState`) and the weight decay's (optax keeps that one in a private state class
+    of `add_decayed_weights`, also a NamedTuple of just `count`); Adam's and the hold's own counts
+    sit beside other fields and are left alone."""
+
+    def is_schedule_counter(node) -> bool:
+        return isinstance(node, tuple) and getattr(node, "_fields", None) == ("count",)
 
     def set_schedules(tree, count):
-        is_schedule = lambda n: isinstance(n, optax.ScaleByScheduleState)  # noqa: E731
         return jax.tree.map(
-            lambda n: with_count(n, count) if is_schedule(n) else n, tree, is_leaf=is_schedule
+            lambda n: n._replace(count=jnp.asarray(count, n.count.dtype)) if is_schedule_counter(n) else n,
+            tree,
+            is_leaf=is_schedule_counter,
         )
 
     clip_state, partition = opt_state if len(opt_state) == 2 else (None, opt_state[0])

@@ -1,4 +1,5 @@
-"""Per-iteration schedules of the reference (REFERENCE.md §2.5), as numpy tables.
+"""Per-iteration schedules of the reference (`utils.cosine_scheduler`; docs/reference.md), as
+numpy tables.
 
 The reference precomputes every schedule as a table indexed by the global iteration; we do the
 same so that the values are identical to float precision (a closed form in float32 would drift
@@ -63,10 +64,6 @@ class Schedules:
     momentum: np.ndarray
     teacher_temperature: np.ndarray  # per epoch
     steps_per_epoch: int
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.lr)
 
 
 def build_schedules(

@@ -1,31 +1,45 @@
-"""Orchestration of a training run. No numerics live here: it wires config -> data -> state ->
-jitted step -> logs/checkpoints -> evaluation, and returns the final results (tests read them).
+"""A training run. `Trainer.train` is the loop: dispatch step t, hand step t-1's metrics to the
+hooks (`hooks.py`: progress, JSON lines, NaN guard, collapse warning, attention panel), checkpoint
+every N steps. `run` puts the untrained network's kNN before it and the evaluation of the trained
+teacher after it, and returns the results (tests read them). No numerics live here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import nnx
 
-from dino_jax import checkpointing, config as config_lib, logging as log_lib, optim
+from dino_jax import accelerator, checkpointing, config as config_lib, evaluation, hooks as hooks_lib, optim
 from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
-from dino_jax.data import pipeline, sources
+from dino_jax.data import pipeline
+from dino_jax.eval import report
 from dino_jax.models import dino
 
 
 def _print(*args):
     print(*args, file=sys.stderr, flush=True)
+
+
+SYNTHETIC_DATA_NOTE = (
+    "SYNTHETIC DATA (dataset.synthetic=True): random noise shaped like {name}; throughput figures "
+    "are real, losses and accuracies mean nothing"
+)
+
+
+def use_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` ("" leaves it off). Compiling the CIFAR
+    step takes ~60 s on an H200 and more on a 2-core CPU; a resumed run then pays it again."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
 def build_model_fn(config: ml_collections.ConfigDict):
@@ -34,19 +48,6 @@ def build_model_fn(config: ml_collections.ConfigDict):
     vit_config = config_lib.vit_config(config, drop_path=True)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
     return lambda rngs: dino.DINO(vit_config, head_config, rngs=rngs)
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-
-
-def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 @dataclasses.dataclass
@@ -90,9 +91,9 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
     crop_config = config_lib.crop_config(config)
     device_augment = None
     if config.augment.on == "device":
-        from dino_jax.data import augment_device
+        from dino_jax.data.multicrop import device as multicrop_device
 
-        device_augment = functools.partial(augment_device.multicrop_batch, config=crop_config)
+        device_augment = functools.partial(multicrop_device.multicrop_batch, config=crop_config)
     step_fn = step_lib.make_train_step(
         graphdef,
         tx,
@@ -112,15 +113,18 @@ class Trainer:
     """Everything a run builds once: data, state, jitted step, checkpointer."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        # The one check of a training run's config: before any file, data or array, so a typo
+        # costs nothing.
         config_lib.validate(config)
+        use_compilation_cache(config.train.compilation_cache_dir)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
         self.mesh = sharding.make_mesh()
         config_lib.check_divisible(config.train.batch_size, jax.device_count())
 
-        spec = sources.DATASETS[config.dataset.name]
-        data_dir = config.dataset.data_dir or None
-        self.train_source = sources.load_source(config.dataset.name, spec.train_split, data_dir)
+        if config.dataset.synthetic:
+            _print(SYNTHETIC_DATA_NOTE.format(name=config.dataset.name))
+        self.train_source = config_lib.open_split(config, "train")
         parts = build_training(config, len(self.train_source), self.mesh)
         self.plan, self.schedules, self.graphdef = parts.plan, parts.schedules, parts.graphdef
         self.state, self.step_fn, self.crop_config = parts.state, parts.step_fn, parts.crop_config
@@ -140,206 +144,211 @@ class Trainer:
             max_to_keep=t.keep_checkpoints,
             save_every_steps=t.checkpoint_every_steps,
         )
+        self.interrupted_by: str | None = None  # set by train(): the signal that stopped it
 
     def restore_if_any(self) -> int:
+        """The step to start from: the workdir's latest checkpoint, else `train.init_from` (a
+        reference run, `interop.resume`), else 0."""
+        for path in self.checkpointer.unfinished:
+            _print(f"removed {path}: a checkpoint the previous run was writing when it stopped")
         if self.checkpointer.latest_step() is None:
-            if self.config.train.init_from:
-                return self.start_from(self.config.train.init_from)
-            return 0
-        self.state = self.checkpointer.restore(checkpointing.abstract_like(self.state), self.data_iterator)
+            if not self.config.train.init_from:
+                return 0
+            from dino_jax.interop import resume
+
+            self.state, step = resume.start_from(
+                self.config.train.init_from,
+                self.state,
+                image_size=self.config.augment.global_crop_size,
+                steps_per_epoch=self.plan.steps_per_epoch,
+                freeze_last_layer_steps=self.plan.freeze_last_layer_steps,
+            )
+            return step
+        self.state = self.checkpointer.restore(
+            checkpointing.abstract_like(self.state), self.data_iterator, log=_print
+        )
         step = int(self.state.step)
         _print(f"resumed from {self.checkpointer.directory} at step {step}")
-        return step
-
-    def start_from(self, path: str) -> int:
-        """Takes student, teacher, center, Adam moments and the epoch from a PyTorch training
-        checkpoint (or a converted one); the optimiser's schedule counters are set to the epoch's
-        first step, so training continues where the reference stopped."""
-        from dino_jax.interop import cli, torch_ckpt
-
-        imported = cli.load_checkpoint(path, image_size=self.config.augment.global_crop_size).model
-        if imported.head_config is None or imported.student is None or imported.teacher is None:
-            raise config_lib.ConfigError(
-                f"config.train.init_from = {path!r}: expected a training checkpoint with student, teacher "
-                "and head; this one holds a backbone only (use it with --mode=eval/visualize/embed)"
-            )
-        ours = {
-            optim.path_name(p): np.shape(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(self.state.student)[0]
-        }
-        theirs = {
-            optim.path_name(p): np.shape(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(imported.student)[0]
-        }
-        if ours != theirs:
-            different = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
-            raise config_lib.ConfigError(
-                f"config.train.init_from = {path!r}: its model does not match config.model/config.head; "
-                f"parameters that differ (ours vs the checkpoint's shape): "
-                + ", ".join(f"{n} {ours.get(n)} vs {theirs.get(n)}" for n in different[:10])
-            )
-        step = int(imported.epoch or 0) * self.plan.steps_per_epoch
-        opt_state = self.state.opt_state
-        if imported.optimizer is not None:
-            moments = torch_ckpt.torch_adam_moments(
-                imported.optimizer, imported.vit_config, imported.head_config
-            )
-            opt_state = torch_ckpt.fill_adam_moments(opt_state, moments)
-        opt_state = optim.set_schedule_step(opt_state, step, self.plan.freeze_last_layer_steps)
-        like = lambda ref, new: jnp.asarray(new, ref.dtype)  # noqa: E731
-        center = imported.center if imported.center is not None else np.zeros_like(self.state.center)
-        state = self.state.replace(
-            step=jnp.asarray(step, jnp.int32),
-            student=jax.tree.map(like, self.state.student, imported.student),
-            teacher=jax.tree.map(like, self.state.teacher, imported.teacher),
-            opt_state=opt_state,
-            center=jnp.asarray(center, jnp.float32).reshape(self.state.center.shape),
-        )
-        self.state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, self.state))
-        _print(f"started from {path} at epoch {imported.epoch or 0} (step {step})")
         return step
 
     def next_batch(self):
         return sharding.to_global_batch(next(self.data_iterator), self.mesh)
 
-    def train(self) -> dict[str, float]:
-        """Runs the remaining steps; returns the last logged metrics."""
+    def make_hooks(self, start_step: int) -> list[hooks_lib.Hook]:
+        """The work between steps, in the order it runs."""
         config, plan = self.config, self.plan
-        start = self.restore_if_any()
-        writer = log_lib.MetricsWriter(self.workdir)
-        progress = log_lib.Progress(plan.train_steps, config.train.batch_size)
+        made: list[hooks_lib.Hook] = [
+            hooks_lib.LogMetrics(
+                self.workdir,
+                total_steps=plan.train_steps,
+                images_per_step=config.train.batch_size,
+                start_step=start_step,
+            ),
+            hooks_lib.NonFiniteGuard(),
+            hooks_lib.CollapseWarning(
+                config.head.out_dim,
+                after_step=plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2,
+            ),
+        ]
+        if config.eval.attention_every_steps:
+            vit_graphdef, _ = dino.split_backbone(self.graphdef, self.state.teacher)
+            made.append(
+                hooks_lib.AttentionPanel(
+                    self.workdir,
+                    self.graphdef,
+                    vit_graphdef,
+                    evaluation.test_panel_images(config),
+                    every_steps=config.eval.attention_every_steps,
+                    patch_size=config.model.patch_size,
+                    mean=config.dataset.mean,
+                    std=config.dataset.std,
+                )
+            )
+        return made
+
+    def train(self, start_step: int | None = None) -> dict[str, float]:
+        """Runs the steps from `start_step` (None: `restore_if_any()` first); returns the last logged
+        metrics. SIGTERM or SIGINT stops it after the step in flight, with a checkpoint of that
+        step; `interrupted_by` then names the signal."""
+        config, plan = self.config, self.plan
+        start = self.restore_if_any() if start_step is None else start_step
+        _print(accelerator.describe_backend(jax.default_backend(), jax.devices(), jax.process_count()))
         _print(
             f"training {plan.train_steps} steps ({plan.steps_per_epoch} per epoch, batch "
             f"{config.train.batch_size}, {jax.device_count()} device(s), augment on {config.augment.on}); "
             f"the first step compiles"
         )
-        progress.start(start)
-        last: dict[str, float] = {}
-        warned = False
-        pending = None  # (step, device metrics): fetched one step late so the host never stalls
-        for step in range(start, plan.train_steps):
-            self.state, metrics = self.step_fn(self.state, self.next_batch())
-            done = step + 1
-            if pending is not None:
-                last, warned = self._report(*pending, writer, progress, warned)
-                pending = None
-            if done % config.train.log_every_steps == 0 or done == plan.train_steps:
-                pending = (done, metrics)
-            if config.eval.attention_every_steps and done % config.eval.attention_every_steps == 0:
-                self.save_attention_panel(done)
-            if done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps:
-                # A checkpoint is written only for a finite state.
-                if pending is not None:
-                    last, warned = self._report(*pending, writer, progress, warned)
-                    pending = None
-                else:
-                    log_lib.check_finite(done, log_lib.fetch(metrics))
-                self.checkpointer.save(done, self.state, self.data_iterator)
-        if pending is not None:
-            last, warned = self._report(*pending, writer, progress, warned)
-        if plan.train_steps > start:
-            self.checkpointer.save(plan.train_steps, self.state, self.data_iterator, force=True)
-        self.checkpointer.wait()
-        writer.close()
-        return last
-
-    def save_attention_panel(self, step: int) -> str:
-        """Renders the teacher's last-block CLS attention on a fixed set of test images into
-        `<workdir>/attention/step_<step>.png`, so a run's logs show what the heads attend to."""
-        from PIL import Image
-
-        from dino_jax import evaluation
-        from dino_jax.viz import attention
-
-        if not hasattr(self, "_panel"):
-            graphdef, _ = backbone_of(self.graphdef, self.state.teacher)
-            fn = attention.make_cls_attention_fn(
-                graphdef,
-                patch_size=self.config.model.patch_size,
-                mean=self.config.dataset.mean,
-                std=self.config.dataset.std,
-            )
-            self._panel = (graphdef, fn, evaluation.test_panel_images(self.config))
-        _, fn, images = self._panel
-        _, params = backbone_of(self.graphdef, self.state.teacher)
-        panel = attention.attention_panel(fn, params, images, patch_size=self.config.model.patch_size)
-        directory = os.path.join(self.workdir, "attention")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"step_{step:07d}.png")
-        Image.fromarray(panel).save(path)
-        return path
-
-    def _report(self, step, device_metrics, writer, progress, warned):
-        metrics = log_lib.fetch(device_metrics)
-        writer.write(step, metrics)
-        log_lib.check_finite(step, metrics)
-        metrics["images_per_s"] = progress.report(step, metrics)
-        if not warned and step >= self.plan.steps_per_epoch * max(self.config.train.freeze_last_layer, 1) * 2:
-            message = log_lib.collapse_warning(metrics, self.config.head.out_dim)
-            if message:
-                _print("WARNING: " + message)
-                warned = True
-        return metrics, warned
+        hooks = self.make_hooks(start)
+        logged = hooks_lib.DelayedMetrics(hooks)
+        done = saved = start
+        try:
+            with StopSignals() as stop:
+                for step in range(start, plan.train_steps):
+                    self.state, metrics = self.step_fn(self.state, self.next_batch())
+                    done = step + 1
+                    logged.flush()
+                    if done % config.train.log_every_steps == 0 or done == plan.train_steps:
+                        logged.put(done, metrics)
+                    for hook in hooks:
+                        if hook.every_steps and done % hook.every_steps == 0:
+                            hook.on_state(done, self.state)
+                    periodic = done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps
+                    if periodic or stop.received:
+                        # A checkpoint is written only for a finite state.
+                        if not logged.flush():
+                            hooks_lib.check_finite(done, hooks_lib.fetch(metrics))
+                        self.checkpointer.save(
+                            done, self.state, self.data_iterator, force=stop.received is not None
+                        )
+                        saved = done
+                    if stop.received:
+                        break
+                logged.flush()
+                if done > saved:
+                    self.checkpointer.save(done, self.state, self.data_iterator, force=True)
+                self.checkpointer.wait()
+        finally:
+            for hook in hooks:
+                hook.close()
+        self.interrupted_by = stop.received
+        return logged.last
 
 
-def backbone_of(graphdef, params):
-    """(graphdef, params) of the ViT inside a DINO model, for evaluation and visualisation."""
-    return nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)
+class StopSignals:
+    """Within `with StopSignals() as stop:`, SIGTERM (a TPU preemption notice, `kill`) and SIGINT
+    (Ctrl-C, Colab's interrupt) only set `stop.received` to the signal's name, for the loop to
+    stop at a step boundary. A second signal gets the handler that was there before (stop at
+    once). Signals are left alone outside the main thread, in a run of several processes (they
+    would stop at different steps and wait for each other's checkpoint forever) and where they were
+    ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._receive)
+        return self
+
+    def _receive(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+
+def interrupted_message(trainer: Trainer) -> str:
+    """Where an interrupted run stopped, and the command that continues it."""
+    step = int(trainer.state.step)
+    if os.path.basename(sys.argv[0]) == "launch.py":
+        again = f"run the same command again:\n  {report.default_command()}"
+    else:
+        again = f"call train.run with the same config and workdir ({trainer.workdir}) again"
+    return (
+        f"{trainer.interrupted_by} received: stopped after step {step}/{trainer.plan.train_steps}, "
+        f"checkpoint written to {os.path.join(trainer.checkpointer.directory, str(step))}. "
+        f"To continue from step {step}, {again}"
+    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains, then evaluates the teacher with the configured suite; writes
-    `<workdir>/results.json` and `results.md`; returns the results (percent)."""
-    from dino_jax import evaluation
-
+    """Trains, then evaluates the teacher with the configured suite; `<workdir>/results.json`
+    (`eval.report`) gathers the untrained network's kNN, the training figures and the
+    evaluation; returns it (percent)."""
     started = time.perf_counter()
     trainer = Trainer(config, workdir)
-    save_config(config, workdir)
-    results_path = os.path.join(workdir, "results.json")
-    results: dict[str, float] = {}
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
     image_size = config.augment.global_crop_size
     norm = dict(mean=config.dataset.mean, std=config.dataset.std)
     if (
         config.eval.random_init_knn
-        and "random_init_knn_k20_top1" not in results
+        and "random_init_knn_k20_top1" not in report.read_results(workdir)
         and trainer.checkpointer.latest_step() is None
     ):
         _print("kNN of the untrained network (the baseline training must beat)...")
-        graphdef, params = backbone_of(trainer.graphdef, trainer.state.teacher)
-        baseline = evaluation.knn_only(
-            config, graphdef, params, image_size=image_size, mesh=trainer.mesh, **norm
-        )
-        results.update({f"random_init_{k}": v for k, v in baseline.items()})
-        _write_json(results_path, results)
+        graphdef, params = dino.split_backbone(trainer.graphdef, trainer.state.teacher)
+        baseline = evaluation.knn(config, graphdef, params, image_size=image_size, mesh=trainer.mesh, **norm)
+        report.write_results(workdir, {f"random_init_{k}": v for k, v in baseline.items()})
         _print("untrained: " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items() if k.endswith("top1")))
-    last = trainer.train()
+    # Restored before config.json is written: a refused checkpoint (another model) leaves the
+    # workdir's config.json describing the run it holds.
+    start = trainer.restore_if_any()
+    config_lib.save_run_config(config, workdir)
+    last = trainer.train(start)
+    if trainer.interrupted_by:
+        trainer.checkpointer.close()
+        _print(interrupted_message(trainer))
+        return report.read_results(workdir)
     train_results = {"train_wall_s": time.perf_counter() - started}
+    if config.dataset.synthetic:
+        # Kept beside the numbers so no table built from results.json mistakes them for real ones.
+        train_results["synthetic_data"] = 1.0
     if last:
         train_results["final_loss"] = last["loss"]
-    results.update(train_results)
-    _write_json(results_path, results)
+    report.write_results(workdir, train_results)
     trainer.checkpointer.close()
     _print("evaluating the trained teacher...")
-    graphdef, params = backbone_of(trainer.graphdef, trainer.state.teacher)
-    results.update(
-        evaluation.evaluate(
-            config, graphdef, params, out_dir=workdir, image_size=image_size, mesh=trainer.mesh, **norm
-        )
+    graphdef, params = dino.split_backbone(trainer.graphdef, trainer.state.teacher)
+    evaluation.evaluate(
+        config, graphdef, params, out_dir=workdir, image_size=image_size, mesh=trainer.mesh, **norm
     )
+    results = report.read_results(workdir)
     summary = ", ".join(
         f"{k} {v:.2f}"
         for k, v in sorted(results.items())
         if k.endswith("top1") and "knn_k20" in k or k in ("linear_best_test_top1",)
     )
-    _print(f"results ({results_path}, results.md): {summary}")
+    _print(f"results ({os.path.join(workdir, report.RESULTS_JSON)}, {report.RESULTS_MD}): {summary}")
+    if config.dataset.synthetic:
+        _print(SYNTHETIC_DATA_NOTE.format(name=config.dataset.name))
     return results
-
-
-def _write_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)

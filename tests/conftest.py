@@ -1,5 +1,13 @@
+import os
+
 import jax
 import pytest
+
+from tests.optional_torch import torch
+
+# CI services set CI=true (and .ci/run does): there a parity test that would be skipped for want of
+# torch fails the run instead, so a broken install cannot pass as green.
+UNDER_CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +19,29 @@ def fast_compilation():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_runtest_setup(item):
+    if torch is None and item.get_closest_marker("torch"):
+        pytest.skip("needs torch, the PyTorch reference (pip install -r requirements-dev.txt)")
+
+
+def _fail_a_torch_skip_under_ci(report, marked: bool) -> None:
+    """Turns `report`, if a skip for want of torch (a `torch` marker, or an importorskip of it in
+    the test or its module), into a failure under CI."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if UNDER_CI and report.skipped and (marked or "torch" in reason):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a parity test was skipped ({reason}); install torch so it runs"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_a_torch_skip_under_ci(outcome.get_result(), item.get_closest_marker("torch") is not None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_a_torch_skip_under_ci(outcome.get_result(), marked=False)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import pytest
 
 from configs import cifar100, digits
 from dino_jax import config as config_lib
+from dino_jax.configs import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +60,16 @@ def test_batch_larger_than_the_dataset_is_explained():
         config_lib.plan_steps(config, 1437)
 
 
+def test_an_epoch_floors_to_full_batches():
+    config = digits.get_config()
+    assert config_lib.plan_steps(config, 1437).steps_per_epoch == 22
+    config.train.batch_size = 256
+    assert config_lib.plan_steps(config, 50000).steps_per_epoch == 195
+    config.train.batch_size = 64
+    with pytest.raises(config_lib.ConfigError, match="larger than the 10 training images"):
+        config_lib.plan_steps(config, 10)
+
+
 def test_plan_resolves_epochs_into_steps():
     config = cifar100.get_config()
     plan = config_lib.plan_steps(config, 50_000)
@@ -87,3 +99,35 @@ def test_launch_rejects_a_bad_value_before_any_compute(tmp_path):
     assert out.returncode != 0
     assert "crop size 30 is not a multiple of patch size 4" in out.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_launch_rejects_an_unknown_recipe_argument_in_one_line(tmp_path):
+    out = launch("--config=configs/cifar100.py:smok", f"--workdir={tmp_path}")
+    assert out.returncode != 0
+    assert out.stderr.strip() == "error: unknown config argument 'smok' (in ':smok'): expected one of smoke"
+    assert not os.listdir(tmp_path)
+
+
+def test_launch_reports_a_missing_config_file_in_one_line(tmp_path):
+    out = launch("--config=configs/cifar10.py", f"--workdir={tmp_path}")
+    assert out.returncode != 0
+    assert out.stderr.strip() == "error: --config=configs/cifar10.py: no such config file, or it cannot be read"
+
+
+def test_recipe_arguments_are_checked():
+    assert base.parse_arg(None) == {} and base.parse_arg("smoke") == {"smoke": True}
+    for get_config in (cifar100.get_config, digits.get_config):
+        with pytest.raises(config_lib.ConfigError, match="unknown config argument 'fast'"):
+            get_config("smoke,fast")
+
+
+def test_an_older_run_config_loads_onto_todays_defaults(tmp_path):
+    saved = digits.get_config().to_dict()
+    del saved["dataset"]["synthetic"], saved["eval"]["linear_avgpool"]  # keys added after that run
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = config_lib.load_run_config(str(tmp_path))
+    assert config.dataset.synthetic is False and config.eval.linear_avgpool is False
+    assert config.dataset.name == "digits" and tuple(config.eval.knn_ks) == (5, 10, 20, 100, 200)
+    config_lib.validate(config)
+    with pytest.raises(FileNotFoundError, match="is .* the workdir of a training run"):
+        config_lib.load_run_config(str(tmp_path / "elsewhere"))

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax.data import augment, digits, normalize, pipeline, sources
+from dino_jax.data import digits, normalize, pipeline, sources
+from dino_jax.data.multicrop import spec
+from tests.config_helpers import reference_crops
 
-CROPS = augment.MultiCropConfig(global_size=32, local_size=16, num_local_crops=4)
+CROPS = reference_crops(global_size=32, local_size=16, num_local_crops=4)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_normalize_numpy_and_jax_agree_with_the_formula():
     assert on_device.dtype == jnp.float32
     np.testing.assert_allclose(on_host, expected, atol=1e-5)
     np.testing.assert_allclose(np.asarray(on_device), expected, atol=1e-5)
-    # Zero-background scaling (FINDINGS.md): mean 0, std 1 leaves x / 255.
+    # Zero-background scaling (configs/digits.py): mean 0, std 1 leaves x / 255.
     np.testing.assert_allclose(normalize.normalize_images(images, (0.0,), (1.0,)), images / 255.0, atol=1e-6)
     with pytest.raises(ValueError, match="std"):
         normalize.normalize_images(images, (0.5, 0.5, 0.5), (0.2, 0.0, 0.2))
@@ -177,7 +179,7 @@ def test_crops_depend_on_the_example_not_on_batching_or_hosts():
         {"image": np.random.RandomState(i).randint(0, 256, (24, 24, 3)).astype(np.uint8), "label": i}
         for i in range(16)
     ]
-    config = augment.MultiCropConfig(16, 8, 2)
+    config = reference_crops(16, 8, 2)
 
     def first_examples(global_batch, shard_count):
         per_host = [
@@ -240,13 +242,6 @@ def test_bad_pipeline_arguments():
         )
     with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
         pipeline.train_dataset(source, CROPS, global_batch_size=4, seed=0, shard_index=0, shard_count=3)
-
-
-def test_steps_per_epoch_floors():
-    assert pipeline.steps_per_epoch(50000, 256) == 195
-    assert pipeline.steps_per_epoch(1437, 64) == 22
-    with pytest.raises(ValueError, match="larger than the dataset"):
-        pipeline.steps_per_epoch(10, 64)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -314,9 +309,9 @@ def test_linear_probe_views_are_random_resized_crops_and_flips_as_pil_makes_them
     flips = []
     for index, example in enumerate(source):
         # The same draws as `linear_probe_views`: the crop_boxes row, then the flip.
-        uniforms = pipeline.linear_probe_rng(3, 2, index).random(augment.NUM_UNIFORMS + 1)
-        ((top, left, height, width),) = augment.crop_boxes(
-            uniforms[None, : augment.NUM_UNIFORMS], 20, 30, (0.08, 1.0), (3 / 4, 4 / 3)
+        uniforms = pipeline.linear_probe_rng(3, 2, index).random(spec.NUM_UNIFORMS + 1)
+        ((top, left, height, width),) = spec.crop_boxes(
+            uniforms[None, : spec.NUM_UNIFORMS], 20, 30, (0.08, 1.0), (3 / 4, 4 / 3)
         )
         crop = Image.fromarray(example["image"]).crop((left, top, left + width, top + height))
         ref = crop.resize((16, 16), Image.BICUBIC)

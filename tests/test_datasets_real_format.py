@@ -20,9 +20,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dino_jax.data import augment, pipeline, sources, tiny_imagenet
+from dino_jax.data import pipeline, sources, tiny_imagenet
+from tests.config_helpers import reference_crops
 
-CROPS = augment.MultiCropConfig(global_size=16, local_size=8, num_local_crops=2)
+CROPS = reference_crops(global_size=16, local_size=8, num_local_crops=2)
 
 
 def _image(seed, size):

@@ -1,8 +1,7 @@
-"""PyTorch checkpoint import/export: layouts, round trips, files, errors, convert and embed."""
+"""PyTorch checkpoint import/export: layouts, round trips, files, errors (dino_jax/interop/)."""
 
 import argparse
 import dataclasses
-import os
 import pathlib
 import sys
 
@@ -12,19 +11,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from dino_jax.interop import cli, torch_ckpt
+from dino_jax.interop import load, torch_convert, torch_io, torch_keys
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig, VisionTransformer, interpolate_pos_embed
 
-torch = pytest.importorskip("torch")
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
+from tests.optional_torch import ref, torch
 
 EMBED = 64  # one head of 64: the default head count the importer infers
 
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")
+pytestmark = [pytest.mark.usefixtures("fast_compilation"), pytest.mark.torch]
 
 
 def reference_wrapper(seed=0, use_bn=False, nlayers=3, parametrized=False, norm_last_layer=True):
@@ -111,7 +108,7 @@ def reference_training_checkpoint(path, *, use_bn=False, norm_last_layer=False):
 def test_reference_training_checkpoint_loads_completely(tmp_path, use_bn):
     path = str(tmp_path / "checkpoint.pth")
     student, teacher, loss = reference_training_checkpoint(path, use_bn=use_bn)
-    imported = torch_ckpt.import_checkpoint(path)
+    imported = load.import_checkpoint(path)
     assert imported.vit_config == ViTConfig(
         image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1
     )
@@ -121,10 +118,10 @@ def test_reference_training_checkpoint_loads_completely(tmp_path, use_bn):
     assert imported.epoch == 2 and imported.args["lr"] == 5e-4 and "state" in imported.optimizer
     np.testing.assert_array_equal(imported.center, loss.center.numpy())
     for params, module in ((imported.student, student), (imported.teacher, teacher)):
-        exported = torch_ckpt.dino_to_torch(params, imported.vit_config, imported.head_config)
+        exported = torch_convert.dino_to_torch(params, imported.vit_config, imported.head_config)
         expected = numpy_state(module)
         for key in list(expected):
-            if key.rsplit(".", 1)[-1] in torch_ckpt.BN_BUFFERS:  # not kept: DINO never reads them
+            if key.rsplit(".", 1)[-1] in torch_keys.BN_BUFFERS:  # not kept: DINO never reads them
                 del expected[key], exported[key]
         assert_same_tensors(exported, expected)  # every parameter used, values unchanged
 
@@ -132,8 +129,8 @@ def test_reference_training_checkpoint_loads_completely(tmp_path, use_bn):
 def test_round_trip_pytorch_ours_pytorch_is_exact_and_loads_strict(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
     student, teacher, _ = reference_training_checkpoint(path)
-    imported = torch_ckpt.import_checkpoint(path)
-    exported = torch_ckpt.training_checkpoint(
+    imported = load.import_checkpoint(path)
+    exported = torch_convert.training_checkpoint(
         imported.student,
         imported.teacher,
         imported.center,
@@ -142,10 +139,9 @@ def test_round_trip_pytorch_ours_pytorch_is_exact_and_loads_strict(tmp_path):
         epoch=imported.epoch,
     )
     out = str(tmp_path / "exported.pth")
-    torch_ckpt.save_checkpoint_file(exported, out)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        written = torch.load(out, weights_only=True)
-    assert written["epoch"] == 2 and written["args"].norm_last_layer is False
+    torch_io.save_checkpoint_file(exported, out)
+    written = torch.load(out)  # PyTorch's default loader: weights-only since 2.6
+    assert written["epoch"] == 2 and written["args"]["norm_last_layer"] is False
     assert_same_tensors(
         {k: v.numpy() for k, v in written["student"].items()},
         {"module." + k: v for k, v in numpy_state(student).items()},
@@ -166,12 +162,14 @@ def test_round_trip_ours_pytorch_ours_is_exact(use_bn, nlayers, parametrized):
         in_dim=EMBED, out_dim=32, hidden_dim=48, bottleneck_dim=16, nlayers=nlayers, use_bn=use_bn
     )
     _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(4)))
-    state_dict = torch_ckpt.dino_to_torch(params, vit_config, head_config, parametrized=parametrized)
+    state_dict = torch_convert.dino_to_torch(params, vit_config, head_config, parametrized=parametrized)
     # The same keys as the reference's module, and it loads them strictly.
     wrapper = reference_wrapper(use_bn=use_bn, nlayers=nlayers, parametrized=parametrized)
     assert sorted(state_dict) == sorted(wrapper.state_dict())
     wrapper.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
-    back_vit, back_head, back = torch_ckpt.dino_from_torch({"module." + k: v for k, v in state_dict.items()})
+    back_vit, back_head, back = torch_convert.dino_from_torch(
+        {"module." + k: v for k, v in state_dict.items()}
+    )
     if nlayers == 1:  # no hidden layer, so no hidden width to read back
         back_head = dataclasses.replace(back_head, hidden_dim=head_config.hidden_dim)
     assert (back_vit, back_head) == (vit_config, head_config)
@@ -182,23 +180,23 @@ def test_round_trip_ours_pytorch_ours_is_exact(use_bn, nlayers, parametrized):
 def test_backbone_only_export_matches_released_layout():
     config = ViTConfig(image_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
     _, params = nnx.split(VisionTransformer(config, rngs=nnx.Rngs(1)))
-    state_dict = torch_ckpt.backbone_to_torch(params, config)
+    state_dict = torch_convert.backbone_to_torch(params, config)
     model = ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
     model.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
     assert state_dict["patch_embed.proj.weight"].shape == (EMBED, 3, 4, 4)
     assert state_dict["blocks.1.attn.qkv.weight"].shape == (3 * EMBED, EMBED)
     # Through the `module.backbone.` prefixes of a training checkpoint, and back.
-    config_back, back = torch_ckpt.backbone_from_torch(
+    config_back, back = torch_convert.backbone_from_torch(
         {"module.backbone." + k: v for k, v in state_dict.items()}
     )
     assert config_back == config
-    assert_same_tensors(torch_ckpt.backbone_to_torch(back, config), state_dict)
+    assert_same_tensors(torch_convert.backbone_to_torch(back, config), state_dict)
 
 
 def test_inferred_variants_and_head_count():
     torch.manual_seed(0)
     tiny = ref.vit("tiny", patch_size=8, img_size=32)
-    config = torch_ckpt.infer_vit_config(numpy_state(tiny))
+    config = torch_keys.infer_vit_config(numpy_state(tiny))
     assert (
         config.embed_dim,
         config.depth,
@@ -208,8 +206,8 @@ def test_inferred_variants_and_head_count():
         config.mlp_ratio,
         config.qkv_bias,
     ) == (192, 12, 3, 8, 32, 4.0, True)
-    with pytest.raises(torch_ckpt.CheckpointFormatError, match="pass num_heads"):
-        torch_ckpt.infer_vit_config(
+    with pytest.raises(torch_io.CheckpointFormatError, match="pass num_heads"):
+        torch_keys.infer_vit_config(
             {**numpy_state(tiny), "patch_embed.proj.weight": np.zeros((100, 3, 8, 8), np.float32)}
         )
 
@@ -219,8 +217,8 @@ def test_one_error_lists_missing_unexpected_and_misshaped_keys():
     del state_dict["backbone.blocks.1.mlp.fc2.bias"]
     state_dict["backbone.blocks.1.extra.weight"] = np.zeros(3, np.float32)
     state_dict["backbone.blocks.0.attn.proj.weight"] = np.zeros((EMBED, EMBED + 1), np.float32)
-    with pytest.raises(torch_ckpt.CheckpointFormatError) as error:
-        torch_ckpt.dino_from_torch(state_dict)
+    with pytest.raises(torch_io.CheckpointFormatError) as error:
+        torch_convert.dino_from_torch(state_dict)
     message = str(error.value)
     assert "missing keys (1): backbone.blocks.1.mlp.fc2.bias" in message
     assert "unexpected keys (1): backbone.blocks.1.extra.weight" in message
@@ -242,8 +240,8 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "code_ran"
     path = str(tmp_path / "evil.pth")
     torch.save({"cls_token": torch.zeros(1, 1, 4), "payload": _RunsCodeWhenUnpickled(str(marker))}, path)
-    with pytest.raises(torch_ckpt.UnsafeCheckpointError, match="refused to load .*evil.pth"):
-        torch_ckpt.import_checkpoint(path)
+    with pytest.raises(torch_io.UnsafeCheckpointError, match="refused to load .*evil.pth"):
+        load.import_checkpoint(path)
     assert not marker.exists()
 
 
@@ -251,13 +249,13 @@ def test_safetensors_round_trip_without_torch(tmp_path, monkeypatch):
     state_dict = numpy_state(reference_wrapper(3))
     path = str(tmp_path / "dino.safetensors")
     tree = {"teacher": state_dict, "dino_loss": {"center": np.ones((1, 32), np.float32)}}
-    torch_ckpt.save_checkpoint_file(tree, path)
+    torch_io.save_checkpoint_file(tree, path)
     monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now fails
-    imported = torch_ckpt.import_checkpoint(path)
+    imported = load.import_checkpoint(path)
     assert imported.student is None and imported.head_config.out_dim == 32
     np.testing.assert_array_equal(imported.center, 1.0)
     assert_same_tensors(
-        torch_ckpt.dino_to_torch(imported.teacher, imported.vit_config, imported.head_config), state_dict
+        torch_convert.dino_to_torch(imported.teacher, imported.vit_config, imported.head_config), state_dict
     )
 
 
@@ -265,7 +263,7 @@ def test_resolution_change_resizes_pos_embed_like_the_reference():
     torch.manual_seed(0)
     model = ref.VisionTransformer(img_size=16, patch_size=4, embed_dim=EMBED, depth=2, num_heads=1)
     state_dict = numpy_state(model)
-    config, params = torch_ckpt.backbone_from_torch(state_dict, image_size=24)
+    config, params = torch_convert.backbone_from_torch(state_dict, image_size=24)
     assert config.image_size == 24 and params["pos_embed"].shape == (1, 37, EMBED)
     expected = interpolate_pos_embed(jnp.asarray(state_dict["pos_embed"]), 6, 6)
     np.testing.assert_array_equal(params["pos_embed"].get_value(), expected)
@@ -276,117 +274,3 @@ def test_resolution_change_resizes_pos_embed_like_the_reference():
     with torch.no_grad():  # the reference interpolates at run time, to the same values
         expected_cls = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(jax.jit(model_ours)(images), expected_cls, atol=2e-5)
-
-
-def test_convert_both_ways_and_embed(tmp_path):
-    source = str(tmp_path / "checkpoint.pth")
-    student, teacher, _ = reference_training_checkpoint(source)
-    converted = str(tmp_path / "converted")
-    assert "converted" in cli.convert(source, converted)
-    loaded = cli.load_checkpoint(converted)
-    assert loaded.model.vit_config.embed_dim == EMBED and loaded.model.epoch == 2
-    # Ours -> the reference's training layout again, and the backbone-only form.
-    back = str(tmp_path / "back.pth")
-    cli.convert(converted, back)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        written = torch.load(back, weights_only=True)
-    assert_same_tensors({k: v.numpy() for k, v in written["teacher"].items()}, numpy_state(teacher))
-    backbone = str(tmp_path / "backbone.safetensors")
-    cli.convert(converted, backbone, backbone_only=True)
-    from safetensors.numpy import load_file
-
-    assert_same_tensors(load_file(backbone), numpy_state(teacher.backbone))
-
-    # Embeddings of image files: one of the model's size, one resized.
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "a.png")
-    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / "b.png")
-    out = str(tmp_path / "features.npz")
-    result = cli.embed(source, str(folder), out, batch_size=4)
-    stored = np.load(out)
-    assert [os.path.basename(p) for p in stored["paths"]] == ["a.png", "b.png"]
-    pixels = np.stack([cli.load_image(str(folder / name), 16) for name in ("a.png", "b.png")])
-    with torch.no_grad():
-        expected = teacher.backbone(
-            torch.from_numpy(
-                normalize_images(pixels, IMAGENET_MEAN, IMAGENET_STD).transpose(0, 3, 1, 2).copy()
-            )
-        ).numpy()
-    np.testing.assert_allclose(stored["features"], expected, atol=1e-4)
-    np.testing.assert_array_equal(result["features"], stored["features"])
-
-
-def test_training_workdir_exports_to_reference(tmp_path):
-    from configs import digits
-    from dino_jax import checkpointing, config as config_lib
-    from dino_jax.state import TrainState
-
-    config = digits.get_config("smoke")
-    vit_config = config_lib.vit_config(config, drop_path=False)
-    head_config = config_lib.head_config(config, vit_config.embed_dim)
-    _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(0)), nnx.Param)
-    teacher = jax.tree.map(lambda x: x * 0.5, params)
-    state = TrainState(
-        step=jnp.asarray(7),
-        student=params,
-        teacher=teacher,
-        opt_state=(),
-        center=jnp.full((1, head_config.out_dim), 0.25),
-        rng=jax.random.key(0),
-    )
-    workdir = tmp_path / "run"
-    checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"))
-    checkpointer.save(7, state, force=True)
-    checkpointer.close()
-    (workdir / "config.json").write_text(config.to_json_best_effort())
-
-    out = str(tmp_path / "run.pth")
-    cli.convert(str(workdir), out)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        written = torch.load(out, weights_only=True)
-    # BatchNorm head: the reference wraps the teacher in DDP too, hence `module.` on both.
-    network = ref.MultiCropWrapper(
-        ref.VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
-        ref.DINOHead(32, 256, use_bn=True, hidden_dim=64, bottleneck_dim=32),
-    )
-    network.load_state_dict({k[len("module.") :]: v for k, v in written["teacher"].items()}, strict=True)
-    np.testing.assert_array_equal(written["dino_loss"]["center"].numpy(), 0.25)
-    expected = torch_ckpt.dino_to_torch(teacher, vit_config, head_config)
-    assert_same_tensors({k: v.numpy() for k, v in network.state_dict().items()}, expected)
-
-
-def test_reference_adam_moments_fill_our_optimizer(tmp_path):
-    from dino_jax import optim
-
-    path = str(tmp_path / "checkpoint.pth")
-    student, _, _ = reference_training_checkpoint(path)  # one step, last layer not frozen
-    imported = torch_ckpt.import_checkpoint(path)
-    moments = torch_ckpt.torch_adam_moments(imported.optimizer, imported.vit_config, imported.head_config)
-    tx = optim.make_optimizer(
-        lr_fn=lambda count: 1e-3,
-        weight_decay_fn=lambda count: 0.04,
-        clip_grad=3.0,
-        freeze_last_layer_steps=0,
-        norm_last_layer=False,
-    )
-    opt_state = torch_ckpt.fill_adam_moments(tx.init(imported.student), moments)
-    ours = torch_ckpt.adam_moments(opt_state)
-    table = {e.torch: e for e in torch_ckpt.dino_key_table(imported.vit_config, imported.head_config)}
-    # The reference's own resume path; the file was written by this test, so full unpickling.
-    reference = torch.optim.AdamW(ref.get_params_groups(student))
-    reference.load_state_dict(torch.load(path, weights_only=False)["optimizer"])
-    for key, param in student.named_parameters():
-        state = reference.state[param]
-        first, second, count = ours[table[key].ours]
-        assert count == int(state["step"]) == 1
-        layout = table[key].layout
-        np.testing.assert_array_equal(
-            torch_ckpt.to_torch_layout(first, layout), state["exp_avg"].numpy(), err_msg=key
-        )
-        np.testing.assert_array_equal(
-            torch_ckpt.to_torch_layout(second, layout), state["exp_avg_sq"].numpy(), err_msg=key
-        )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,9 @@ def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(set(r) >= {"loss", "lr", "weight_decay", "momentum", "teacher_entropy"} for r in rows)
     assert "step 6/6" in out.stderr and "img/s" in out.stderr and "ETA" in out.stderr
+    # The devices the run used (dino_jax/accelerator.py), printed before training starts.
+    devices = re.search(r"JAX backend \w+: \d+ device\(s\) \(.+\) in 1 process\(es\)", out.stderr)
+    assert devices and devices.start() < out.stderr.index("training 6 steps")
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
 
 
@@ -76,6 +80,26 @@ def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, di
     assert "resumed from" in out.stderr and "at step 6" in out.stderr
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [2, 4, 6]
+
+
+def test_a_second_run_loads_its_compiled_step_from_the_compilation_cache(tmp_path, digits_data_dir):
+    cache = tmp_path / "compilation_cache"
+    flags = [
+        "--config=configs/digits.py:smoke",
+        f"--config.dataset.data_dir={digits_data_dir}",
+        f"--config.train.compilation_cache_dir={cache}",
+        "--config.eval.evaluators=('knn',)",
+        "--config.eval.random_init_knn=False",
+    ]
+    # Cache every compilation, however quick it is on this machine; report hits.
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+    first = launch(*flags, f"--workdir={tmp_path / 'first'}", env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert any(name.startswith("jit_train_step") for name in os.listdir(cache))
+    assert "cache hit for 'jit_train_step'" not in first.stderr
+    second = launch(*flags, f"--workdir={tmp_path / 'second'}", env=env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "cache hit for 'jit_train_step'" in second.stderr
 
 
 def test_cifar100_without_the_dataset_or_internet_stops_at_once(tmp_path):
@@ -222,7 +246,41 @@ def test_a_pickle_that_holds_code_is_refused_and_not_run(tmp_path):
     bad = tmp_path / "bad.pth"
     with open(bad, "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
-    out = launch("--mode=embed", f"--checkpoint={bad}", f"--images={bad}", f"--out={tmp_path / 'x.npz'}")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
+    out = launch(
+        "--mode=embed",
+        f"--checkpoint={bad}",
+        f"--images={tmp_path / 'image.png'}",
+        f"--out={tmp_path / 'x.npz'}",
+    )
     assert out.returncode != 0
-    assert "Traceback" not in out.stderr and "error:" in out.stderr
+    assert "Traceback" not in out.stderr and f"error: refused to load {bad}" in out.stderr
     assert not marker.exists()
+
+
+def test_convert_to_a_destination_it_cannot_write_is_a_one_line_error(
+    reference_backbone, smoke_run, tmp_path
+):
+    _, path = reference_backbone
+    workdir, _ = smoke_run
+    for source, destination, expected in (
+        (path, tmp_path / "backbone.pt", "cannot write a .pt file"),
+        (workdir, tmp_path / "copy", "is already ours"),
+    ):
+        out = launch("--mode=convert", f"--from={source}", f"--to={destination}", timeout=120)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr and "error: " in out.stderr and expected in out.stderr
+        assert not destination.exists()
+
+
+def test_embed_of_a_file_that_is_no_image_is_a_one_line_error(reference_backbone, tmp_path):
+    _, path = reference_backbone
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    out = launch(
+        "--mode=embed", f"--checkpoint={path}", f"--images={not_an_image}", f"--out={tmp_path / 'x.npz'}"
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "notes.png: not an image file" in out.stderr

@@ -145,7 +145,7 @@ def test_stochastic_depth_only_with_a_key():
     assert untouched.any() and not untouched.all()
 
 
-@pytest.mark.parametrize("grid, out_h, out_w", [(8, 4, 4), (8, 6, 5), (14, 12, 12), (4, 8, 8)])
+@pytest.mark.parametrize("grid, out_h, out_w", [(8, 4, 4), (8, 6, 5), (14, 12, 12), (4, 8, 8), (8, 8, 8)])
 def test_pos_embed_interpolation_matches_torch(grid, out_h, out_w):
     torch = pytest.importorskip("torch")
     pos_embed = (
@@ -163,11 +163,14 @@ def test_pos_embed_interpolation_matches_torch(grid, out_h, out_w):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-6)
 
 
-def test_pos_embed_unchanged_when_grid_matches():
-    pos_embed = jnp.arange(17 * 2, dtype=jnp.float32).reshape(1, 17, 2)
-    assert vit_lib.interpolate_pos_embed(pos_embed, 4, 4) is pos_embed
-    # A non-square grid of the same patch count is still resampled, as in the reference.
-    assert not np.array_equal(vit_lib.interpolate_pos_embed(pos_embed, 2, 8)[:, 1:], pos_embed[:, 1:])
+def test_pos_embed_is_resampled_even_to_its_own_grid():
+    # prepare_tokens decides whether to call it; when it does (a non-square input that floors to
+    # the trained grid), the +0.1 offset moves the sample points, as in the reference.
+    pos_embed = jnp.arange(17 * 2, dtype=jnp.float32).reshape(1, 17, 2) ** 2
+    for out_h, out_w in ((4, 4), (2, 8)):
+        resized = vit_lib.interpolate_pos_embed(pos_embed, out_h, out_w)
+        np.testing.assert_array_equal(resized[:, 0], pos_embed[:, 0])
+        assert not np.allclose(resized[:, 1:], pos_embed[:, 1:])
 
 
 def test_init_statistics():

@@ -5,8 +5,7 @@ import optax
 import pytest
 
 from dino_jax import optim, schedules
-
-torch = pytest.importorskip("torch")
+from tests.optional_torch import torch
 
 
 def make_params(rng):
@@ -58,7 +57,7 @@ def test_clip_is_per_tensor_not_global():
 
 
 def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_layer):
-    """The reference's loop (REFERENCE.md §2.1, §2.6) with torch.optim.AdamW."""
+    """The reference's loop (its iteration order and optimiser: docs/reference.md) with torch.optim.AdamW."""
     flat = {optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     tensors = {
         n: torch.tensor(v, requires_grad=not (norm_last_layer and n.endswith("weight_g")))
@@ -89,6 +88,7 @@ def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_
     return {n: t.detach().numpy() for n, t in tensors.items()}
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_update_rule_matches_torch_adamw_with_groups_clip_and_freeze(norm_last_layer):
     rng = np.random.default_rng(0)
@@ -139,3 +139,33 @@ def test_ema_with_momentum_one_keeps_the_teacher():
     np.testing.assert_allclose(
         np.asarray(optim.ema(teacher, student, 0.9)["w"]), 0.9 * np.arange(3.0) + 0.7, rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("step", [3, 12])  # during and after a 5-step last-layer freeze
+def test_set_schedule_step_moves_every_schedule_the_applied_update_reads(step):
+    # A resumed run (train.init_from) must apply lr[step] and wd[step], not step 0's. With zero
+    # gradients Adam's direction is 0, so the update is the decoupled decay alone: -lr * wd * theta.
+    lr_table = np.linspace(1e-2, 2e-2, 20, dtype=np.float32)
+    wd_table = np.linspace(0.04, 0.4, 20, dtype=np.float32)
+    freeze = 5
+    tx = optim.make_optimizer(
+        lr_fn=lambda count: schedules.lookup(lr_table, count),
+        weight_decay_fn=lambda count: schedules.lookup(wd_table, count),
+        clip_grad=3.0,
+        freeze_last_layer_steps=freeze,
+        norm_last_layer=True,
+    )
+    params = make_params(np.random.default_rng(0))
+    opt_state = optim.set_schedule_step(tx.init(params), step, freeze)
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zeros, opt_state, params)
+    decay = -lr_table[step] * wd_table[step]
+    np.testing.assert_allclose(
+        updates["backbone"]["fc"]["kernel"], decay * params["backbone"]["fc"]["kernel"], rtol=1e-6
+    )
+    np.testing.assert_array_equal(updates["backbone"]["fc"]["bias"], 0.0)  # not decayed
+    last_layer = updates["head"]["last_layer"]["weight_v"]
+    if step < freeze:
+        np.testing.assert_array_equal(last_layer, 0.0)  # held
+    else:
+        np.testing.assert_allclose(last_layer, decay * params["head"]["last_layer"]["weight_v"], rtol=1e-6)

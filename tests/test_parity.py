@@ -14,14 +14,14 @@ from flax import nnx
 
 from dino_jax import losses, optim, schedules as schedules_lib, train_step as train_step_lib
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from dino_jax.interop import torch_ckpt
+from dino_jax.interop import resume, torch_convert, torch_keys
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig, VisionTransformer
 from dino_jax.state import TrainState
+from tests.optional_torch import ref, torch
 
-torch = pytest.importorskip("torch")
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
+pytestmark = pytest.mark.torch
 
 
 def assert_close(ours, expected, tol, what):
@@ -57,14 +57,17 @@ def forward_outputs(config, params, images):
 @pytest.mark.parametrize(
     "variant, patch, size, batch, extra_sizes",
     [
-        ("tiny", 4, 32, 2, [(16, 16), (32, 24)]),  # local-crop size and a non-square input
+        # Local-crop size, a non-square input, and two that are neither square nor multiples of
+        # the patch: the conv floors both to the trained 8 x 8 grid, yet the reference resamples
+        # the position embedding (it decides on pixels: `npatch == N and w == h`).
+        ("tiny", 4, 32, 2, [(16, 16), (32, 24), (32, 35), (34, 32)]),
         ("small", 16, 224, 1, []),
     ],
 )
 def test_vit_forward_matches_reference(variant, patch, size, batch, extra_sizes):
     torch.manual_seed(0)
     torch_model = ref.vit(variant, patch_size=patch, img_size=size).eval()
-    config, params = torch_ckpt.backbone_from_torch(torch_model.state_dict())
+    config, params = torch_convert.backbone_from_torch(torch_model.state_dict())
     assert (config.embed_dim, config.patch_size, config.image_size) == (ref.VARIANTS[variant][0], patch, size)
     for height, width in [(size, size)] + extra_sizes:
         images = random_images(height + width, batch, height, width)
@@ -98,7 +101,7 @@ def test_dino_logits_match_reference(use_bn, nlayers, parametrized):
             parametrized=parametrized,
         ),
     )
-    vit_config, head_config, params = torch_ckpt.dino_from_torch(wrapper.state_dict(), num_heads=1)
+    vit_config, head_config, params = torch_convert.dino_from_torch(wrapper.state_dict(), num_heads=1)
     assert (head_config.use_bn, head_config.nlayers) == (use_bn, nlayers)
     model = merge(lambda: DINO(vit_config, head_config, rngs=nnx.Rngs(0)), params)
     globals_, locals_ = random_images(0, 4, 16), random_images(1, 6, 8)
@@ -225,7 +228,7 @@ def build_reference(setup, vit_config, head_config, params, dtype):
 
     weights = {
         key: torch.tensor(value)
-        for key, value in torch_ckpt.dino_to_torch(params, vit_config, head_config).items()
+        for key, value in torch_convert.dino_to_torch(params, vit_config, head_config).items()
     }
     student, teacher = network(setup.norm_last_layer), network(True)
     for net in (student, teacher):
@@ -254,7 +257,8 @@ def make_batch(setup, seed):
     }
 
 
-def torch_crops(batch, dtype=torch.float32):
+def torch_crops(batch, dtype=None):
+    dtype = dtype or torch.float32
     crops = []
     for name in ("global_crops", "local_crops"):
         for view in range(batch[name].shape[1]):
@@ -307,19 +311,19 @@ def reference_tensors(run):
 
 def our_tensors(state, vit_config, head_config):
     out = {"center": np.asarray(state.center, np.float64)}
-    table = torch_ckpt.dino_key_table(vit_config, head_config)
+    table = torch_keys.dino_key_table(vit_config, head_config)
     for which, params in (("student", state.student), ("teacher", state.teacher)):
-        exported = torch_ckpt.dino_to_torch(params, vit_config, head_config)
+        exported = torch_convert.dino_to_torch(params, vit_config, head_config)
         for entry in table:  # parameters only: BatchNorm buffers are not trained state
             out[f"{which} {entry.torch}"] = exported[entry.torch].astype(np.float64)
-    moments = torch_ckpt.adam_moments(state.opt_state)
+    moments = resume.adam_moments(state.opt_state)
     for entry in table:
-        if entry.ours in moments:
-            first, second, count = moments[entry.ours]
+        if entry.name in moments:
+            first, second, count = moments[entry.name]
             if count:
-                out[f"adam mu {entry.torch}"] = torch_ckpt.to_torch_layout(first, entry.layout)
+                out[f"adam mu {entry.torch}"] = torch_keys.to_torch_layout(first, entry.layout)
                 out[f"adam sqrt(nu) {entry.torch}"] = np.sqrt(
-                    torch_ckpt.to_torch_layout(second, entry.layout).astype(np.float64)
+                    torch_keys.to_torch_layout(second, entry.layout).astype(np.float64)
                 )
             else:  # held (last layer during the freeze): PyTorch has no state for it yet
                 assert not first.any() and not second.any(), f"{entry.torch} moved while held"
@@ -417,3 +421,63 @@ def test_adam_bias_correction_like_reference():
         weight.grad = torch.tensor(grads["w"], dtype=torch.float64)
         adamw.step()
         assert_close(updates["w"], (weight.detach() - before).numpy(), 1e-6, f"Adam step {step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe.
+
+
+def test_one_linear_probe_epoch_matches_torch_sgd():
+    """One epoch of `eval.linear` (70 rows in minibatches of 16: the last has 6 rows and 10 padded
+    ones) against the reference's classifier and optimiser written in torch: nn.Linear, SGD with
+    momentum 0.9 and no weight decay, CosineAnnealingLR stepped per epoch, from the same weights and
+    in the same minibatch order, in float64."""
+    from dino_jax.eval import linear
+
+    rng = np.random.default_rng(0)
+    num_train, dim, classes, batch, epochs = 70, 64, 10, 16, 4
+    train_x = rng.standard_normal((num_train, dim)).astype(np.float32)
+    train_y = rng.integers(0, classes, num_train)
+    learning_rate = linear.scaled_learning_rate(batch, 2.0)  # large, so that every step shows
+    rates = jnp.asarray([learning_rate], jnp.float32)
+    (params, opt_state), shuffle_key = linear._initial_state(
+        jax.random.key(0), rates, dim=dim, num_classes=classes, epochs=epochs, steps_per_epoch=5
+    )
+    kernel, bias = np.asarray(params["kernel"][0]), np.asarray(params["bias"][0])
+    # The reference's initialisation: weight N(0, 0.01), bias 0 (640 draws: std within 10%).
+    assert kernel.std() == pytest.approx(0.01, rel=0.1) and abs(kernel.mean()) < 1e-3
+    assert not bias.any()
+    (params, _), _ = linear._train_epoch(
+        (params, opt_state),
+        jnp.asarray(train_x),
+        jnp.asarray(train_y),
+        jnp.asarray(train_x[:5]),
+        jnp.asarray(train_y[:5]),
+        shuffle_key,
+        jnp.asarray(0, jnp.int32),
+        rates,
+        num_classes=classes,
+        epochs=epochs,
+        batch_size=batch,
+    )
+
+    layer = torch.nn.Linear(dim, classes).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(kernel.T.astype(np.float64)))
+        layer.bias.zero_()
+    sgd = torch.optim.SGD(layer.parameters(), lr=learning_rate, momentum=0.9, weight_decay=0)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=epochs, eta_min=0)
+    order = torch.from_numpy(np.array(linear.minibatch_order(shuffle_key, 0, num_train)))
+    x, y = torch.from_numpy(train_x.astype(np.float64)), torch.from_numpy(train_y)
+    for rows in order.split(batch):  # the last minibatch is short, as the reference's loader keeps it
+        sgd.zero_grad()
+        torch.nn.functional.cross_entropy(layer(x[rows]), y[rows]).backward()
+        sgd.step()
+    annealing.step()
+    assert_close(
+        np.asarray(params["kernel"][0]) - kernel,
+        layer.weight.detach().numpy().T - kernel,
+        2e-6,  # float32 rounding: 2e-7; a weight decay of 1e-4 would show as 5e-5
+        "kernel update after one epoch",
+    )
+    assert_close(params["bias"][0], layer.bias.detach().numpy(), 2e-6, "bias after one epoch")

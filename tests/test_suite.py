@@ -1,17 +1,18 @@
-"""Tests of the evaluation suite: evaluators wired together, metric names, result files."""
+"""Tests of the evaluation suite: evaluators wired together, metric names, and their report."""
 
 import json
 
 import numpy as np
 import pytest
 
-from dino_jax.eval import suite
+from dino_jax.eval import report, suite
+from tests.config_helpers import suite_settings
 
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
-_FAST = suite.SuiteSettings(
+_FAST = suite_settings(
     knn_ks=(5, 20, 500), linear_epochs=3, linear_batch_size=32, fewshot_episodes=20, linear_n_last_blocks=2
 )
 
@@ -62,7 +63,7 @@ def test_evaluate_features_names_and_values():
     assert results["knn_k20_top1"] == 100.0
     assert results["stl10_fewshot_5shot_ncm"] == 100.0
 
-    markdown = suite.results_markdown(
+    markdown = report.results_markdown(
         results,
         main_name="digits",
         transfer_names=["stl10"],
@@ -78,34 +79,26 @@ def test_evaluate_features_names_and_values():
 def test_linear_rate_sweep_reports_the_chosen_rate():
     rng = np.random.default_rng(3)
     data = _split_features("sweep", rng, 3, rng.standard_normal((3, 16)), spread=1.0)
-    settings = suite.SuiteSettings(
+    settings = suite_settings(
         evaluators=("linear",), linear_epochs=2, linear_batch_size=16, linear_base_lrs=(1e-4, 0.1)
     )
     results = suite.evaluate_features(data, (), settings)
     assert results["linear_base_lr"] in (1e-4, 0.1)
-    markdown = suite.results_markdown(results, main_name="sweep", settings=settings, command="x")
+    markdown = report.results_markdown(results, main_name="sweep", settings=settings, command="x")
     assert "best of base rates [0.0001, 0.1]" in markdown
 
 
 def test_unknown_evaluator_is_rejected():
     with pytest.raises(ValueError, match=r"unknown evaluators \['svm'\]"):
-        suite.SuiteSettings(evaluators=("knn", "svm"))
+        suite_settings(evaluators=("knn", "svm"))
 
 
 def test_logreg_is_skipped_for_wide_episodes():
     rng = np.random.default_rng(1)
     data = _split_features("wide", rng, 4, rng.standard_normal((4, 8)))
-    settings = suite.SuiteSettings(evaluators=("fewshot",), fewshot_episodes=5, fewshot_logreg_max_way=3)
+    settings = suite_settings(evaluators=("fewshot",), fewshot_episodes=5, fewshot_logreg_max_way=3)
     results = suite.evaluate_features(data, (), settings)
     assert "fewshot_5shot_ncm" in results and "fewshot_5shot_logreg" not in results
-
-
-def test_write_results_merges_json(tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({"final_loss": 3.5, "knn_k20_top1": 1.0}))
-    json_path, md_path = suite.write_results(str(tmp_path), {"knn_k20_top1": 90.0}, "# table")
-    payload = json.loads(open(json_path).read())
-    assert payload == {"final_loss": 3.5, "knn_k20_top1": 90.0}
-    assert open(md_path).read() == "# table\n"
 
 
 def test_evaluate_backbone_end_to_end_on_a_tiny_vit(tmp_path):
@@ -136,23 +129,19 @@ def test_evaluate_backbone_end_to_end_on_a_tiny_vit(tmp_path):
             }
 
     data = suite.EvalData("colours", 3, lambda: batches(60), lambda: batches(63))
-    settings = suite.SuiteSettings(knn_ks=(5,), linear_epochs=2, linear_n_last_blocks=4, fewshot_episodes=10)
+    settings = suite_settings(knn_ks=(5,), linear_epochs=2, linear_n_last_blocks=4, fewshot_episodes=10)
     results, extracted = suite.evaluate_backbone(
         graphdef, params, data, mean=(0.5,), std=(0.25,), settings=settings
     )
-    # `run` = the same plus the two files.
+    # With a transfer data set, and the report's two files.
     out_dir = tmp_path / "workdir"
-    ran = suite.run(
-        graphdef,
-        params,
-        data,
-        [data],
-        out_dir=str(out_dir),
-        mean=(0.5,),
-        std=(0.25,),
-        settings=settings,
-        command="python launch.py --mode=eval",
+    ran, _ = suite.evaluate_backbone(
+        graphdef, params, data, [data], mean=(0.5,), std=(0.25,), settings=settings
     )
+    markdown = report.results_markdown(
+        ran, main_name="colours", transfer_names=["colours"], settings=settings, command="python launch.py"
+    )
+    report.write_results(str(out_dir), ran, markdown)
     assert json.loads((out_dir / "results.json").read_text())["colours_knn_k5_top1"] == 100.0
     assert "## Transfer" in (out_dir / "results.md").read_text()
     assert ran["knn_k5_top1"] == results["knn_k5_top1"]
@@ -170,10 +159,10 @@ def test_evaluate_backbone_end_to_end_on_a_tiny_vit(tmp_path):
         data,
         mean=(0.5,),
         std=(0.25,),
-        settings=suite.SuiteSettings(evaluators=("knn",), knn_ks=(5,)),
+        settings=suite_settings(evaluators=("knn",), knn_ks=(5,)),
     )
     assert knn_only[0].train_blocks.shape == (60, 8)
-    assert "CLS of the last 2 blocks" in suite.results_markdown(
+    assert "CLS of the last 2 blocks" in report.results_markdown(
         results, main_name="colours", settings=settings, command="x"
     )
 
@@ -220,11 +209,11 @@ def test_augmented_linear_probe_on_a_tiny_vit():
 
     # A random-init ViT's features hold the colour as a ~10% deviation from one shared vector: the
     # protocol's plain SGD on them needs a high rate and ~10 epochs (then 100% to the end).
-    settings = suite.SuiteSettings(
+    settings = suite_settings(
         evaluators=("linear",),
         linear_epochs=20,
         linear_batch_size=16,
-        linear_base_lr=3.0,
+        linear_base_lrs=(3.0,),
         linear_n_last_blocks=2,
         linear_augment=True,
     )
@@ -234,7 +223,7 @@ def test_augmented_linear_probe_on_a_tiny_vit():
     separable = evaluate(_image_data("colours", flat(60), flat(60)), settings)
     assert separable["linear_test_top1"] == 100.0
     assert separable["linear_train_top1"] == 100.0
-    assert "RandomResizedCrop + flip view" in suite.results_markdown(
+    assert "RandomResizedCrop + flip view" in report.results_markdown(
         separable, main_name="colours", settings=settings, command="x"
     )
     # Chance is 33%; the standard error over 300 test images is 2.7%.
@@ -249,7 +238,7 @@ def test_augmented_linear_probe_on_a_tiny_vit():
         key: value for key, value in evaluate(data, plain).items() if not key.endswith("_s")
     }
     assert metrics(data) == metrics(without_views)
-    assert "RandomResizedCrop" not in suite.results_markdown(
+    assert "RandomResizedCrop" not in report.results_markdown(
         metrics(data), main_name="colours", settings=plain, command="x"
     )
 
@@ -257,6 +246,38 @@ def test_augmented_linear_probe_on_a_tiny_vit():
 def test_augmented_probe_needs_the_images():
     rng = np.random.default_rng(6)
     features = _split_features("cached", rng, 3, rng.standard_normal((3, 8)))
-    settings = suite.SuiteSettings(evaluators=("linear",), linear_epochs=1, linear_augment=True)
+    settings = suite_settings(evaluators=("linear",), linear_epochs=1, linear_augment=True)
     with pytest.raises(ValueError, match="linear_augment=True, but the cached features have no augmented"):
         suite.evaluate_features(features, (), settings)
+
+
+def test_avgpool_linear_feature_keeps_the_knn_feature_and_the_episode_width():
+    graphdef, params = _tiny_vit()
+    rng = np.random.default_rng(7)
+    images = [{"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3} for i in range(48)]
+    data = _image_data("noise", images, images, batch_size=16)
+    settings = suite_settings(
+        evaluators=("knn", "linear", "fewshot"),
+        knn_ks=(5,),
+        linear_epochs=1,
+        linear_n_last_blocks=1,
+        linear_avgpool=True,
+        fewshot_n_way=2,
+        fewshot_k_shot=2,
+        fewshot_n_query=3,
+        fewshot_episodes=4,
+    )
+
+    def evaluate(settings):
+        return suite.evaluate_backbone(graphdef, params, data, mean=(0.5,), std=(0.25,), settings=settings)
+
+    results, extracted = evaluate(settings)
+    _, plain = evaluate(suite_settings(evaluators=("knn",), knn_ks=(5,)))
+    # CLS and mean patch token interleaved; the CLS columns are the kNN feature.
+    assert extracted[0].train_blocks.shape == (48, 16)
+    np.testing.assert_allclose(extracted[0].train_cls, plain[0].train_cls, rtol=1e-6)
+    assert results["linear_n_last_blocks"] == 1
+    assert "fewshot_2shot_ncm" in results and "fewshot_2shot_logreg" in results
+    assert "CLS and mean patch token of the last block" in report.results_markdown(
+        results, main_name="noise", settings=settings, command="x"
+    )

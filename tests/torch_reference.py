@@ -1,7 +1,8 @@
-"""The PyTorch reference (facebookresearch/dino) re-written from ../shared/REFERENCE.md, for the
-parity tests: the ViT with `interpolate_pos_encoding`, the DINO head, the multi-crop wrapper, the
+"""The PyTorch reference (facebookresearch/dino) re-written from its definitions (docs/reference.md
+sums them up), for the parity tests: the ViT with `interpolate_pos_encoding`, the DINO head, the multi-crop wrapper, the
 loss with centering, the schedules and one training iteration (per-tensor clipping, AdamW
-parameter groups, last-layer freeze, EMA teacher, center update), fp16 off.
+parameter groups, last-layer freeze, EMA teacher, center update), with fp16 (autocast + a gradient
+scaler) as an option.
 
 Module and parameter names follow the reference, so `state_dict()` keys are the reference's.
 """
@@ -32,7 +33,9 @@ class DropPath(nn.Module):
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
-        mask = torch.floor(keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype))
+        mask = torch.floor(
+            keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        )
         return x / keep * mask
 
 
@@ -362,21 +365,37 @@ def train_iteration(
     momentum_schedule,
     clip_grad,
     freeze_last_layer,
+    fp16_scaler=None,
 ):
-    """One iteration of `train_one_epoch` with fp16 off. Returns the loss."""
+    """One iteration of `train_one_epoch`. Returns the loss.
+
+    `fp16_scaler` (a `torch.amp.GradScaler`) is the reference's `--use_fp16`: forward passes and
+    loss under autocast, the loss scaled for backward, gradients unscaled before clipping; None
+    runs in float32.
+    """
     for index, group in enumerate(optimizer.param_groups):
         group["lr"] = lr_schedule[it]
         if index == 0:
             group["weight_decay"] = wd_schedule[it]
-    teacher_output = teacher(crops[:2])
-    student_output = student(crops)
-    loss = dino_loss(student_output, teacher_output, epoch)
+    with torch.autocast(crops[0].device.type, enabled=fp16_scaler is not None):
+        teacher_output = teacher(crops[:2])
+        student_output = student(crops)
+        loss = dino_loss(student_output, teacher_output, epoch)
     optimizer.zero_grad()
-    loss.backward()
-    if clip_grad:
-        clip_gradients(student, clip_grad)
-    cancel_gradients_last_layer(epoch, student, freeze_last_layer)
-    optimizer.step()
+    if fp16_scaler is None:
+        loss.backward()
+        if clip_grad:
+            clip_gradients(student, clip_grad)
+        cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+        optimizer.step()
+    else:
+        fp16_scaler.scale(loss).backward()
+        if clip_grad:
+            fp16_scaler.unscale_(optimizer)
+            clip_gradients(student, clip_grad)
+        cancel_gradients_last_layer(epoch, student, freeze_last_layer)
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
     ema_teacher(student, teacher, momentum_schedule[it])
     return loss.item()
 
@@ -386,3 +405,35 @@ def ema_teacher(student, teacher, m):
     """The teacher update after each step: `teacher = m * teacher + (1 - m) * student`."""
     for param_q, param_k in zip(student.parameters(), teacher.parameters()):
         param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+
+
+class DistributedWrapper(nn.Module):
+    """Stands in for DistributedDataParallel around a network: its keys gain `module.`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def restart_from_checkpoint(path, run_variables=None, **objects):
+    """`utils.restart_from_checkpoint`: PyTorch's default `torch.load` (weights-only since 2.6),
+    then `load_state_dict(checkpoint[name], strict=False)` for each named object present (without
+    `strict` for one whose loader does not take it, an optimizer's), and the run variables copied.
+    Returns `{name: what the load returned, or "not found"}`: what the reference prints."""
+    checkpoint = torch.load(path, map_location="cpu")
+    messages = {}
+    for name, target in objects.items():
+        if name not in checkpoint or target is None:
+            messages[name] = "not found"
+            continue
+        try:
+            messages[name] = target.load_state_dict(checkpoint[name], strict=False)
+        except TypeError:
+            messages[name] = target.load_state_dict(checkpoint[name])
+    for name in run_variables or {}:
+        if name in checkpoint:
+            run_variables[name] = checkpoint[name]
+    return messages

@@ -7,13 +7,13 @@ package, so `download_and_prepare` needs no network.
 - Upsampling 8 -> 32 is bilinear (half-pixel centres, edges clamped), not nearest. Nearest turns
   every source pixel into a flat 4x4 block whose hard edges alias when RandomResizedCrop resamples
   a crop, and it carries no information a model could not see at 8x8; bilinear gives the smooth
-  strokes of a real low-resolution photo. It also matches FINDINGS.md, whose raw-pixel kNN differs
-  between 8x8 (97.5%) and 32x32 (96.4%): with nearest those two would be identical, because
-  replicating pixels does not change cosine similarities. With this upsampling and split, a
-  weighted kNN (k=20, T=0.07) on raw L2-normalised pixels gives exactly FINDINGS.md's 97.5% (8x8)
-  and 96.4% (32x32).
-- Split: stratified by label with a fixed seed, 360 test images and 1,437 train images, the split
-  FINDINGS.md uses. It is computed from the data alone, so every build gives the same split.
+  strokes of a real low-resolution photo. It also matches the prototype that chose the digits
+  recipe (docs/results.md), whose raw-pixel kNN differs between 8x8 (97.5%) and 32x32 (96.4%):
+  with nearest those two would be identical, because replicating pixels does not change cosine
+  similarities. With this upsampling and split, a weighted kNN (k=20, T=0.07) on raw L2-normalised
+  pixels gives exactly those 97.5% (8x8) and 96.4% (32x32).
+- Split: stratified by label with a fixed seed, 360 test images and 1,437 train images, the
+  prototype's split. It is computed from the data alone, so every build gives the same split.
 """
 
 from __future__ import annotations

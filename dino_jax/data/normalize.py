@@ -11,7 +11,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-# torchvision's ImageNet statistics, as the reference's `Normalize` uses them (REFERENCE.md §2.8).
+# torchvision's ImageNet statistics, as the reference's `Normalize` uses them after `ToTensor`; the
+# config's defaults (`dataset.mean`/`std`) and the statistics of imported PyTorch checkpoints.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -24,22 +24,9 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from dino_jax.data import augment
+from dino_jax.data.multicrop import host, kernels, spec
 
 AUGMENT_PLACES = ("host", "device")
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-    """Full global batches in one pass over `num_examples` (floor, like torch's drop_last)."""
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size={global_batch_size}: expected > 0")
-    steps = num_examples // global_batch_size
-    if steps == 0:
-        raise ValueError(
-            f"global batch size {global_batch_size} is larger than the dataset "
-            f"({num_examples} examples): an epoch would have no step"
-        )
-    return steps
 
 
 def example_rng(seed: int, position: int) -> np.random.Generator:
@@ -65,14 +52,14 @@ class _GlobalPosition:
 class _HostMultiCrop:
     """Batch of (positions, images) -> {"global_crops", "local_crops"}, uint8."""
 
-    def __init__(self, config: augment.MultiCropConfig, seed: int):
+    def __init__(self, config: spec.MultiCropConfig, seed: int):
         self.config = config
         self.seed = seed
 
     def __call__(self, batch):
         positions, images = batch
         rngs = [example_rng(self.seed, int(position)) for position in positions]
-        global_crops, local_crops = augment.multicrop_batch(images, rngs, self.config)
+        global_crops, local_crops = host.multicrop_batch(images, rngs, self.config)
         return {"global_crops": global_crops, "local_crops": local_crops}
 
 
@@ -100,7 +87,7 @@ def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[in
 
 def train_dataset(
     source: Sequence[dict[str, Any]],
-    crop_config: augment.MultiCropConfig,
+    crop_config: spec.MultiCropConfig,
     *,
     global_batch_size: int,
     seed: int,
@@ -119,7 +106,7 @@ def train_dataset(
         global_batch_size // shard_count of them.
       seed: shuffling and augmentation seed, in [0, 2**32).
       augment_on: "host" yields {"global_crops": uint8 (b, 2, G, G, 3), "local_crops": uint8
-        (b, L, l, l, 3)}; "device" yields {"image": uint8 (b, H, W, 3)} for augment_device.
+        (b, L, l, l, 3)}; "device" yields {"image": uint8 (b, H, W, 3)} for multicrop/device.py.
       shard_index, shard_count: this host's shard; default jax.process_index() / process_count().
       num_workers: worker processes for augmentation (0: in this process, in a thread).
       prefetch_batches: batches prepared ahead of the consumer.
@@ -173,9 +160,9 @@ def resize_images(images_NxHxWx3: np.ndarray, size: int) -> np.ndarray:
     if (height, width) == (size, size):
         return images
     planar = images.transpose(0, 3, 1, 2).astype(np.float32)
-    rows = np.matmul(planar, augment.resize_matrix(width, size).T)
+    rows = np.matmul(planar, kernels.resize_matrix(width, size).T)
     rows = np.clip(np.floor(rows + 0.5), 0, 255)
-    out = np.matmul(augment.resize_matrix(height, size), rows)
+    out = np.matmul(kernels.resize_matrix(height, size), rows)
     out = np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
 
@@ -241,13 +228,13 @@ def linear_probe_views(
         )
     _, height, width, _ = images.shape
     # One row of crop_boxes' uniforms per view, then one more uniform for the flip.
-    uniforms = np.stack([rng.random(augment.NUM_UNIFORMS + 1) for rng in rngs])
-    boxes = augment.crop_boxes(
-        uniforms[:, : augment.NUM_UNIFORMS], height, width, LINEAR_PROBE_CROP_SCALE, LINEAR_PROBE_CROP_RATIO
+    uniforms = np.stack([rng.random(spec.NUM_UNIFORMS + 1) for rng in rngs])
+    boxes = spec.crop_boxes(
+        uniforms[:, : spec.NUM_UNIFORMS], height, width, LINEAR_PROBE_CROP_SCALE, LINEAR_PROBE_CROP_RATIO
     )
     flips = uniforms[:, -1] < 0.5
     planar = images.transpose(0, 3, 1, 2).astype(np.float32)
-    crops = augment.resized_crops(planar, np.arange(len(images)), boxes, flips, size)
+    crops = kernels.resized_crops(planar, np.arange(len(images)), boxes, flips, size)
     return np.ascontiguousarray(crops.transpose(0, 2, 3, 1)).astype(np.uint8)
 
 

@@ -5,7 +5,7 @@ and runs the backbone in one jitted call. Which parameters it gets (teacher, by 
 student; restored or converted from PyTorch) is the caller's choice: nothing here knows the train
 state.
 
-Feature kinds, as the reference's evaluation scripts define them (REFERENCE.md §4):
+Feature kinds, as the reference's evaluation scripts define them (docs/reference.md):
 - `n_last_blocks=1, avgpool=False`: the final-norm CLS token (`eval_knn.py`), `F = D`.
 - `n_last_blocks=n`: the CLS token of each of the last n blocks, each through the final norm,
   concatenated in block order (`eval_linear.py`), `F = n * D`.

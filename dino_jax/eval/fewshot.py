@@ -1,4 +1,4 @@
-"""Few-shot episodes on frozen features (our protocol, REFERENCE.md §6; the reference has none).
+"""Few-shot episodes on frozen features (our protocol: the reference has none; docs/reference.md).
 
 An N-way K-shot episode draws N classes (all classes of the data set by default), then for each
 class K support and Q query examples, distinct, without replacement. Features are L2-normalised.
@@ -28,6 +28,10 @@ import numpy as np
 CLASSIFIERS = ("ncm", "logreg")
 
 
+class EpisodeError(ValueError):
+    """The data cannot fill the episodes asked for (too few classes, or too few images of a class)."""
+
+
 def sample_episodes(
     labels, *, n_way: int | None, k_shot: int, n_query: int, episodes: int, seed: int
 ) -> np.ndarray:
@@ -46,13 +50,13 @@ def sample_episodes(
             f"few-shot: k_shot={k_shot}, n_query={n_query}, episodes={episodes}; expected all >= 1"
         )
     if not 2 <= n_way <= len(classes):
-        raise ValueError(
+        raise EpisodeError(
             f"few-shot: n_way={n_way} but the labels hold {len(classes)} classes; "
             f"expected 2 <= n_way <= {len(classes)}"
         )
     if counts.min() < per_class:
         short = classes[counts < per_class]
-        raise ValueError(
+        raise EpisodeError(
             f"few-shot: classes {short.tolist()} have fewer than {per_class} examples "
             f"(smallest: {counts.min()}); a {k_shot}-shot episode with {n_query} "
             "queries per class needs that many of each class"
@@ -152,11 +156,11 @@ def few_shot(
     features,
     labels,
     *,
-    n_way: int | None = None,
-    k_shot: int = 5,
-    n_query: int = 15,
-    episodes: int = 600,
-    classifiers: Sequence[str] = ("ncm",),
+    n_way: int | None,
+    k_shot: int,
+    n_query: int,
+    episodes: int,
+    classifiers: Sequence[str],
     logreg_steps: int = 300,
     seed: int = 0,
     episodes_per_call: int = 16,

@@ -1,8 +1,9 @@
 """Weighted k-nearest-neighbour classification of frozen features (the reference's kNN protocol).
 
-The protocol (REFERENCE.md §4, `eval_knn.py`): L2-normalise train and test features, rank the train
-set by cosine similarity, take the k most similar, weight each neighbour's vote by
-`exp(similarity / T)`, sum the votes per class and predict the classes in descending score order.
+The protocol (the reference's `eval_knn.py`; docs/reference.md): L2-normalise train and test
+features, rank the train set by cosine similarity, take the k most similar, weight each neighbour's
+vote by `exp(similarity / T)`, sum the votes per class and predict the classes in descending score
+order.
 Top-1 and top-`min(5, k)` accuracies are reported in percent.
 
 Differences from the reference, all deliberate:
@@ -90,8 +91,8 @@ def weighted_knn(
     test_labels,
     *,
     num_classes: int,
-    ks: Sequence[int] = (5, 10, 20, 100),
-    temperature: float = 0.07,
+    ks: Sequence[int],
+    temperature: float,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
     """Weighted kNN accuracy of `test_features` against `train_features`, in percent.
@@ -102,8 +103,8 @@ def weighted_knn(
       test_features: `(M, D)` float features, any `M >= 1`.
       test_labels: `(M,)` integer labels in `[0, num_classes)`.
       num_classes: number of classes (width of the vote vector).
-      ks: neighbour counts, each in `[1, N]`.
-      temperature: vote weight is `exp(cosine_similarity / temperature)`.
+      ks: neighbour counts, each in `[1, N]` (the reference: 10, 20, 100, 200).
+      temperature: vote weight is `exp(cosine_similarity / temperature)` (the reference: 0.07).
       chunk_size: test rows per device call; default keeps a chunk's `(chunk, N)` similarity block
         under 256 MiB. Larger is faster up to the memory limit.
 

@@ -1,22 +1,22 @@
-"""Linear probe on frozen, cached features: the reference's `eval_linear.py` protocol.
+"""Linear probe on frozen features: the reference's `eval_linear.py` protocol.
 
-Protocol (REFERENCE.md §4): one `Linear(D, C)` layer, weight N(0, 0.01), bias 0, no BatchNorm, on
+Protocol (docs/reference.md): one `Linear(D, C)` layer, weight N(0, 0.01), bias 0, no BatchNorm, on
 the raw (not normalised) features; cross-entropy; SGD with momentum 0.9, no weight decay,
 learning rate `0.001 * batch_size / 256`; cosine annealing to 0 stepped once per epoch
 (`CosineAnnealingLR(T_max=epochs)`); every epoch the minibatches are reshuffled, the last one may be
 smaller (the reference's loader keeps it); the test set is evaluated after every epoch and the
 reported figure is the best test top-1 over epochs.
 
-The whole run (all epochs, all minibatches, the per-epoch test pass) is one jitted function: a scan
-over epochs around a scan over minibatches of the shuffled features. The last minibatch of an
-epoch is padded to the batch size and its padding masked out of the loss, so every step has one
-shape.
+One driver runs every probe: each epoch (the shuffled minibatch steps, then the test pass) is one
+jitted call, a scan over the minibatches, vmapped over the learning rates of a sweep. The last
+minibatch of an epoch is padded to the batch size and its padding masked out of the loss, so every
+step has one shape.
 
-`linear_probe` sees one view of each image (cached features). `linear_probe_augmented` is the
-reference's training on augmented images (RandomResizedCrop + flip): the backbone is frozen, so
-that is the same optimisation run on new features of new views of every train image each epoch;
-the caller makes them (`dino_jax.eval.suite` does, from `dino_jax.data.pipeline`'s views), and each
-epoch runs as its own jitted call of the same epoch function.
+`linear_probe` trains on one view of each image (cached features) every epoch.
+`linear_probe_augmented` is the reference's training on augmented images (RandomResizedCrop +
+flip): the backbone is frozen, so that is the same optimisation run on new features of new views of
+every train image each epoch; the caller makes them (`dino_jax.eval.suite` does, from
+`dino_jax.data.pipeline`'s views).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import optax
 
 from dino_jax.eval import inputs
 
-# Reference learning rate for a total batch of 256 (eval_linear.py's --lr default).
-BASE_LR = 0.001
 MOMENTUM = 0.9
 INIT_STD = 0.01
 
@@ -73,7 +71,7 @@ class LinearProbeResult:
         return {f"{prefix}_{name}": float(getattr(self, name)) for name in names}
 
 
-def scaled_learning_rate(batch_size: int, base_lr: float = BASE_LR) -> float:
+def scaled_learning_rate(batch_size: int, base_lr: float) -> float:
     """The reference's linear scaling: `base_lr * batch_size / 256`."""
     return base_lr * batch_size / 256.0
 
@@ -103,8 +101,8 @@ def _initial_params(key, dim: int, num_classes: int):
 
 
 def _optimizer(learning_rate, epochs: int, steps_per_epoch: int) -> optax.GradientTransformation:
-    # The schedule reads the step count kept in the optimizer state, so an epoch run on its own
-    # (`_train_epoch`) continues the schedule where the previous epoch left it.
+    # The schedule reads the step count kept in the optimizer state, so each epoch's call continues
+    # the schedule where the previous epoch left it.
     return optax.sgd(epoch_cosine_schedule(learning_rate, epochs, steps_per_epoch), momentum=MOMENTUM)
 
 
@@ -112,53 +110,16 @@ def _steps_per_epoch(num_train: int, batch_size: int) -> int:
     return -(-num_train // batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
-def _train(
-    train_x_NxD,
-    train_y_N,
-    test_x_MxD,
-    test_y_M,
-    key,
-    learning_rates_L,
-    *,
-    num_classes: int,
-    epochs: int,
-    batch_size: int,
-):
-    """Per-epoch metrics, each with a leading axis over `learning_rates_L`. All rates share the
-    initial weights and the minibatch order, so they differ in the rate alone."""
-    init_key, shuffle_key = jax.random.split(key)
-    initial_params = _initial_params(init_key, train_x_NxD.shape[1], num_classes)
-    steps_per_epoch = _steps_per_epoch(train_x_NxD.shape[0], batch_size)
-
-    def one_rate(learning_rate):
-        state = (initial_params, _optimizer(learning_rate, epochs, steps_per_epoch).init(initial_params))
-
-        def epoch(state, epoch_index):
-            return _epoch(
-                state,
-                train_x_NxD,
-                train_y_N,
-                test_x_MxD,
-                test_y_M,
-                shuffle_key,
-                epoch_index,
-                learning_rate,
-                num_classes=num_classes,
-                epochs=epochs,
-                batch_size=batch_size,
-            )
-
-        _, per_epoch = jax.lax.scan(epoch, state, jnp.arange(epochs))
-        return per_epoch
-
-    return jax.vmap(one_rate)(learning_rates_L)
+def minibatch_order(shuffle_key, epoch_index, num_train: int) -> jax.Array:
+    """The order of the train rows in epoch `epoch_index`: consecutive runs of the minibatch size
+    are the minibatches, the last one shorter when the batch size does not divide `num_train`."""
+    return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
 
 
 @functools.partial(jax.jit, static_argnames=("dim", "num_classes", "epochs", "steps_per_epoch"))
 def _initial_state(key, learning_rates_L, *, dim: int, num_classes: int, epochs: int, steps_per_epoch: int):
-    """`(params, opt_state)` of every rate (leading axis L) as `_train` starts them, and the
-    shuffling key, for runs driven one epoch at a time by `_train_epoch`."""
+    """`(params, opt_state)` of every rate (leading axis L), all from the same initial weights, and
+    the key that shuffles the minibatches of every epoch."""
     init_key, shuffle_key = jax.random.split(key)
     initial_params = _initial_params(init_key, dim, num_classes)
 
@@ -183,8 +144,8 @@ def _train_epoch(
     epochs: int,
     batch_size: int,
 ):
-    """One epoch of `_train` (the same `_epoch`) from `state_L`, on this epoch's train features:
-    `(new state_L, metrics)` with a leading axis over the rates."""
+    """`_epoch` for every rate from `state_L`, on this epoch's train features: `(new state_L,
+    metrics)` with a leading axis over the rates. All rates share the minibatch order."""
     return jax.vmap(
         lambda state, learning_rate: _epoch(
             state,
@@ -255,7 +216,7 @@ def _epoch(
         top5 = jnp.sum(jnp.any(top5_MxK == test_y_M[:, None], axis=1))
         return top1, top5, loss
 
-    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch_index), num_train)
+    order = minibatch_order(shuffle_key, epoch_index, num_train)
     index_SxB = jnp.pad(order, (0, padded - num_train)).reshape(steps_per_epoch, batch_size)
     mask_SxB = (jnp.arange(padded) < num_train).reshape(steps_per_epoch, batch_size)
     (params, opt_state), (loss_sums, corrects, counts) = jax.lax.scan(
@@ -274,12 +235,16 @@ def linear_probe(
     test_labels,
     *,
     num_classes: int,
-    epochs: int = 100,
-    batch_size: int = 128,
-    base_lr: float = BASE_LR,
+    epochs: int,
+    batch_size: int,
+    base_lrs: Sequence[float],
     seed: int = 0,
-) -> LinearProbeResult:
-    """Trains a linear classifier on `train_features` and tests it, the reference's protocol.
+) -> list[LinearProbeResult]:
+    """Trains a linear classifier on `train_features` and tests it, the reference's protocol, once
+    per base learning rate (the paper swept the rate: "we sweep the learning rate"; pick with
+    `best_of`). The rates run vmapped in one program from the same initial weights and minibatch
+    order, so they differ in the rate alone; that costs about `len(base_lrs)` single runs on a CPU,
+    much less on an accelerator, which a single run leaves mostly idle.
 
     Args:
       train_features: `(N, D)` float features, used as they are (the reference does not normalise).
@@ -287,57 +252,18 @@ def linear_probe(
       test_features, test_labels: `(M, D)` and `(M,)`, evaluated after every epoch.
       num_classes: output width.
       epochs: training epochs (the reference: 100); the cosine schedule spans them.
-      batch_size: minibatch size; the reference's default is 128 per GPU. The learning rate is
+      batch_size: minibatch size (the reference: 128 per GPU). The learning rate is
         `base_lr * batch_size / 256`.
-      base_lr: learning rate per 256 examples.
+      base_lrs: learning rates per 256 examples (the reference: 0.001).
       seed: initialisation and shuffling; the same seed gives the same result.
     """
-    (result,) = linear_probe_sweep(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        num_classes=num_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        base_lrs=(base_lr,),
-        seed=seed,
-    )
-    return result
-
-
-def linear_probe_sweep(
-    train_features,
-    train_labels,
-    test_features,
-    test_labels,
-    *,
-    num_classes: int,
-    epochs: int = 100,
-    batch_size: int = 128,
-    base_lrs: Sequence[float] = (BASE_LR,),
-    seed: int = 0,
-) -> list[LinearProbeResult]:
-    """`linear_probe` for several base learning rates in one jitted run (vmapped over the rates;
-    same initial weights and minibatch order for all). The paper swept the rate ("we sweep the
-    learning rate"); pick with `best_of`. Costs about `len(base_lrs)` single runs on a CPU, much
-    less on an accelerator, which the single run leaves mostly idle."""
     train_x, train_y, test_x, test_y = inputs.feature_splits(
         "linear_probe", train_features, train_labels, test_features, test_labels, num_classes
     )
-    learning_rates, batch_size = _check_settings(epochs, batch_size, base_lrs, len(train_x))
-    per_epoch = _train(
-        jnp.asarray(train_x),
-        jnp.asarray(train_y),
-        jnp.asarray(test_x),
-        jnp.asarray(test_y),
-        jax.random.key(seed),
-        jnp.asarray(learning_rates, jnp.float32),
-        num_classes=int(num_classes),
-        epochs=int(epochs),
-        batch_size=batch_size,
+    train_x = jnp.asarray(train_x)
+    return _train(
+        lambda epoch: train_x, train_y, test_x, test_y, num_classes, epochs, batch_size, base_lrs, seed
     )
-    return _results(per_epoch, learning_rates, len(train_x), len(test_x))
 
 
 def linear_probe_augmented(
@@ -346,11 +272,11 @@ def linear_probe_augmented(
     test_labels,
     *,
     num_classes: int,
-    epochs: int = 100,
-    batch_size: int = 128,
-    base_lr: float = BASE_LR,
+    epochs: int,
+    batch_size: int,
+    base_lrs: Sequence[float],
     seed: int = 0,
-) -> LinearProbeResult:
+) -> list[LinearProbeResult]:
     """`linear_probe` trained on new train features every epoch: the reference's probe on
     augmented images (RandomResizedCrop + flip through the frozen backbone).
 
@@ -358,71 +284,54 @@ def linear_probe_augmented(
     that epoch's views of the N train images, row i always a view of image i (same labels every
     epoch). Everything else (initialisation, minibatch order, optimizer, per-epoch cosine schedule,
     test pass) is `linear_probe`'s: a function that returns the same features every epoch gives
-    `linear_probe`'s result on them.
+    `linear_probe`'s result on them. Every rate trains on the same features, so the views (the
+    expensive part) are computed once per epoch.
     """
-    (result,) = linear_probe_augmented_sweep(
-        train_features_for_epoch,
-        test_features,
-        test_labels,
-        num_classes=num_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        base_lrs=(base_lr,),
-        seed=seed,
-    )
-    return result
-
-
-def linear_probe_augmented_sweep(
-    train_features_for_epoch: Callable[[int], tuple[np.ndarray, np.ndarray]],
-    test_features,
-    test_labels,
-    *,
-    num_classes: int,
-    epochs: int = 100,
-    batch_size: int = 128,
-    base_lrs: Sequence[float] = (BASE_LR,),
-    seed: int = 0,
-) -> list[LinearProbeResult]:
-    """`linear_probe_augmented` for several base rates, as `linear_probe_sweep`: every rate trains
-    on the same features, so the views (the expensive part) are computed once per epoch."""
     train_x, train_y, test_x, test_y = inputs.feature_splits(
-        "linear_probe_augmented",
-        *train_features_for_epoch(0),
-        test_features,
-        test_labels,
-        num_classes,
+        "linear_probe_augmented", *train_features_for_epoch(0), test_features, test_labels, num_classes
     )
-    learning_rates, batch_size = _check_settings(epochs, batch_size, base_lrs, len(train_x))
+
+    def features_of(epoch: int):
+        if epoch == 0:
+            return train_x
+        epoch_x, epoch_y, _, _ = inputs.feature_splits(
+            "linear_probe_augmented", *train_features_for_epoch(epoch), test_x, test_y, num_classes
+        )
+        if epoch_x.shape != train_x.shape or not np.array_equal(epoch_y, train_y):
+            raise ValueError(
+                f"linear_probe_augmented: epoch {epoch} gave features {epoch_x.shape} and "
+                f"labels unlike epoch 0's (features {train_x.shape}); expected row i to be a "
+                "view of train image i every epoch"
+            )
+        return epoch_x
+
+    return _train(features_of, train_y, test_x, test_y, num_classes, epochs, batch_size, base_lrs, seed)
+
+
+def _train(
+    train_x_for_epoch, train_y, test_x, test_y, num_classes, epochs, batch_size, base_lrs, seed
+) -> list[LinearProbeResult]:
+    """The one driver: `epochs` calls of `_train_epoch`, each on `train_x_for_epoch(epoch)`."""
+    num_train = len(train_y)
+    learning_rates, batch_size = _check_settings(epochs, batch_size, base_lrs, num_train)
     learning_rates_L = jnp.asarray(learning_rates, jnp.float32)
     static = {"num_classes": int(num_classes), "epochs": int(epochs), "batch_size": batch_size}
     state_L, shuffle_key = _initial_state(
         jax.random.key(seed),
         learning_rates_L,
-        dim=train_x.shape[1],
+        dim=int(test_x.shape[1]),
         num_classes=int(num_classes),
         epochs=int(epochs),
-        steps_per_epoch=_steps_per_epoch(len(train_x), batch_size),
+        steps_per_epoch=_steps_per_epoch(num_train, batch_size),
     )
-    test_x_MxD, test_y_M = jnp.asarray(test_x), jnp.asarray(test_y)
+    train_y_N, test_x_MxD, test_y_M = jnp.asarray(train_y), jnp.asarray(test_x), jnp.asarray(test_y)
     per_epoch = []
     for epoch in range(epochs):
-        if epoch > 0:
-            epoch_x, epoch_y, _, _ = inputs.feature_splits(
-                "linear_probe_augmented", *train_features_for_epoch(epoch), test_x, test_y, num_classes
-            )
-            if epoch_x.shape != train_x.shape or not np.array_equal(epoch_y, train_y):
-                raise ValueError(
-                    f"linear_probe_augmented: epoch {epoch} gave features {epoch_x.shape} and "
-                    f"labels unlike epoch 0's (features {train_x.shape}); expected row i to be a "
-                    "view of train image i every epoch"
-                )
-            train_x = epoch_x
-        # Dispatched without waiting: the next epoch's views are made while this one trains.
+        # Dispatched without waiting: the next epoch's features are made while this one trains.
         state_L, metrics = _train_epoch(
             state_L,
-            jnp.asarray(train_x),
-            jnp.asarray(train_y),
+            jnp.asarray(train_x_for_epoch(epoch)),
+            train_y_N,
             test_x_MxD,
             test_y_M,
             shuffle_key,
@@ -431,9 +340,9 @@ def linear_probe_augmented_sweep(
             **static,
         )
         per_epoch.append(metrics)
-    # Per metric, (L, epochs) like `_train`'s output.
+    # Per metric, (L, epochs).
     stacked = tuple(jnp.stack(values, axis=1) for values in zip(*per_epoch))
-    return _results(stacked, learning_rates, len(train_x), len(test_x))
+    return _results(stacked, learning_rates, num_train, len(test_y))
 
 
 def _check_settings(epochs, batch_size, base_lrs, num_train) -> tuple[list[float], int]:

@@ -1,5 +1,6 @@
-"""The evaluation suite: every configured evaluator on a data set and its transfer data sets, one
-flat dict of percentages, and the `results.json` / `results.md` files.
+"""The evaluation suite: features of every split extracted once, then every evaluator the settings
+name on a data set and its transfer data sets, as one flat dict of percentages (the tables and files
+are `report.py`'s; which datasets and settings come from a config is `dino_jax/evaluation.py`'s).
 
 It never sees the train state: it gets a backbone `(graphdef, params)` (teacher, student, restored
 or converted from PyTorch) and batch iterables, or features already extracted.
@@ -7,11 +8,12 @@ or converted from PyTorch) and batch iterables, or features already extracted.
 Feature use:
 - kNN and few-shot read the final-norm CLS token (the reference's kNN feature).
 - The linear probe reads the CLS tokens of the last `linear_n_last_blocks` blocks, concatenated
-  (the reference's linear feature). The last of those blocks *is* the kNN feature, so one
-  extraction pass per split serves all evaluators. With `linear_augment`, the probe instead trains
+  (the reference's linear feature), or with `linear_avgpool` the last block's CLS and mean patch
+  token interleaved. Either holds the kNN feature, so one extraction pass per split serves all
+  evaluators. With `linear_augment`, the probe instead trains
   on the features of a new RandomResizedCrop + flip view of each train image every epoch (one
   more pass over the train split per epoch, made when the probe asks for it).
-- Few-shot episodes come from the evaluation (test) split (REFERENCE.md §6).
+- Few-shot episodes come from the evaluation (test) split (our protocol: docs/reference.md).
 
 Metric names: the main data set's are bare (`knn_k20_top1`, `linear_best_test_top1`,
 `fewshot_5shot_ncm`, ...); a transfer data set's carry its name (`stl10_knn_k20_top1`, ...).
@@ -20,10 +22,6 @@ Metric names: the main data set's are bare (`knn_k20_top1`, `linear_best_test_to
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shlex
-import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -38,34 +36,29 @@ Batches = Iterable[Mapping[str, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class SuiteSettings:
-    """Which evaluators run and with what protocol settings (defaults: the reference's / ours)."""
+    """Which evaluators run and with what protocol; `dino_jax.config.suite_settings` builds it from
+    `config.eval` (whose keys in `dino_jax/configs/base.py` say what each field means)."""
 
-    evaluators: tuple[str, ...] = ("knn", "linear", "fewshot")
-    transfer_evaluators: tuple[str, ...] = ("knn", "linear", "fewshot")
-    knn_ks: tuple[int, ...] = (5, 10, 20, 100, 200)
-    knn_temperature: float = 0.07
-    linear_n_last_blocks: int = 4
-    linear_epochs: int = 100
-    linear_batch_size: int = 128
-    linear_base_lr: float = linear.BASE_LR
-    # Non-empty: a sweep over these base rates in one vmapped run, reporting the rate with the best
-    # test top-1 (what the paper did; the selection uses the test split, like the reference's
-    # best-epoch figure). Empty: `linear_base_lr` alone.
-    linear_base_lrs: tuple[float, ...] = ()
+    evaluators: tuple[str, ...]
+    transfer_evaluators: tuple[str, ...]
+    knn_ks: tuple[int, ...]
+    knn_temperature: float
+    linear_n_last_blocks: int
+    linear_avgpool: bool
+    linear_epochs: int
+    linear_batch_size: int
+    # More than one: a sweep in one vmapped run, reporting the rate with the best test top-1.
+    linear_base_lrs: tuple[float, ...]
     # True: the probe trains on a new RandomResizedCrop + flip view of every train image each
-    # epoch (the reference's eval_linear.py), one backbone pass over the train split per epoch;
-    # it needs `EvalData.augmented_train_batches`. False: on the cached features of the plain
-    # train images (one pass in all).
-    linear_augment: bool = False
-    fewshot_n_way: int | None = None
-    fewshot_k_shot: int = 5
-    fewshot_n_query: int = 15
-    fewshot_episodes: int = 600
-    fewshot_classifiers: tuple[str, ...] = ("ncm", "logreg")
-    # Logistic regression costs grow as n_way^2 (100-way: minutes per 600 episodes on a CPU); it is
-    # skipped for episodes wider than this.
-    fewshot_logreg_max_way: int = 20
-    seed: int = 0
+    # epoch, which needs `EvalData.augmented_train_batches`; False: on cached features.
+    linear_augment: bool
+    fewshot_n_way: int | None  # None: every class of the split
+    fewshot_k_shot: int
+    fewshot_n_query: int
+    fewshot_episodes: int
+    fewshot_classifiers: tuple[str, ...]
+    fewshot_logreg_max_way: int  # logistic regression is skipped for wider episodes
+    seed: int
 
     def __post_init__(self):
         for field in ("evaluators", "transfer_evaluators"):
@@ -96,8 +89,9 @@ class EvalData:
 
 @dataclasses.dataclass(frozen=True)
 class SplitFeatures:
-    """Extracted features of one data set: `cls` is `(N, D)` final-norm CLS, `blocks` is
-    `(N, n*D)` CLS of the last n blocks (last block last).
+    """Extracted features of one data set: `cls` is `(N, D)` final-norm CLS, `blocks` the linear
+    probe's feature: `(N, n*D)` CLS of the last n blocks (last block last), or `(N, 2*D)` CLS and
+    mean patch token interleaved (`linear_avgpool`).
 
     `augmented_train_blocks(seed, epoch)`, when the data set has augmented views, extracts the
     `blocks` features and labels of the train split's views for that epoch (a backbone pass).
@@ -131,7 +125,7 @@ def _run_knn(data: SplitFeatures, settings: SuiteSettings) -> dict[str, float]:
 
 
 def _run_linear(data: SplitFeatures, settings: SuiteSettings) -> dict[str, float]:
-    base_lrs = settings.linear_base_lrs or (settings.linear_base_lr,)
+    base_lrs = settings.linear_base_lrs
     protocol = {
         "num_classes": data.num_classes,
         "epochs": settings.linear_epochs,
@@ -146,14 +140,14 @@ def _run_linear(data: SplitFeatures, settings: SuiteSettings) -> dict[str, float
                 "augmented train views; expected EvalData.augmented_train_batches (features "
                 "extracted by `extract_split_features`)"
             )
-        results = linear.linear_probe_augmented_sweep(
+        results = linear.linear_probe_augmented(
             lambda epoch: data.augmented_train_blocks(settings.seed, epoch),
             data.test_blocks,
             data.test_labels,
             **protocol,
         )
     else:
-        results = linear.linear_probe_sweep(
+        results = linear.linear_probe(
             data.train_blocks, data.train_labels, data.test_blocks, data.test_labels, **protocol
         )
     best = linear.best_of(results)
@@ -199,16 +193,22 @@ def extract_split_features(
     mean: Sequence[float],
     std: Sequence[float],
     n_last_blocks: int,
+    avgpool: bool,
     mesh=None,
 ) -> SplitFeatures:
-    """One pass over each split of `data` with the CLS of the last `n_last_blocks` blocks; the
-    final-norm CLS is its last `D` columns. `n_last_blocks` is capped at the model's depth."""
+    """One pass over each split of `data` with the CLS of the last `n_last_blocks` blocks (capped
+    at the model's depth), whose last `D` columns are the final-norm CLS; with `avgpool`, the
+    last block's CLS and mean patch token interleaved, whose even columns are the CLS."""
     model = nnx.merge(graphdef, params)
     depth = len(model.blocks)
     embed_dim = model.config.embed_dim
     feature_fn = features_lib.make_feature_fn(
-        graphdef, mean=mean, std=std, n_last_blocks=min(n_last_blocks, depth)
+        graphdef, mean=mean, std=std, n_last_blocks=min(n_last_blocks, depth), avgpool=avgpool
     )
+
+    def cls_of(blocks):
+        return blocks[:, 0::2] if avgpool else blocks[:, -embed_dim:]
+
     train_blocks, train_labels = features_lib.extract_features(
         feature_fn, params, data.train_batches(), mesh=mesh
     )
@@ -227,10 +227,10 @@ def extract_split_features(
     return SplitFeatures(
         data.name,
         data.num_classes,
-        train_blocks[:, -embed_dim:],
+        cls_of(train_blocks),
         train_blocks,
         train_labels,
-        test_blocks[:, -embed_dim:],
+        cls_of(test_blocks),
         test_blocks,
         test_labels,
         augmented_train_blocks,
@@ -239,8 +239,8 @@ def extract_split_features(
 
 def evaluate_features(
     main: SplitFeatures,
-    transfer: Sequence[SplitFeatures] = (),
-    settings: SuiteSettings = SuiteSettings(),
+    transfer: Sequence[SplitFeatures],
+    settings: SuiteSettings,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Runs `settings.evaluators` on `main` and `settings.transfer_evaluators` on each transfer set.
@@ -270,7 +270,7 @@ def evaluate_backbone(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    settings: SuiteSettings = SuiteSettings(),
+    settings: SuiteSettings,
     mesh=None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], list[SplitFeatures]]:
@@ -287,11 +287,18 @@ def evaluate_backbone(
         if log:
             log(f"features of {data.name}...")
         started = time.perf_counter()
-        # Only the linear probe reads more than the last block.
-        n_last_blocks = settings.linear_n_last_blocks if "linear" in evaluators else 1
+        # Only the linear probe reads more than the last block's CLS.
+        linear_feature = "linear" in evaluators
         extracted.append(
             extract_split_features(
-                graphdef, params, data, mean=mean, std=std, n_last_blocks=n_last_blocks, mesh=mesh
+                graphdef,
+                params,
+                data,
+                mean=mean,
+                std=std,
+                n_last_blocks=settings.linear_n_last_blocks if linear_feature else 1,
+                avgpool=settings.linear_avgpool and linear_feature,
+                mesh=mesh,
             )
         )
         extracted_s = time.perf_counter() - started
@@ -303,175 +310,10 @@ def evaluate_backbone(
     results = evaluate_features(extracted[0], extracted[1:], settings, log)
     if "linear" in settings.evaluators:
         # The count actually used (capped at the depth), for the table heading.
+        main_features = extracted[0]
         results["linear_n_last_blocks"] = (
-            extracted[0].train_blocks.shape[1] // extracted[0].train_cls.shape[1]
+            1
+            if settings.linear_avgpool
+            else main_features.train_blocks.shape[1] // main_features.train_cls.shape[1]
         )
     return results, extracted
-
-
-def run(
-    graphdef,
-    params,
-    main: EvalData,
-    transfer: Sequence[EvalData] = (),
-    *,
-    out_dir: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-    settings: SuiteSettings = SuiteSettings(),
-    command: str | None = None,
-    mesh=None,
-    log: Callable[[str], None] | None = None,
-    title: str | None = None,
-) -> dict[str, float]:
-    """The whole suite: `evaluate_backbone`, then `out_dir/results.json` (merged with what is
-    there) and `out_dir/results.md` (tables headed by `command`, default this process's command
-    line). Returns the metrics."""
-    results, _ = evaluate_backbone(
-        graphdef, params, main, transfer, mean=mean, std=std, settings=settings, mesh=mesh, log=log
-    )
-    markdown = results_markdown(
-        results,
-        main_name=main.name,
-        transfer_names=[data.name for data in transfer],
-        settings=settings,
-        command=command,
-        title=title,
-    )
-    json_path, md_path = write_results(out_dir, results, markdown)
-    if log:
-        log(f"wrote {json_path} and {md_path}")
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Reports.
-
-
-def _pct(results, key) -> str:
-    return f"{results[key]:.2f}" if key in results else "-"
-
-
-def _ci(results, key) -> str:
-    if key not in results:
-        return "-"
-    return f"{results[key]:.2f} ± {results[key + '_ci95']:.2f}"
-
-
-def results_markdown(
-    results: Mapping[str, float],
-    *,
-    main_name: str,
-    transfer_names: Sequence[str] = (),
-    settings: SuiteSettings = SuiteSettings(),
-    command: str | None = None,
-    title: str | None = None,
-) -> str:
-    """Markdown tables of `results` (as `evaluate_*` returns them), each headed by `command`."""
-    command = command if command is not None else default_command()
-    heading = f"Command: `{command}`\n"
-    lines = [f"# {title or 'Evaluation results'}", ""]
-    k_shot = settings.fewshot_k_shot
-    n_blocks = int(results.get("linear_n_last_blocks", settings.linear_n_last_blocks))
-    base_lr = results.get("linear_base_lr", settings.linear_base_lr)
-    linear_setup = (
-        f"CLS of the last {n_blocks} blocks, "
-        f"{settings.linear_epochs} epochs, batch {settings.linear_batch_size}, "
-        f"lr {linear.scaled_learning_rate(settings.linear_batch_size, base_lr):g}"
-    )
-    if settings.linear_augment:
-        linear_setup += ", trained on a RandomResizedCrop + flip view of each image per epoch"
-    if settings.linear_base_lrs:
-        linear_setup += (
-            f", best of base rates {list(settings.linear_base_lrs)} per 256 (chosen on test top-1)"
-        )
-
-    lines += [f"## {main_name}", ""]
-    if "linear_test_top1" in results:
-        lines += [
-            f"### Linear probe ({linear_setup})",
-            "",
-            heading,
-            "| train top-1 | train loss | test top-1 (final) | test top-1 (best, epoch) | "
-            "test top-5 | test loss |",
-            "|---|---|---|---|---|---|",
-            f"| {_pct(results, 'linear_train_top1')} | {results['linear_train_loss']:.4f} | "
-            f"{_pct(results, 'linear_test_top1')} | {_pct(results, 'linear_best_test_top1')} "
-            f"({int(results['linear_best_epoch'])}) | {_pct(results, 'linear_test_top5')} | "
-            f"{results['linear_test_loss']:.4f} |",
-            "",
-        ]
-    ks = [k for k in settings.knn_ks if f"knn_k{k}_top1" in results]
-    if ks:
-        lines += [
-            f"### Weighted kNN (T = {settings.knn_temperature:g}, final-norm CLS)",
-            "",
-            heading,
-            "| k | top-1 | top-5 |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| {k} | {_pct(results, f'knn_k{k}_top1')} | {_pct(results, f'knn_k{k}_top5')} |" for k in ks
-        ]
-        skipped = [k for k in settings.knn_ks if k not in ks]
-        if skipped and "knn" in settings.evaluators:
-            lines += ["", f"k = {skipped} not computed: larger than the training set."]
-        lines.append("")
-    shot_names = [name for name in fewshot.CLASSIFIERS if f"fewshot_{k_shot}shot_{name}" in results]
-    if shot_names:
-        lines += [
-            f"### Few-shot ({k_shot}-shot, {settings.fewshot_n_query} queries per class, "
-            f"{settings.fewshot_episodes} episodes, mean ± 95% CI)",
-            "",
-            heading,
-            "| classifier | accuracy |",
-            "|---|---|",
-        ]
-        lines += [f"| {name} | {_ci(results, f'fewshot_{k_shot}shot_{name}')} |" for name in shot_names]
-        lines.append("")
-
-    if transfer_names:
-        knn_k = 20 if 20 in settings.knn_ks else settings.knn_ks[0]
-        lines += [
-            f"## Transfer (features of the backbone trained on {main_name})",
-            "",
-            heading,
-            f"| dataset | kNN k={knn_k} top-1 | linear top-1 (best) | linear top-1 (final) | "
-            f"{k_shot}-shot NCM | {k_shot}-shot logreg |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name in transfer_names:
-            lines.append(
-                f"| {name} | {_pct(results, f'{name}_knn_k{knn_k}_top1')} | "
-                f"{_pct(results, f'{name}_linear_best_test_top1')} | "
-                f"{_pct(results, f'{name}_linear_test_top1')} | "
-                f"{_ci(results, f'{name}_fewshot_{k_shot}shot_ncm')} | "
-                f"{_ci(results, f'{name}_fewshot_{k_shot}shot_logreg')} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def default_command() -> str:
-    """The command line of this process, shell-quoted."""
-    return " ".join(["python"] + [shlex.quote(arg) for arg in sys.argv])
-
-
-def write_results(
-    out_dir: str, results: Mapping[str, float], markdown: str, *, merge: bool = True
-) -> tuple[str, str]:
-    """Writes `results.json` (merged into an existing one unless `merge=False`: training metrics
-    written there before survive) and `results.md`; returns both paths. Writes are atomic."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "results.json")
-    payload: dict[str, float] = {}
-    if merge and os.path.exists(json_path):
-        with open(json_path) as f:
-            payload = json.load(f)
-    payload.update({key: float(value) for key, value in results.items()})
-    md_path = os.path.join(out_dir, "results.md")
-    for path, text in ((json_path, json.dumps(payload, indent=2, sort_keys=True)), (md_path, markdown)):
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
-    return json_path, md_path

@@ -41,3 +41,9 @@ class DINO(nnx.Module):
             rng = None if drop_path_rng is None else jax.random.fold_in(drop_path_rng, index)
             features.append(self.backbone(crops, drop_path_rng=rng))
         return self.head(jnp.concatenate(features, axis=0))
+
+
+def split_backbone(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
+    """`(graphdef, params)` of the ViT inside the DINO model `(graphdef, params)` (a student or a
+    teacher): what the evaluators and the attention maps take."""
+    return nnx.split(nnx.merge(graphdef, params).backbone, nnx.Param)

@@ -188,13 +188,12 @@ def pos_embed_resize_matrices(grid: int, out_h: int, out_w: int) -> tuple[np.nda
 
 def interpolate_pos_embed(pos_embed_1xTxD: jax.Array, out_h: int, out_w: int) -> jax.Array:
     """Resize the patch part of a (1, 1 + g*g, D) position embedding to an (out_h, out_w) patch
-    grid, keeping the CLS position; unchanged when the grid is already square of that size."""
+    grid, keeping the CLS position. Always resamples, even to the same grid (the +0.1 offset moves
+    the sample points): whether to call it is `prepare_tokens`' decision."""
     num_patches = pos_embed_1xTxD.shape[1] - 1
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
         raise ValueError(f"position embedding has {num_patches} patch positions, not a square grid")
-    if out_h == out_w == grid:
-        return pos_embed_1xTxD
     rows_HxG, cols_WxG = pos_embed_resize_matrices(grid, out_h, out_w)
     dim = pos_embed_1xTxD.shape[-1]
     patch_GxGxD = pos_embed_1xTxD[0, 1:].reshape(grid, grid, dim)
@@ -323,7 +322,10 @@ class VisionTransformer(nnx.Module):
         cls_Bx1xD = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (batch, 1, dim))
         tokens = jnp.concatenate([cls_Bx1xD, patches_BxhxwxD.reshape(batch, grid_h * grid_w, dim)], 1)
         pos_embed = self.pos_embed[...]
-        if not (grid_h == grid_w and grid_h * grid_w == pos_embed.shape[1] - 1):
+        # Decided on pixel sizes, as the reference does (`npatch == N and w == h`): a 32 x 35 input
+        # floors to the trained 8 x 8 patches of 4 but is not square, so it is resampled.
+        height, width = images_BxHxWxC.shape[1:3]
+        if not (height == width and grid_h * grid_w == pos_embed.shape[1] - 1):
             pos_embed = interpolate_pos_embed(pos_embed, grid_h, grid_w)
         return tokens + pos_embed.astype(self.dtype)
 

@@ -17,8 +17,9 @@ Everything uses matplotlib's object API with the Agg canvas: no pyplot state, no
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,13 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dino_jax.data.image_files import ImageFileError, check_image_file, load_image
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 DEFAULT_THRESHOLD = 0.6
+# Attention is computed on at most this many patches (its cost grows with their square): a larger
+# image is scaled down to fit. The reference's default input, 480 x 480 at patch 8, is 3600.
+MAX_PATCHES = 4096
 # Fixed per-head colours (deterministic figures; the reference draws random ones).
 _HEAD_COLOURS = [matplotlib.colors.to_rgb(c) for c in matplotlib.colormaps["tab10"].colors]
 
@@ -66,25 +71,17 @@ def make_cls_attention_fn(
     return cls_attention_fn
 
 
-def crop_to_patch_multiple(image_HxWxC: np.ndarray, patch_size: int) -> np.ndarray:
-    """Top-left crop to the largest multiple of `patch_size` in each dimension (the reference's)."""
+def crop_to_patch_multiple(image_HxWxC: np.ndarray, patch_size: int, name: str = "image") -> np.ndarray:
+    """Top-left crop to the largest multiple of `patch_size` in each dimension (the reference's);
+    ImageFileError naming `name` (the image's file) if a side is shorter than a patch."""
     height = image_HxWxC.shape[0] - image_HxWxC.shape[0] % patch_size
     width = image_HxWxC.shape[1] - image_HxWxC.shape[1] % patch_size
     if height == 0 or width == 0:
-        raise ValueError(f"image of shape {image_HxWxC.shape} is smaller than one {patch_size}-pixel patch")
+        raise ImageFileError(
+            f"{name}: {image_HxWxC.shape[1]} x {image_HxWxC.shape[0]} pixels, smaller than one "
+            f"{patch_size}-pixel patch"
+        )
     return image_HxWxC[:height, :width]
-
-
-def load_image(path: str, size: int | tuple[int, int] | None = None) -> np.ndarray:
-    """An image file as uint8 RGB `(H, W, 3)`, resized (bicubic) to `size` (int: square) if given."""
-    from PIL import Image  # only the file-based entry points need PIL
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is not None:
-            height, width = (size, size) if isinstance(size, int) else size
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        return np.asarray(image, np.uint8)
 
 
 def threshold_masks(attention, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
@@ -268,6 +265,16 @@ def attention_panel(
     )
 
 
+def fit_to_patches(path: str, patch_size: int, max_patches: int = MAX_PATCHES) -> tuple[int, int] | None:
+    """`(height, width)` to scale the image file at `path` to so that it holds at most
+    `max_patches` patches (aspect ratio kept), or None when it already does."""
+    height, width = check_image_file(path)
+    if (height // patch_size) * (width // patch_size) <= max_patches:
+        return None
+    scale = math.sqrt(max_patches * patch_size**2 / (height * width))
+    return max(patch_size, int(height * scale)), max(patch_size, int(width * scale))
+
+
 def visualize_files(
     cls_attention_fn,
     params,
@@ -277,18 +284,26 @@ def visualize_files(
     patch_size: int,
     image_size: int | tuple[int, int] | None = None,
     threshold: float | None = DEFAULT_THRESHOLD,
+    max_patches: int = MAX_PATCHES,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, list[str]]:
-    """For each image file: load (resize to `image_size` if given), crop to a multiple of the patch
-    size, compute the CLS attention, write `save_attention_images` into `out_dir/<file stem>/`;
-    finally write `out_dir/attention_grid.png`. Returns `{image path: written paths}` plus
-    `"grid": [grid path]`.
+    """For each image file: load (resize to `image_size` if given, else scale down an image of more
+    than `max_patches` patches, with a `log` note), crop to a multiple of the patch size, compute
+    the CLS attention, write `save_attention_images` into `out_dir/<file stem>/`; finally write
+    `out_dir/attention_grid.png`. Returns `{image path: written paths}` plus `"grid": [grid path]`.
     """
     if not image_paths:
         raise ValueError("visualize_files: no image paths given; expected at least one")
     written: dict[str, list[str]] = {}
     images, attentions, stems = [], [], []
     for path in image_paths:
-        image = crop_to_patch_multiple(load_image(path, image_size), patch_size)
+        size = image_size or fit_to_patches(path, patch_size, max_patches)
+        if image_size is None and size is not None:
+            log(
+                f"note: {path} holds more than {max_patches} patches of {patch_size} pixels; its "
+                f"attention is computed at {size[1]} x {size[0]} pixels"
+            )
+        image = crop_to_patch_multiple(load_image(path, size), patch_size, name=path)
         attention = np.asarray(cls_attention_fn(params, image[None]))[0]
         stem = os.path.splitext(os.path.basename(path))[0]
         # Two inputs with one stem (a/x.png, b/x.jpg) must not overwrite each other.

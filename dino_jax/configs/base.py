@@ -1,35 +1,49 @@
-"""Pieces shared by the recipes: the default config tree and the argument parser.
+"""Every config key and its default: the one schema of a run.
 
-Every key a config may hold is created here, so a typo in `--config.x=y` or in a recipe fails
-(the config is locked) and `dino_jax/config.py` is the one place that checks values.
+The recipes in the repository's `configs/` start from `get_config()` and change what their dataset
+needs. Every key exists here, so a misspelled key in a recipe or in `--config.x=y` fails (the
+config is locked); `dino_jax/config.py` checks the values and turns them into typed specs, and
+`config.load_run_config` reads a run's saved `config.json` onto these defaults. The defaults are the
+reference's (`main_dino.py`, `eval_knn.py`, `eval_linear.py`; docs/reference.md) where they make
+sense for every dataset.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dino_jax.config import ConfigError
+from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
-def parse_arg(arg: str | None) -> dict[str, bool]:
-    """`"smoke,other"` -> `{"smoke": True, "other": True}`, as in `--config=configs/x.py:smoke`."""
-    return {name: True for name in (arg or "").split(",") if name}
+def parse_arg(arg: str | None, allowed: tuple[str, ...] = ("smoke",)) -> dict[str, bool]:
+    """`"smoke"` -> `{"smoke": True}`, as in `--config=configs/x.py:smoke`; tokens are
+    comma-separated and each must be one of `allowed`, so a typo fails instead of running the full
+    recipe."""
+    tokens = [name for name in (arg or "").split(",") if name]
+    unknown = [name for name in tokens if name not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"unknown config argument {unknown[0]!r} (in ':{arg}'): expected one of {', '.join(allowed)}"
+        )
+    return {name: True for name in tokens}
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """The reference's defaults (REFERENCE.md §1) where they make sense for every dataset."""
+def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cifar100"
     c.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # True: random images shaped like the dataset (size, split lengths, classes) instead of its
+    # files, to measure speed or try a recipe without the data. Losses and accuracies mean nothing.
+    c.dataset.synthetic = False
     c.dataset.mean = IMAGENET_MEAN  # input normalisation, after scaling pixels to [0, 1]
     c.dataset.std = IMAGENET_STD
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = "tiny"  # tiny | small | base (REFERENCE.md §2.4)
+    c.model.variant = "tiny"  # tiny | small | base, the reference's vit_tiny/small/base
     c.model.patch_size = 16
     c.model.embed_dim = 0  # 0 = the variant's; set with depth/num_heads for a custom size
     c.model.depth = 0
@@ -52,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.num_local_crops = 8
     c.augment.global_crop_scale = (0.4, 1.0)
     c.augment.local_crop_scale = (0.05, 0.4)
+    c.augment.crop_aspect_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop's range of width / height
     c.augment.flip_p = 0.5
     c.augment.color_jitter_p = 0.8
     c.augment.brightness = 0.4
@@ -60,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.hue = 0.1
     c.augment.grayscale_p = 0.2
     c.augment.blur_p = (1.0, 0.1, 0.5)  # global 1, global 2, each local crop
+    c.augment.blur_sigma = (0.1, 2.0)  # Gaussian blur radius range, in pixels of the output crop
     c.augment.solarize_p = 0.2  # second global crop only
     c.augment.num_workers = 0  # grain worker processes for the host path (0 = in-process)
 
@@ -81,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.student_temp = 0.1
     c.train.center_momentum = 0.9
     c.train.log_every_steps = 50
+    # Compiled steps are kept here, so a restarted or resumed run (or a second run of the same
+    # recipe and shapes) loads its step instead of compiling it again; "" turns this off.
+    c.train.compilation_cache_dir = "~/.cache/dino_jax/jax_compilation_cache"
     c.train.checkpoint_every_steps = 1000
     c.train.keep_checkpoints = 2
     # "" or a checkpoint to continue from when the workdir has none of its own: a reference
@@ -93,21 +112,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.evaluators = ("knn", "linear", "fewshot")  # run at the end of training and by --mode=eval
     c.eval.transfer = ("stl10",)  # datasets evaluated with the frozen backbone (skipped if missing)
     c.eval.transfer_evaluators = ("knn", "linear", "fewshot")
-    c.eval.knn_ks = (5, 10, 20, 100, 200)
+    c.eval.knn_ks = (5, 10, 20, 100, 200)  # a k above the number of training images is left out
     c.eval.knn_temperature = 0.07
     c.eval.random_init_knn = True  # also report the kNN of the untrained network, same run
-    c.eval.linear_epochs = 100  # the reference's linear-probe protocol (REFERENCE.md §4)
+    c.eval.linear_epochs = 100  # the reference's linear-probe protocol
     c.eval.linear_batch_size = 128
     # Per 256 images, scaled by linear_batch_size / 256. The reference's 0.001 was set for
     # ImageNet's 10,000 steps an epoch; on a small dataset it underfits (sweep it, as the paper did).
     c.eval.linear_base_lr = 0.001
+    # Non-empty: a sweep over these base rates in one vmapped run instead of `linear_base_lr`,
+    # reporting the rate with the best test top-1 (the test split chooses, as the reference's
+    # best-epoch figure does).
+    c.eval.linear_base_lrs = ()
     c.eval.linear_n_last_blocks = 4  # "n=4 for ViT-S"; capped at the model's depth
+    # True: CLS and the mean patch token of the last block ("True with ViT-Base"); needs
+    # linear_n_last_blocks = 1, as in the reference.
+    c.eval.linear_avgpool = False
     # True: train the probe on a RandomResizedCrop + flip view of each image per epoch, as the
     # reference does (a backbone pass over the train split every epoch); False: cached features.
     c.eval.linear_augment = False
+    c.eval.fewshot_n_way = 0  # classes per episode; 0 = every class of the test split
     c.eval.fewshot_k_shot = 5
     c.eval.fewshot_n_query = 15
     c.eval.fewshot_episodes = 600
+    c.eval.fewshot_classifiers = ("ncm", "logreg")  # nearest class mean, logistic regression
+    # Logistic regression costs grow as n_way^2 (100-way: minutes per 600 episodes on a CPU); it
+    # is skipped for episodes wider than this.
+    c.eval.fewshot_logreg_max_way = 20
     c.eval.attention_every_steps = 0  # > 0: log an attention-map panel of test images this often
     return c
 

@@ -1,4 +1,4 @@
-"""On-device multi-crop (augment_device.py) against the host path and against PIL."""
+"""On-device multi-crop (device.py) against the host path and against PIL."""
 
 import colorsys
 import functools
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dino_jax.data import augment, augment_device, augment_pil
+from dino_jax.data.multicrop import device, host, pil_reference, spec
+from tests.config_helpers import reference_crops
 
-CONFIG = augment.MultiCropConfig(global_size=16, local_size=8, num_local_crops=4)
+CONFIG = reference_crops(global_size=16, local_size=8, num_local_crops=4)
 
 
 def _smooth_images(count, size, seed=0):
@@ -30,12 +31,12 @@ def _smooth_images(count, size, seed=0):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _device_from_uniforms(images, uniforms, config):
-    return augment_device.multicrop_from_uniforms(images, uniforms, config)
+    return device.multicrop_from_uniforms(images, uniforms, config)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _device_batch(images, key, config):
-    return augment_device.multicrop_batch(images, key, config)
+    return device.multicrop_batch(images, key, config)
 
 
 # ----------------------------------------------------------------------------- contract
@@ -65,12 +66,12 @@ def test_same_uniforms_give_the_same_crops_as_the_host():
     images = _smooth_images(48, 24)
     uniforms = (
         np.random.default_rng(0)
-        .random((48, 2 + CONFIG.num_local_crops, augment.NUM_UNIFORMS))
+        .random((48, 2 + CONFIG.num_local_crops, spec.NUM_UNIFORMS))
         .astype(np.float32)
     )
-    host = augment.multicrop_from_uniforms(images, uniforms.astype(np.float64), CONFIG)
-    device = _device_from_uniforms(jnp.asarray(images), jnp.asarray(uniforms), CONFIG)
-    for host_crops, device_crops in zip(host, device):
+    host_groups = host.multicrop_from_uniforms(images, uniforms.astype(np.float64), CONFIG)
+    device_groups = _device_from_uniforms(jnp.asarray(images), jnp.asarray(uniforms), CONFIG)
+    for host_crops, device_crops in zip(host_groups, device_groups):
         diff = np.abs(host_crops.astype(np.int64) - np.asarray(device_crops).astype(np.int64))
         per_crop_max = diff.reshape(-1, diff[0, 0].size).max(axis=1)
         assert diff.mean() < 0.05
@@ -82,7 +83,7 @@ def test_independent_draws_have_the_same_statistics():
     fraction, aspect ratio and the colour statistics after the whole recipe agree."""
     count = 400
     images = _smooth_images(count, 24, seed=1)
-    host_globals, host_locals = augment.multicrop_batch(
+    host_globals, host_locals = host.multicrop_batch(
         images, [np.random.default_rng(i) for i in range(count)], CONFIG
     )
     device_globals, device_locals = map(
@@ -102,10 +103,10 @@ def test_independent_draws_have_the_same_statistics():
             device_crops.mean(axis=(2, 3)).std(), host_crops.mean(axis=(2, 3)).std(), rtol=0.1
         )
 
-    uniforms_host = np.random.default_rng(3).random((4000, augment.NUM_UNIFORMS))
-    uniforms_device = jax.random.uniform(jax.random.key(3), (4000, augment.NUM_UNIFORMS))
-    host_boxes = augment.crop_boxes(uniforms_host, 32, 32, (0.05, 0.4), (3 / 4, 4 / 3))
-    device_boxes = np.asarray(augment_device.crop_boxes(uniforms_device, 32, 32, (0.05, 0.4), (3 / 4, 4 / 3)))
+    uniforms_host = np.random.default_rng(3).random((4000, spec.NUM_UNIFORMS))
+    uniforms_device = jax.random.uniform(jax.random.key(3), (4000, spec.NUM_UNIFORMS))
+    host_boxes = spec.crop_boxes(uniforms_host, 32, 32, (0.05, 0.4), (3 / 4, 4 / 3))
+    device_boxes = np.asarray(spec.crop_boxes(uniforms_device, 32, 32, (0.05, 0.4), (3 / 4, 4 / 3), jnp))
     area = lambda b: b[:, 2] * b[:, 3] / 1024
     log_aspect = lambda b: np.log(b[:, 3] / b[:, 2])
     deciles = np.linspace(0.1, 0.9, 9)
@@ -121,7 +122,7 @@ def test_independent_draws_have_the_same_statistics():
 
 def test_op_rates_on_device():
     """Solarize fires only on global crop 2 (p=0.2); grayscale on every crop (p=0.2)."""
-    config = augment.MultiCropConfig(
+    config = reference_crops(
         8,
         8,
         2,
@@ -152,10 +153,8 @@ def test_op_rates_on_device():
 )
 def test_resized_crop_matches_pil(box, flip, size):
     image = _smooth_images(1, 40, seed=4)[0]
-    crops = augment_device.resized_crops(
-        jnp.asarray(image)[None], jnp.asarray([[box]]), jnp.asarray([[flip]]), size
-    )
-    ref = augment_pil.resized_crop(Image.fromarray(image), box, size)
+    crops = device.resized_crops(jnp.asarray(image)[None], jnp.asarray([[box]]), jnp.asarray([[flip]]), size)
+    ref = pil_reference.resized_crop(Image.fromarray(image), box, size)
     if flip:
         ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
     diff = np.abs(np.asarray(crops[0, 0]).astype(np.int64) - np.asarray(ref, np.int64))
@@ -166,7 +165,7 @@ def _jitter_one(image, op, factor):
     factors = [1.0, 1.0, 1.0, 0.0]
     factors[op] = factor
     order = [op] + [o for o in range(4) if o != op]
-    out = augment_device.color_jitter(
+    out = device.color_jitter(
         jnp.asarray(image, jnp.float32)[None],
         jnp.asarray([True]),
         jnp.asarray([order]),
@@ -175,12 +174,12 @@ def _jitter_one(image, op, factor):
     return np.asarray(out[0]).astype(np.int64), factors
 
 
-@pytest.mark.parametrize("op", [augment.BRIGHTNESS, augment.CONTRAST, augment.SATURATION])
+@pytest.mark.parametrize("op", [spec.BRIGHTNESS, spec.CONTRAST, spec.SATURATION])
 @pytest.mark.parametrize("factor", [0.6, 1.4])
 def test_blend_ops_match_pil(op, factor):
     image = _smooth_images(1, 24, seed=5)[0]
     ours, factors = _jitter_one(image, op, factor)
-    ref = np.asarray(augment_pil.color_jitter(Image.fromarray(image), [op], factors), np.int64)
+    ref = np.asarray(pil_reference.color_jitter(Image.fromarray(image), [op], factors), np.int64)
     # Brightness is exact; contrast and saturation read the luma, which dm-pix weighs slightly
     # differently from PIL's fixed point: a level at most, on a few pixels.
     diff = np.abs(ours - ref)
@@ -190,7 +189,7 @@ def test_blend_ops_match_pil(op, factor):
 @pytest.mark.parametrize("shift", [-0.1, 0.06])
 def test_hue_matches_float_hsv(shift):
     image = _smooth_images(1, 12, seed=6)[0]
-    ours, _ = _jitter_one(image, augment.HUE, shift)
+    ours, _ = _jitter_one(image, spec.HUE, shift)
     ref = np.empty(image.shape)
     for index in np.ndindex(image.shape[:2]):
         h, s, v = colorsys.rgb_to_hsv(*(image[index] / 255.0))
@@ -200,10 +199,10 @@ def test_hue_matches_float_hsv(shift):
 
 def test_grayscale_and_solarize_match_pil():
     image = _smooth_images(1, 24, seed=7)[0]
-    gray = np.asarray(augment_device.luma(jnp.asarray(image, jnp.float32))).astype(np.int64)
+    gray = np.asarray(device.luma(jnp.asarray(image, jnp.float32))).astype(np.int64)
     ref = np.asarray(Image.fromarray(image).convert("L"), np.int64)
     assert np.abs(gray - ref).max() <= 1 and (gray != ref).mean() < 0.05
-    config = augment.MultiCropConfig(
+    config = reference_crops(
         24,
         8,
         0,
@@ -217,7 +216,8 @@ def test_grayscale_and_solarize_match_pil():
     )
     globals_, _ = _device_batch(jnp.asarray(image)[None], jax.random.key(0), config)
     np.testing.assert_array_equal(
-        np.asarray(globals_[0, 1]).astype(np.uint8), np.asarray(augment_pil.solarize(Image.fromarray(image)))
+        np.asarray(globals_[0, 1]).astype(np.uint8),
+        np.asarray(pil_reference.solarize(Image.fromarray(image))),
     )
 
 
@@ -226,9 +226,9 @@ def test_grayscale_and_solarize_match_pil():
 @pytest.mark.parametrize("sigma", [0.1, 1.3, 2.0])
 def test_blur_matches_pil(sigma):
     image = _smooth_images(1, 16, seed=8)[0]
-    blurred = augment_device.gaussian_blur(
+    blurred = device.gaussian_blur(
         jnp.asarray(image, jnp.float32)[None], jnp.asarray([sigma]), jnp.asarray([True]), 2.0
     )
-    ref = np.asarray(augment_pil.gaussian_blur(Image.fromarray(image), sigma), np.int64)
+    ref = np.asarray(pil_reference.gaussian_blur(Image.fromarray(image), sigma), np.int64)
     diff = np.asarray(blurred[0]).astype(np.int64) - ref
     assert abs(diff.mean()) < 0.05 and np.abs(diff).mean() < 0.7 and np.abs(diff).max() <= 3
