@@ -1,8 +1,8 @@
 """Benchmark of one DINO training step: our jitted, donated step against the PyTorch reference's.
 
-    python bench/train_step.py                   # all rows with their phases, ~20-30 minutes on a 2-core CPU
-    python bench/train_step.py --only cifar      # the two CIFAR rows
-    python bench/train_step.py --only digits --steps 5 --warmup 1 --phase-reps 0   # a smoke run
+    python -m bench.train_step                   # all rows with their phases, ~20-30 minutes on a 2-core CPU
+    python -m bench.train_step --only cifar      # the two CIFAR rows
+    python -m bench.train_step --only digits --steps 5 --warmup 1 --phase-reps 0   # a smoke run
 
 Ours: `train.build_training(config, ...)`'s `step_fn` (jit, state donated) on uint8 crops already
 placed on the device, exactly what `Trainer.train` calls once per step. Baseline:
@@ -64,9 +64,6 @@ import sys
 import time
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CONFIG_NAMES = ("digits", "cifar")
 RECIPE_CIFAR_OUT_DIM = 65536  # the row named plain `cifar`; other out_dims are `cifar_k<out_dim>`
@@ -184,62 +181,14 @@ class TorchReference:
     """Student, teacher, AdamW, loss and schedules of the reference, from our initial weights."""
 
     def __init__(self, torch, ref, config, plan, weights: dict[str, np.ndarray]):
-        from dino_jax import config as config_lib
+        from bench import torch_baseline
 
-        vit_config = config_lib.vit_config(config, drop_path=True)
-        head_config = config_lib.head_config(config, vit_config.embed_dim)
-        weights = {key: torch.tensor(value) for key, value in weights.items()}
-
-        def network(drop_path_rate, norm_last_layer):
-            return ref.MultiCropWrapper(
-                ref.VisionTransformer(
-                    img_size=vit_config.image_size,
-                    patch_size=vit_config.patch_size,
-                    embed_dim=vit_config.embed_dim,
-                    depth=vit_config.depth,
-                    num_heads=vit_config.num_heads,
-                    mlp_ratio=vit_config.mlp_ratio,
-                    qkv_bias=vit_config.qkv_bias,
-                    drop_path_rate=drop_path_rate,
-                    eps=vit_config.layer_norm_eps,
-                ),
-                ref.DINOHead(
-                    head_config.in_dim,
-                    head_config.out_dim,
-                    use_bn=head_config.use_bn,
-                    norm_last_layer=norm_last_layer,
-                    nlayers=head_config.nlayers,
-                    hidden_dim=head_config.hidden_dim,
-                    bottleneck_dim=head_config.bottleneck_dim,
-                ),
-            )
-
-        # As in the reference's main_dino.py: the teacher has no drop path and a normed last layer.
-        self.student = network(vit_config.drop_path_rate, head_config.norm_last_layer)
-        self.teacher = network(0.0, True)
+        self.student, self.teacher = torch_baseline.build_networks(torch, config, weights)
         for net in (self.student, self.teacher):
-            net.load_state_dict(weights, strict=True)
             net.train()
-        for param in self.teacher.parameters():
-            param.requires_grad = False
         self.optimizer = torch.optim.AdamW(ref.get_params_groups(self.student))
-        t = config.train
-        self.loss = ref.DINOLoss(
-            head_config.out_dim,
-            2 + config.augment.num_local_crops,
-            t.warmup_teacher_temp,
-            t.teacher_temp,
-            t.warmup_teacher_temp_epochs,
-            t.epochs,
-            student_temp=t.student_temp,
-            center_momentum=t.center_momentum,
-        )
-        spe = plan.steps_per_epoch
-        self.schedules = {
-            "lr_schedule": ref.cosine_scheduler(plan.peak_lr, t.min_lr, t.epochs, spe, t.warmup_epochs),
-            "wd_schedule": ref.cosine_scheduler(t.weight_decay, t.weight_decay_end, t.epochs, spe),
-            "momentum_schedule": ref.cosine_scheduler(t.momentum_teacher, 1.0, t.epochs, spe),
-        }
+        self.loss, self.schedules = torch_baseline.build_loss_and_schedules(ref, config, plan)
+        t, spe = config.train, plan.steps_per_epoch
         self.ref, self.steps_per_epoch = ref, spe
         self.clip_grad, self.freeze_last_layer = t.clip_grad, t.freeze_last_layer
 
@@ -435,7 +384,7 @@ def time_phases(ours: dict, theirs, reps: int) -> dict[str, dict[str, float | No
     compiles) is not timed; the two sides alternate call by call."""
     timings = {}
     for phase in PHASES:
-        calls = {"ours": lambda: time_call(ours[phase]), "torch": lambda: theirs.phase(phase)}
+        calls = {"ours": lambda p=phase: time_call(ours[p]), "torch": lambda p=phase: theirs.phase(p)}
         times = {"ours": [], "torch": []}
         available = {side: call() is not None for side, call in calls.items()}
         for rep in range(reps):
