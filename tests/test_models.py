@@ -114,6 +114,19 @@ def test_mlp_uses_exact_gelu():
     assert np.abs(tanh - expected).max() > 1e-3
 
 
+def test_gelu_and_its_gradient_match_the_exact_gelu_in_float64():
+    x = jnp.linspace(-6.0, 6.0, 2001, dtype=jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    erf = np.vectorize(math.erf)
+    expected = 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
+    # d/dx x/2 (1 + erf(x / sqrt 2)) = (1 + erf(x / sqrt 2)) / 2 + x exp(-x^2 / 2) / sqrt(2 pi)
+    expected_grad = 0.5 * (1.0 + erf(x64 / math.sqrt(2.0))) + x64 * np.exp(-0.5 * x64**2) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(vit_lib.gelu(x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(vit_lib.gelu))(x), expected_grad, rtol=1e-6, atol=1e-6)
+    # The erf form loses the far negative tail to cancellation (-0 for ~-1e-7), as torch's does.
+    np.testing.assert_allclose(vit_lib.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+
+
 def test_drop_path_is_per_sample_and_rescaled():
     x = jnp.ones((64, 3, 4))
     out = np.asarray(vit_lib.drop_path(x, 0.5, jax.random.key(0)))
