@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dino_jax import reductions
 from dino_jax.models.vit import COMPUTE_DTYPES, gelu, linear, torch_default_uniform_init
 
 
@@ -75,7 +76,7 @@ def weight_norm_linear(x_NxI: jax.Array, v_IxO: jax.Array, g_1xO: jax.Array, dty
 
 
 def _weight_norm_linear_forward(x_NxI, v_IxO, g_1xO, dtype):
-    norm_1xO = jnp.linalg.norm(v_IxO, axis=0, keepdims=True)
+    norm_1xO = reductions.column_norm(v_IxO)
     y_NxO = jnp.dot(x_NxI.astype(dtype), v_IxO.astype(dtype), preferred_element_type=jnp.float32)
     return y_NxO * (g_1xO / norm_1xO), (x_NxI, v_IxO, g_1xO, norm_1xO)
 
@@ -88,7 +89,7 @@ def _weight_norm_linear_backward(dtype, residuals, dy_NxO):
     dx_NxI = jnp.dot(dy, weight_IxO.T, preferred_element_type=jnp.float32).astype(x_NxI.dtype)
     dweight_IxO = jnp.dot(x_NxI.astype(dtype).T, dy, preferred_element_type=jnp.float32)
     # As torch's _weight_norm_interface_backward (dim 0 of its (out, in) layout).
-    per_column_1xO = jnp.sum(dweight_IxO * v_IxO, axis=0, keepdims=True)
+    per_column_1xO = reductions.column_sum(dweight_IxO * v_IxO)
     dv_IxO = scale_1xO * (dweight_IxO - v_IxO * (per_column_1xO / (norm_1xO * norm_1xO)))
     dg_1xO = per_column_1xO / norm_1xO
     return dx_NxI, dv_IxO, dg_1xO
