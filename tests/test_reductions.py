@@ -10,7 +10,9 @@ from dino_jax import reductions
 def test_column_sum_mean_and_norm_match_float64():
     x = np.random.default_rng(0).standard_normal((37, 4099)).astype(np.float32)
     x64 = x.astype(np.float64)
-    np.testing.assert_allclose(jax.jit(reductions.column_sum)(x), x64.sum(0, keepdims=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(reductions.column_sum)(x), x64.sum(0, keepdims=True), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(reductions.column_mean(jnp.asarray(x)), x64.mean(0, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(
         reductions.column_norm(jnp.asarray(x)), np.linalg.norm(x64, axis=0, keepdims=True), rtol=1e-6
