@@ -22,3 +22,14 @@ def test_column_sum_mean_and_norm_match_float64():
 def test_column_sum_gradient_is_ones():
     x = jnp.ones((5, 3))
     np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(reductions.column_sum(x) * 2.0))(x), 2.0)
+
+
+def test_the_product_form_is_lowered_for_the_cpu_only():
+    x = jax.ShapeDtypeStruct((8, 4096), jnp.float32)
+    lowered = {
+        platform: jax.export.export(jax.jit(reductions.column_sum), platforms=[platform])(x).mlir_module()
+        for platform in ("cpu", "cuda", "tpu")
+    }
+    assert "dot_general" in lowered["cpu"] and "stablehlo.reduce" not in lowered["cpu"]
+    for platform in ("cuda", "tpu"):
+        assert "stablehlo.reduce" in lowered[platform] and "dot_general" not in lowered[platform]
