@@ -163,16 +163,18 @@ class SyntheticImages:
         return self.transform(Image.fromarray(example["image"])), example["label"]
 
 
-def build_networks(torch, config):
-    """Student and teacher `MultiCropWrapper`s of the reference with its own initialisation; the
-    teacher starts as a copy of the student and never drops paths (main_dino.py)."""
+def build_networks(torch, config, weights: dict[str, np.ndarray] | None = None):
+    """Student and teacher `MultiCropWrapper`s of the reference (main_dino.py): the teacher never
+    drops paths, always normalises its last layer and gets no gradient. Both start from `weights`
+    (a `torch_convert.dino_to_torch` state dict) where given; otherwise the student keeps the
+    reference's own initialisation and the teacher starts as a copy of it."""
     from dino_jax import config as config_lib
     from tests import torch_reference as ref
 
     vit_config = config_lib.vit_config(config, drop_path=True)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
 
-    def network(drop_path_rate):
+    def network(drop_path_rate, norm_last_layer):
         backbone = ref.VisionTransformer(
             img_size=vit_config.image_size,
             patch_size=vit_config.patch_size,
@@ -188,18 +190,47 @@ def build_networks(torch, config):
             head_config.in_dim,
             head_config.out_dim,
             use_bn=head_config.use_bn,
-            norm_last_layer=head_config.norm_last_layer,
+            norm_last_layer=norm_last_layer,
             nlayers=head_config.nlayers,
             hidden_dim=head_config.hidden_dim,
             bottleneck_dim=head_config.bottleneck_dim,
         )
         return ref.MultiCropWrapper(backbone, head)
 
-    student, teacher = network(vit_config.drop_path_rate), network(0.0)
-    teacher.load_state_dict(student.state_dict())
+    student = network(vit_config.drop_path_rate, head_config.norm_last_layer)
+    teacher = network(0.0, True)
+    if weights is None:
+        teacher.load_state_dict(student.state_dict())
+    else:
+        tensors = {key: torch.tensor(value) for key, value in weights.items()}
+        for net in (student, teacher):
+            net.load_state_dict(tensors, strict=True)
     for param in teacher.parameters():
         param.requires_grad = False
     return student, teacher
+
+
+def build_loss_and_schedules(ref, config, plan) -> tuple[object, dict[str, np.ndarray]]:
+    """The reference's `DINOLoss` and its per-iteration lr / weight-decay / teacher-momentum
+    schedules (the `train_iteration` keyword arguments), for `config` and its step plan."""
+    t = config.train
+    dino_loss = ref.DINOLoss(
+        config.head.out_dim,
+        2 + config.augment.num_local_crops,
+        t.warmup_teacher_temp,
+        t.teacher_temp,
+        t.warmup_teacher_temp_epochs,
+        t.epochs,
+        student_temp=t.student_temp,
+        center_momentum=t.center_momentum,
+    )
+    spe = plan.steps_per_epoch
+    schedules = {
+        "lr_schedule": ref.cosine_scheduler(plan.peak_lr, t.min_lr, t.epochs, spe, t.warmup_epochs),
+        "wd_schedule": ref.cosine_scheduler(t.weight_decay, t.weight_decay_end, t.epochs, spe),
+        "momentum_schedule": ref.cosine_scheduler(t.momentum_teacher, 1.0, t.epochs, spe),
+    }
+    return dino_loss, schedules
 
 
 def run(config, *, precision: str, warmup: int, steps: int, step_only_steps: int, num_workers: int) -> dict:
@@ -215,23 +246,9 @@ def run(config, *, precision: str, warmup: int, steps: int, step_only_steps: int
     plan = config_lib.plan_steps(config, spec.num_train)
     student, teacher = (net.to(device) for net in build_networks(torch, config))
     optimizer = torch.optim.AdamW(ref.get_params_groups(student))
-    t = config.train
-    dino_loss = ref.DINOLoss(
-        config.head.out_dim,
-        2 + config.augment.num_local_crops,
-        t.warmup_teacher_temp,
-        t.teacher_temp,
-        t.warmup_teacher_temp_epochs,
-        t.epochs,
-        student_temp=t.student_temp,
-        center_momentum=t.center_momentum,
-    ).to(device)
-    spe = plan.steps_per_epoch
-    schedules = dict(
-        lr_schedule=ref.cosine_scheduler(plan.peak_lr, t.min_lr, t.epochs, spe, t.warmup_epochs),
-        wd_schedule=ref.cosine_scheduler(t.weight_decay, t.weight_decay_end, t.epochs, spe),
-        momentum_schedule=ref.cosine_scheduler(t.momentum_teacher, 1.0, t.epochs, spe),
-    )
+    dino_loss, schedules = build_loss_and_schedules(ref, config, plan)
+    dino_loss = dino_loss.to(device)
+    t, spe = config.train, plan.steps_per_epoch
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     transform, transform_name = make_transform(config)
     loader = torch.utils.data.DataLoader(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dino_jax import reductions
+
 
 def dino_loss(
     student_logits_VBxK: jax.Array,
@@ -62,7 +64,7 @@ def teacher_monitors(teacher_probs_NxK: jax.Array) -> dict[str, jax.Array]:
     """
     log_probs = jnp.log(jnp.clip(teacher_probs_NxK, 1e-30))
     per_image = -jnp.sum(teacher_probs_NxK * log_probs, axis=-1).mean()
-    mean_probs = teacher_probs_NxK.mean(axis=0)
+    mean_probs = reductions.column_mean(teacher_probs_NxK)[0]
     batch = -jnp.sum(mean_probs * jnp.log(jnp.clip(mean_probs, 1e-30)))
     return {"teacher_entropy": per_image, "teacher_batch_entropy": batch}
 
@@ -73,5 +75,5 @@ def update_center(center_1xK: jax.Array, teacher_logits_2BxK: jax.Array, momentu
     Under jit with a batch sharded across devices, `mean(axis=0)` is already the cross-device mean
     that the reference computes with all_reduce / (2B * world_size).
     """
-    batch_center = jnp.mean(teacher_logits_2BxK.astype(jnp.float32), axis=0, keepdims=True)
+    batch_center = reductions.column_mean(teacher_logits_2BxK.astype(jnp.float32))
     return center_1xK * momentum + batch_center * (1 - momentum)

@@ -59,6 +59,7 @@ class TrainingParts:
     state: state_lib.TrainState
     step_fn: Callable  # jitted (state, global batch) -> (state, metrics), state donated
     crop_config: Any
+    tx: Any  # the optax optimiser inside step_fn (benchmarks time its update alone)
 
 
 def build_training(config: ml_collections.ConfigDict, num_train_examples: int, mesh) -> TrainingParts:
@@ -112,7 +113,7 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))
-    return TrainingParts(plan, schedules, graphdef, state, jitted, crop_config)
+    return TrainingParts(plan, schedules, graphdef, state, jitted, crop_config, tx)
 
 
 class Trainer:

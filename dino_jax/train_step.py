@@ -36,6 +36,54 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def normalized_crop_groups(global_crops, local_crops, mean, std) -> list[jax.Array]:
+    """uint8 crops (B, V, H, W, C) -> one normalised crop-major group per resolution, globals first
+    (the local group is left out when there are no local crops)."""
+    groups = [normalize.normalize_images(crop_major(global_crops), mean, std)]
+    if local_crops.shape[1]:
+        groups.append(normalize.normalize_images(crop_major(local_crops), mean, std))
+    return groups
+
+
+def teacher_forward(graphdef, teacher_params, global_group: jax.Array) -> jax.Array:
+    """The teacher's logits (2B, K) of the global crops; no gradient flows into them."""
+    return jax.lax.stop_gradient(nnx.merge(graphdef, teacher_params)([global_group]))
+
+
+def student_loss(
+    graphdef,
+    student_params,
+    crop_groups: list[jax.Array],
+    teacher_logits_2BxK: jax.Array,
+    center_1xK: jax.Array,
+    *,
+    num_crops: int,
+    teacher_temperature: jax.Array,
+    student_temperature: float,
+    drop_path_rng: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The student's forward over all crops and the DINO loss: `(loss, teacher monitors)`."""
+    student = nnx.merge(graphdef, student_params)
+    student_logits = student(crop_groups, drop_path_rng=drop_path_rng)
+    return losses.dino_loss(
+        student_logits,
+        teacher_logits_2BxK,
+        center_1xK,
+        num_crops=num_crops,
+        teacher_temperature=teacher_temperature,
+        student_temperature=student_temperature,
+    )
+
+
+def norm_metrics(grads, updates, student_params) -> dict[str, jax.Array]:
+    """Global L2 norms of the raw gradient, the optimiser's update and the updated parameters."""
+    return {
+        "grad_norm": global_norm(grads),
+        "update_norm": global_norm(updates),
+        "param_norm": global_norm(student_params),
+    }
+
+
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -65,24 +113,23 @@ def make_train_step(
         else:
             global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         num_crops = global_crops.shape[1] + local_crops.shape[1]
-        crop_groups = [normalize.normalize_images(crop_major(global_crops), mean, std)]
-        if local_crops.shape[1]:
-            crop_groups.append(normalize.normalize_images(crop_major(local_crops), mean, std))
+        crop_groups = normalized_crop_groups(global_crops, local_crops, mean, std)
 
         epoch = state.step // schedules.steps_per_epoch
         teacher_temperature = schedules_lib.lookup(schedules.teacher_temperature, epoch)
-        teacher_logits = jax.lax.stop_gradient(nnx.merge(graphdef, state.teacher)(crop_groups[:1]))
+        teacher_logits = teacher_forward(graphdef, state.teacher, crop_groups[0])
 
         def loss_fn(student_params):
-            student = nnx.merge(graphdef, student_params)
-            student_logits = student(crop_groups, drop_path_rng=drop_path_key)
-            return losses.dino_loss(
-                student_logits,
+            return student_loss(
+                graphdef,
+                student_params,
+                crop_groups,
                 teacher_logits,
                 state.center,
                 num_crops=num_crops,
                 teacher_temperature=teacher_temperature,
                 student_temperature=student_temp,
+                drop_path_rng=drop_path_key,
             )
 
         scaling = state.loss_scale
@@ -123,9 +170,7 @@ def make_train_step(
             "weight_decay": schedules_lib.lookup(schedules.weight_decay, state.step),
             "momentum": momentum,
             "teacher_temperature": teacher_temperature,
-            "grad_norm": global_norm(grads),
-            "update_norm": global_norm(updates),
-            "param_norm": global_norm(student),
+            **norm_metrics(grads, updates, student),
             **monitors,
         }
         new_state = state.replace(

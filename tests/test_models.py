@@ -10,7 +10,7 @@ from flax import nnx
 
 from dino_jax.models import vit as vit_lib
 from dino_jax.models.dino import DINO
-from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig
+from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig, weight_norm_linear
 from dino_jax.models.vit import ViTConfig, VisionTransformer
 
 TINY = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -112,6 +112,20 @@ def test_mlp_uses_exact_gelu():
     np.testing.assert_allclose(mlp(x), expected, atol=1e-4)
     tanh = np.asarray(jax.nn.gelu(hidden, approximate=True)) @ fc2
     assert np.abs(tanh - expected).max() > 1e-3
+
+
+def test_gelu_and_its_gradient_match_the_exact_gelu_in_float64():
+    x = jnp.linspace(-6.0, 6.0, 2001, dtype=jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    erf = np.vectorize(math.erf)
+    expected = 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
+    # d/dx x/2 (1 + erf(x / sqrt 2)) = (1 + erf(x / sqrt 2)) / 2 + x exp(-x^2 / 2) / sqrt(2 pi)
+    density = np.exp(-0.5 * x64**2) / math.sqrt(2 * math.pi)
+    expected_grad = 0.5 * (1.0 + erf(x64 / math.sqrt(2.0))) + x64 * density
+    np.testing.assert_allclose(vit_lib.gelu(x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(vit_lib.gelu))(x), expected_grad, rtol=1e-6, atol=1e-6)
+    # The erf form loses the far negative tail to cancellation (-0 for ~-1e-7), as torch's does.
+    np.testing.assert_allclose(vit_lib.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
 
 
 def test_drop_path_is_per_sample_and_rescaled():
@@ -266,6 +280,23 @@ def test_head_single_layer_and_no_activation_after_bottleneck():
     bottleneck = x @ head.mlp[0].kernel[...]
     bottleneck = bottleneck / jnp.linalg.norm(bottleneck, axis=-1, keepdims=True)
     np.testing.assert_allclose(head(x), bottleneck @ head.last_layer.weight(), atol=1e-6)
+
+
+def test_weight_norm_linear_gradients_match_autodiff_of_the_weight_form():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((16, 300)), jnp.float32)
+    g = jnp.asarray(rng.uniform(0.5, 2.0, (1, 300)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((40, 300)), jnp.float32)
+
+    def weight_form(x, v, g):
+        return x @ (v * g / jnp.linalg.norm(v, axis=0, keepdims=True))
+
+    expected_y, expected_vjp = jax.vjp(weight_form, x, v, g)
+    y, vjp = jax.vjp(lambda x, v, g: weight_norm_linear(x, v, g, jnp.float32), x, v, g)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("x", "v", "g"), vjp(dy), expected_vjp(dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"gradient of {name}")
 
 
 def test_batch_norm_uses_batch_statistics():

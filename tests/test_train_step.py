@@ -34,7 +34,12 @@ def test_golden_first_step():
     got = {k: metrics[k] for k in GOLDEN_FIRST_STEP}
     print("first-step metrics:", json.dumps(got))
     for key, expected in GOLDEN_FIRST_STEP.items():
-        assert metrics[key] == pytest.approx(expected, rel=2e-5), (
+        # Adam's first step is about +-lr on every entry whose gradient is far above eps, including
+        # entries whose exact gradient is 0 (the key bias, biases before BatchNorm) where rounding
+        # alone sets it: the update's norm moves by up to ~1e-4 with any change of summation order
+        # (an erf instead of an erfc GELU moved it 3e-5), while the loss moves by ~1e-6.
+        rel = 2e-4 if key == "update_norm" else 2e-5
+        assert metrics[key] == pytest.approx(expected, rel=rel), (
             f"{key}: got {metrics[key]!r}, pinned {expected!r}"
         )
 

@@ -396,11 +396,15 @@ def train_iteration(
         cancel_gradients_last_layer(epoch, student, freeze_last_layer)
         fp16_scaler.step(optimizer)
         fp16_scaler.update()
-    with torch.no_grad():
-        m = momentum_schedule[it]
-        for param_q, param_k in zip(student.parameters(), teacher.parameters()):
-            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+    ema_teacher(student, teacher, momentum_schedule[it])
     return loss.item()
+
+
+@torch.no_grad()
+def ema_teacher(student, teacher, m):
+    """The teacher update after each step: `teacher = m * teacher + (1 - m) * student`."""
+    for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+        param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
 
 
 class DistributedWrapper(nn.Module):
