@@ -171,7 +171,10 @@ def test_device_pipeline_shards_are_disjoint_and_epochs_reshuffle():
     host1 = sum(positions(1, 2, 6), [])
     assert len(host0) == 12 and not set(host0) & set(host1)
     assert sorted(host0 + host1) == list(range(24))
-    assert host0 == whole[0:24:2] and host1 == whole[1:24:2]
+    # Each host holds a contiguous half of every global batch: host 0 its first rows, host 1 the
+    # rest, so the global array (hosts' rows in host order) is the one-host batch, row for row.
+    assert host0 == [p for t in range(6) for p in whole[4 * t : 4 * t + 2]]
+    assert host1 == [p for t in range(6) for p in whole[4 * t + 2 : 4 * t + 4]]
 
 
 def test_crops_depend_on_the_example_not_on_batching_or_hosts():
@@ -197,8 +200,8 @@ def test_crops_depend_on_the_example_not_on_batching_or_hosts():
             )["global_crops"]
             for h in range(shard_count)
         ]
-        # Interleave hosts back into global stream order.
-        return np.stack(per_host, axis=1).reshape(global_batch, *per_host[0].shape[1:])
+        # The global batch: the hosts' rows in host order (sharding.to_global_batch).
+        return np.concatenate(per_host)
 
     one_host = first_examples(8, 1)
     np.testing.assert_array_equal(first_examples(4, 1), one_host[:4])

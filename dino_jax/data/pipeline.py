@@ -2,8 +2,15 @@
 
 Training stream, per host:
 
-  source -> shuffle(seed) (a new permutation each epoch) -> repeat forever -> every
-  shard_count-th element from shard_index -> batch -> multi-crop (host) -> prefetch
+  source -> shuffle(seed) (a new permutation each epoch) -> repeat forever -> blocks of
+  global_batch_size / shard_count -> every shard_count-th block from shard_index -> multi-crop
+  (host) -> prefetch
+
+Host h of n contributes rows [h*b, (h+1)*b) of every global batch (b = global_batch_size / n), and
+builds the global array from them in that order (sharding.to_global_batch), so row r of step t is
+always example t*global_batch_size + r of the stream: the batches, their row order and every
+random draw keyed by a row are the same for any number of hosts, and a checkpoint's iterator
+position (batches taken, the same on every host) resumes on another number of hosts.
 
 The stream is a pure function of (seed, position), so grain's iterator state (a position) is
 all a checkpoint needs to resume exactly. Host multi-crop runs after batching, on the whole host
@@ -38,15 +45,9 @@ def example_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=np.array([position, seed], np.uint64)))
 
 
-class _GlobalPosition:
-    """Pairs each element of this host's shard with its position in the global stream."""
-
-    def __init__(self, shard_index: int, shard_count: int):
-        self.shard_index = shard_index
-        self.shard_count = shard_count
-
-    def __call__(self, index_in_shard: int, example: dict[str, Any]):
-        return index_in_shard * self.shard_count + self.shard_index, example["image"]
+def _with_position(position: int, example: dict[str, Any]):
+    """Pairs an element of the global stream with its position in it."""
+    return position, example["image"]
 
 
 class _HostMultiCrop:
@@ -128,13 +129,15 @@ def train_dataset(
     host_batch_size = global_batch_size // shard_count
 
     stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    stream = stream[shard_index::shard_count]
+    # Lazy: a host reads only the examples of its own blocks.
     if augment_on == "host":
-        stream = stream.map_with_index(_GlobalPosition(shard_index, shard_count))
-        stream = stream.batch(host_batch_size, drop_remainder=True)
+        stream = stream.map_with_index(_with_position)
+    else:
+        stream = stream.map(_image_only)
+    stream = stream.batch(host_batch_size, drop_remainder=True)[shard_index::shard_count]
+    if augment_on == "host":
         stream = stream.map(_HostMultiCrop(crop_config, seed))
     else:
-        stream = stream.map(_image_only).batch(host_batch_size, drop_remainder=True)
         stream = stream.map(_as_image_batch)
     # Each element is a whole batch: a few threads and a short buffer are enough to stay ahead.
     batches = stream.to_iter_dataset(
