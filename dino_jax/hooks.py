@@ -277,6 +277,9 @@ class AttentionPanel(Hook):
         from dino_jax.viz import attention
 
         _, params = dino.split_backbone(self.graphdef, state.teacher)
+        # Every process computes the panel (a collective computation on the global parameters).
         panel = attention.attention_panel(self.attention_fn, params, self.images, patch_size=self.patch_size)
+        if jax.process_index() != 0:
+            return
         os.makedirs(self.directory, exist_ok=True)
         Image.fromarray(panel).save(os.path.join(self.directory, f"step_{step:07d}.png"))

@@ -176,19 +176,23 @@ class Trainer:
     def make_hooks(self, start_step: int) -> list[hooks_lib.Hook]:
         """The work between steps, in the order it runs."""
         config, plan = self.config, self.plan
-        made: list[hooks_lib.Hook] = [
-            hooks_lib.LogMetrics(
-                self.workdir,
-                total_steps=plan.train_steps,
-                images_per_step=config.train.batch_size,
-                start_step=start_step,
-            ),
-            hooks_lib.NonFiniteGuard(),
-            hooks_lib.CollapseWarning(
-                config.head.out_dim,
-                after_step=plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2,
-            ),
-        ]
+        # Every process stops at the same non-finite loss; only process 0 logs and warns.
+        made: list[hooks_lib.Hook] = [hooks_lib.NonFiniteGuard()]
+        if jax.process_index() == 0:
+            made[:0] = [
+                hooks_lib.LogMetrics(
+                    self.workdir,
+                    total_steps=plan.train_steps,
+                    images_per_step=config.train.batch_size,
+                    start_step=start_step,
+                )
+            ]
+            made.append(
+                hooks_lib.CollapseWarning(
+                    config.head.out_dim,
+                    after_step=plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2,
+                )
+            )
         if config.eval.attention_every_steps:
             vit_graphdef, _ = dino.split_backbone(self.graphdef, self.state.teacher)
             made.append(

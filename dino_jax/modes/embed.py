@@ -46,6 +46,7 @@ def run(
         make_feature_fn(graphdef, mean=loaded.mean, std=loaded.std), params, batches
     )
     result = {"features": features.astype(np.float32), "paths": np.asarray(files)}
-    os.makedirs(os.path.dirname(os.path.abspath(out_npz)), exist_ok=True)
-    np.savez(out_npz, **result)
+    if jax.process_index() == 0:  # every process computed the features; one writes them
+        os.makedirs(os.path.dirname(os.path.abspath(out_npz)), exist_ok=True)
+        np.savez(out_npz, **result)
     return result
