@@ -345,18 +345,31 @@ def save_item(directory: str, item: str, tree: Any, *, step: int = 0) -> None:
 
 def restore_item(directory: str, item: str, step: int | None = None) -> tuple[Any, int]:
     """`(tree, step)`: item `item` of `step` (default: the latest) as stored, nested dicts of
-    arrays with no target to match; raises CheckpointError when there is none or it is corrupt."""
+    arrays with no target to match, each on this process's first device (whatever the devices and
+    processes that wrote it); raises CheckpointError when there is none or it is corrupt."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint in {directory}")
     _quiet_closed_event_loop_noise()
-    manager = ocp.CheckpointManager(directory, item_names=(item,))
+    # The data handler too, which is not read: without it orbax warns that a training checkpoint's
+    # `data` item cannot be restored.
+    handlers = {"data": DataIteratorHandler(), item: ocp.StandardCheckpointHandler()}
+    manager = ocp.CheckpointManager(directory, item_handlers=handlers)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}")
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+            # The stored shapes on one local device: without a target, orbax would restore onto the
+            # writer's device layout, which fails on any other number of devices or processes.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+                manager.item_metadata(step)[item],
+            )
+            restored = manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+            )
         except Exception as error:  # orbax raises many types for a bad or foreign checkpoint
             raise CheckpointError(
                 f"cannot restore step {step} from {directory}: it is damaged, or holds no {item!r} "
