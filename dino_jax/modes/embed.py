@@ -37,8 +37,8 @@ def run(
     loaded = load_checkpoint(checkpoint)
     graphdef, params = loaded.backbone(network)
     # Every batch padded to one shape (one compilation), no larger than the files need, and
-    # divisible by the devices the batch is split over.
-    devices = jax.local_device_count()
+    # divisible by the devices (of every process) the global batch is split over.
+    devices = jax.device_count()
     batch_size = -(-min(batch_size, len(files)) // devices) * devices
     size = loaded.vit_config.image_size
     batches = pipeline.eval_batches(ImageFileSource(files, size), batch_size=batch_size, image_size=size)
