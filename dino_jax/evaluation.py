@@ -92,7 +92,8 @@ def evaluate(
         command=command,
     )
     json_path, md_path = report.write_results(out_dir, results, markdown)
-    _print(f"wrote {json_path} and {md_path}")
+    if jax.process_index() == 0:  # the one process that wrote them
+        _print(f"wrote {json_path} and {md_path}")
     return results
 
 

@@ -285,13 +285,18 @@ def test_a_killed_process_stops_the_other_with_a_message(tmp_path, digits_dir, k
             assert time.monotonic() < deadline and procs[0][0].poll() is None, read(procs[0][1])[-3000:]
             time.sleep(0.5)
         os.kill(procs[killed][0].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         survivor.wait(timeout=90)  # heartbeat timeout (10 s) plus slack; TimeoutExpired fails
+        print(
+            f"process {1 - killed} exited {time.monotonic() - killed_at:.1f} s after process {killed} was killed"
+        )
     finally:
         for proc, _ in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     log = read(survivor_log)
+    print("\n".join(line for line in log.splitlines() if line.startswith("error:")))
     assert survivor.returncode != 0
     # Either our message (the collective failed, or the coordinator is gone) or JAX's own (the
     # coordination service saw the heartbeats stop).
