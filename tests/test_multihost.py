@@ -8,6 +8,7 @@ all of them start at once (the cores share the compilations) and every wait is b
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,9 +47,15 @@ PARAM_TOL = 5e-3
 # can reorder two near-equal neighbours). A misaligned gather of rows and labels costs tens.
 KNN_TOL = 100 / 360 + 1e-6
 
-# Layouts, each `processes x devices per process`, in waves of two processes (the CI box has two
-# cores: more at once only makes the processes of a run wait for each other in every collective).
-WAVES = [{"2x1": (2, 1)}, {"2x2": (2, 2)}, {"1x2": (1, 2), "1x4": (1, 4)}, {"1x8": (1, 8), "1x1": (1, 1)}]
+# Layouts, each `processes x devices per process`. A run of several processes gets the two cores
+# to itself (more at once only makes its processes wait for each other in every collective); the
+# single-process runs share them. "2x1 resumed 1x2": the 2x1 run's step-2 checkpoint, continued by
+# one process of two devices.
+WAVES = [
+    {"2x1": (2, 1)},
+    {"2x2": (2, 2)},
+    {"1x2": (1, 2), "1x4": (1, 4), "1x8": (1, 8), "1x1": (1, 1), "2x1 resumed 1x2": (1, 2)},
+]
 
 
 def free_port() -> int:
@@ -121,7 +128,11 @@ def runs(tmp_path_factory, digits_dir):
     deadline = time.monotonic() + RUN_TIMEOUT_S
     for wave in WAVES:
         for name, (processes, devices) in wave.items():
-            workdir = str(base / name)
+            workdir = str(base / name.replace(" ", "_"))
+            if name == "2x1 resumed 1x2":
+                shutil.copytree(started["2x1"][0], workdir)
+                shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
+                os.remove(os.path.join(workdir, "results.json"))
             started[name] = (
                 workdir,
                 start(workdir, digits_dir, processes=processes, devices=devices, log_prefix=workdir),
@@ -195,6 +206,16 @@ def test_two_processes_match_one_process_with_the_same_devices(runs, devices_per
     print(
         f"2x{devices_per_process} vs 1x{2 * devices_per_process}: {loss_diff=:.3g} {param_diff=:.3g} {knn_diff=}"
     )
+    assert loss_diff <= LOSS_TOL and param_diff <= PARAM_TOL and knn_diff <= KNN_TOL
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_as_if_never_stopped(runs):
+    """Steps 3-4 by one process from the two processes' step-2 checkpoint (state and iterator
+    position) are the uninterrupted one-process run's."""
+    _, (log,) = runs["2x1 resumed 1x2"]
+    assert "resumed from" in log and "at step 2" in log
+    loss_diff, param_diff, knn_diff = agreement(runs, "2x1 resumed 1x2", "1x2")
+    print(f"2x1 resumed by 1x2 vs 1x2: {loss_diff=:.3g} {param_diff=:.3g} {knn_diff=}")
     assert loss_diff <= LOSS_TOL and param_diff <= PARAM_TOL and knn_diff <= KNN_TOL
 
 
