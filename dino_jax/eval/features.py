@@ -108,7 +108,7 @@ def extract_features(
     # Rebuilt with Auto axes whatever the caller's axis types (see `sharding.make_mesh`).
     mesh = sharding.make_mesh(None if mesh is None else list(mesh.devices.flat))
     batch_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    params = _replicated(params, NamedSharding(mesh, P()))
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     feature_chunks, mask_chunks, label_chunks = [], [], []
     for batch in batches:
@@ -145,6 +145,21 @@ def extract_features(
         mask, labels = np.concatenate(mask_chunks), np.concatenate(label_chunks)
     mask = np.asarray(mask, bool)
     return np.asarray(features)[mask], np.asarray(labels)[mask]
+
+
+def _replicated(params, sharding):
+    """`params` replicated on every device of `sharding`'s mesh. On several processes, parameters
+    held by this process alone (restored or converted, the same in every process) become global
+    arrays from each process's copy: a device_put cannot move them to other hosts' devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(params, sharding)
+
+    def replicate(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)  # already global (a train state's)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(replicate, params)
 
 
 @jax.jit
