@@ -50,11 +50,12 @@ KNN_TOL = 100 / 360 + 1e-6
 # Layouts, each `processes x devices per process`. A run of several processes gets the two cores
 # to itself (more at once only makes its processes wait for each other in every collective); the
 # single-process runs share them. "2x1 resumed 1x2": the 2x1 run's step-2 checkpoint, continued by
-# one process of two devices.
+# one process of two devices; "1x2 evaluated 2x1": --mode=eval of the 1x2 run by two processes.
 WAVES = [
     {"2x1": (2, 1)},
     {"2x2": (2, 2)},
     {"1x2": (1, 2), "1x4": (1, 4), "1x8": (1, 8), "1x1": (1, 1), "2x1 resumed 1x2": (1, 2)},
+    {"1x2 evaluated 2x1": (2, 1)},
 ]
 
 
@@ -129,13 +130,20 @@ def runs(tmp_path_factory, digits_dir):
     for wave in WAVES:
         for name, (processes, devices) in wave.items():
             workdir = str(base / name.replace(" ", "_"))
+            extra = []
             if name == "2x1 resumed 1x2":
                 shutil.copytree(started["2x1"][0], workdir)
                 shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
                 os.remove(os.path.join(workdir, "results.json"))
+            if name == "1x2 evaluated 2x1":
+                shutil.copytree(started["1x2"][0], workdir)
+                os.remove(os.path.join(workdir, "results.json"))
+                extra = ["--mode=eval"]
             started[name] = (
                 workdir,
-                start(workdir, digits_dir, processes=processes, devices=devices, log_prefix=workdir),
+                start(
+                    workdir, digits_dir, processes=processes, devices=devices, log_prefix=workdir, extra=extra
+                ),
             )
         wait_all([p for name in wave for p in started[name][1]], deadline - time.monotonic())
     out = {}
@@ -217,6 +225,14 @@ def test_a_two_process_checkpoint_resumes_in_one_process_as_if_never_stopped(run
     loss_diff, param_diff, knn_diff = agreement(runs, "2x1 resumed 1x2", "1x2")
     print(f"2x1 resumed by 1x2 vs 1x2: {loss_diff=:.3g} {param_diff=:.3g} {knn_diff=}")
     assert loss_diff <= LOSS_TOL and param_diff <= PARAM_TOL and knn_diff <= KNN_TOL
+
+
+def test_two_processes_evaluate_a_one_process_checkpoint_alike(runs):
+    """--mode=eval in two processes: parameters restored in each process become global arrays, the
+    features are gathered once, and process 0 alone writes the same kNN the run wrote."""
+    workdir, logs = runs["1x2 evaluated 2x1"]
+    assert "wrote " in logs[0] and "wrote " not in logs[1]
+    assert knn(workdir) == knn(runs["1x2"][0])
 
 
 def test_eight_devices_match_one_device_for_the_same_global_batch(runs):
