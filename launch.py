@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dino_jax import distributed  # noqa: E402  (imports JAX only when a run of several processes starts)
+from dino_jax import distributed  # noqa: E402  (its flags; it imports JAX only when main calls it)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, optionally with an argument: configs/cifar100.py[:smoke].", lock_config=True
