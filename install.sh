@@ -2,7 +2,9 @@
 # Installs dino_jax's pinned dependencies into the current Python environment, with the JAX build
 # for the machine's accelerator.
 #   bash install.sh              runtime (training, evaluation, dataset preparation)
-#   bash install.sh dev          runtime + test extras (pytest, CPU torch for the parity tests)
+#   bash install.sh dev          runtime + test extras (pytest, CPU torch for the parity tests) and,
+#                                where apt-get may run (root or password-less sudo), Debian's
+#                                chromium for the report's browser test
 #   bash install.sh [dev] cpu|cuda12|cuda13|tpu
 #                                force a JAX build instead of the one detected
 #   bash install.sh --dry-run .. print the pip commands instead of running them
@@ -14,9 +16,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 dry_run=0
+dev=0
 choice=()
 for arg in "$@"; do
   if [ "$arg" = "--dry-run" ]; then dry_run=1; else choice+=("$arg"); fi
+  if [ "$arg" = "dev" ]; then dev=1; fi
 done
 run() {
   if [ "$dry_run" = 1 ]; then echo "$*"; else "$@"; fi
@@ -33,4 +37,26 @@ elif python -c "import tensorflow" >/dev/null 2>&1; then
   echo "install.sh: using the TensorFlow already installed here"
 else
   python -m pip install -q -r requirements-tf.txt
+fi
+# The test of the run report opens report.html in a real headless browser (tests/test_launch.py);
+# it is skipped where no Chromium is found, and fails under CI=true, so CI gets it here.
+if [ "$dev" = 1 ]; then
+  if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then
+    echo "install.sh: using the Chromium already installed here" >&2
+  elif ! command -v apt-get >/dev/null; then
+    echo "install.sh: no Chromium and no apt-get: the report's browser test will be skipped" >&2
+  else
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then sudo=(sudo -n); fi
+    if [ "$dry_run" = 1 ] || [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
+      apt_install=(env DEBIAN_FRONTEND=noninteractive ${sudo[@]+"${sudo[@]}"} apt-get install -y -q --no-install-recommends chromium)
+      if ! run "${apt_install[@]}"; then
+        run ${sudo[@]+"${sudo[@]}"} apt-get update -q && run "${apt_install[@]}" ||
+          echo "install.sh: could not install chromium: the report's browser test will be skipped" >&2
+      fi
+    else
+      echo "install.sh: no Chromium, and apt-get needs root: the report's browser test will be skipped" \
+        "(sudo apt-get install chromium runs it)" >&2
+    fi
+  fi
 fi

@@ -132,7 +132,10 @@ def recipe(name: str, *, smoke: bool = False, batch: int = 0):
     if batch:
         config.train.batch_size = batch
     config.train.max_steps = 0
+    # Throughput only: no pauses for the kNN monitor, its attention panels or the report.
     config.eval.attention_every_steps = 0
+    config.eval.monitor_every_epochs = 0
+    config.eval.report = False
     return config
 
 

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 CONFIG_FILE = "config.json"
+LOG_DESTINATIONS = ("jsonl", "tensorboard")  # train.log_to
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(t[key] > 0, f"train.{key}", t[key], "a positive integer")
+    check(
+        all(name in LOG_DESTINATIONS for name in t.log_to) and len(set(t.log_to)) == len(t.log_to),
+        "train.log_to",
+        t.log_to,
+        f"distinct names from {LOG_DESTINATIONS}, or () for the console only",
+    )
 
     check(e.batch_size > 0, "eval.batch_size", e.batch_size, "a positive integer")
     check(
@@ -211,8 +218,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         e.attention_every_steps >= 0,
         "eval.attention_every_steps",
         e.attention_every_steps,
-        "0 (off) or a positive step count",
+        "0 (with the kNN monitor) or a positive step count",
     )
+    check(
+        e.monitor_every_epochs >= 0,
+        "eval.monitor_every_epochs",
+        e.monitor_every_epochs,
+        "0 (off) or a positive number of epochs",
+    )
+    for key in ("monitor_train_images", "monitor_test_images", "monitor_knn_k"):
+        check(e[key] > 0, f"eval.{key}", e[key], "a positive integer")
+    check(
+        e.monitor_knn_k <= e.monitor_train_images,
+        "eval.monitor_knn_k",
+        e.monitor_knn_k,
+        f"at most eval.monitor_train_images ({e.monitor_train_images})",
+    )
+    for key in ("monitor_student", "report"):
+        check(isinstance(e[key], bool), f"eval.{key}", e[key], "True or False")
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
@@ -340,6 +363,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     config = base.get_config()
     config.update(saved)
     return config
+
+
+def monitor_every_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The kNN monitor's interval in steps (at least 1), or 0 when it is off."""
+    epochs = config.eval.monitor_every_epochs
+    return max(1, round(epochs * steps_per_epoch)) if epochs > 0 else 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,14 +6,15 @@ Two jobs, one entry point each:
 - `evaluate`: the whole suite on a backbone, written as the report (`results.json`, `results.md`);
   run at the end of training and by `launch.py --mode=eval`.
 - `knn`: weighted kNN on the run's dataset, nothing written; the untrained network's baseline, the
-  checkpoints of `bench/knn_curve.py`, and the place for a periodic kNN monitor.
+  checkpoints of `bench/knn_curve.py`, and, on the fixed subsets of `monitor_data`, the kNN
+  monitor of training (`hooks.KnnMonitor`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -21,15 +22,23 @@ import numpy as np
 
 from dino_jax import config as config_lib
 from dino_jax.data import pipeline, sources
-from dino_jax.eval import report, suite
+from dino_jax.eval import features as features_lib, report, suite
 
 
 def _print(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def eval_data(name: str, config: ml_collections.ConfigDict, image_size: int) -> suite.EvalData:
-    """A dataset's train and eval splits as re-iterable batch streams at `image_size` pixels.
+def eval_data(
+    name: str,
+    config: ml_collections.ConfigDict,
+    image_size: int,
+    *,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> suite.EvalData:
+    """A dataset's train and eval splits as re-iterable batch streams at `image_size` pixels; with
+    `max_train`/`max_test`, that many fixed images of the split (`_fixed_subset`), read once.
 
     Raises DatasetUnavailableError (before any compute) when the dataset is missing.
     """
@@ -37,6 +46,10 @@ def eval_data(name: str, config: ml_collections.ConfigDict, image_size: int) -> 
     config_lib.check_divisible(config.eval.batch_size, jax.device_count(), "config.eval.batch_size")
     train = config_lib.open_split(config, "train", name)
     test = config_lib.open_split(config, "eval", name)
+    if max_train is not None:
+        train = _fixed_subset(train, max_train)
+    if max_test is not None:
+        test = _fixed_subset(test, max_test)
     batch_size = config.eval.batch_size
     return suite.EvalData(
         name=name,
@@ -97,15 +110,81 @@ def evaluate(
     return results
 
 
-def knn(config, graphdef, params, *, image_size: int, mean, std, mesh=None) -> dict[str, float]:
-    """`knn_k{k}_top{1,5}` on the config's dataset (the config's ks and temperature); nothing
-    written."""
-    main = eval_data(config.dataset.name, config, image_size)
-    settings = dataclasses.replace(config_lib.suite_settings(config), evaluators=("knn",))
+def knn(
+    config,
+    graphdef,
+    params,
+    *,
+    image_size: int,
+    mean,
+    std,
+    mesh=None,
+    data: suite.EvalData | None = None,
+    ks: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """`knn_k{k}_top{1,5}` (the config's temperature; `ks` default the config's) on `data`, default
+    the config's dataset, whole; nothing written."""
+    main = data or eval_data(config.dataset.name, config, image_size)
+    settings = dataclasses.replace(
+        config_lib.suite_settings(config),
+        evaluators=("knn",),
+        knn_ks=tuple(config.eval.knn_ks if ks is None else ks),
+    )
     results, _ = suite.evaluate_backbone(
         graphdef, params, main, mean=mean, std=std, settings=settings, mesh=mesh
     )
     return {k: v for k, v in results.items() if k.startswith("knn_")}
+
+
+class MonitorData(NamedTuple):
+    """The kNN monitor's fixed subsets, in memory: `data` as `knn` takes it, and their sizes."""
+
+    data: suite.EvalData
+    num_train: int
+    num_test: int
+
+
+# The subsets do not depend on the run's seed, so runs of one dataset are measured on the same images.
+_MONITOR_SUBSET_SEED = 0
+
+
+def _fixed_subset(source, count: int) -> list[dict]:
+    """`count` examples of `source` (all of them if it has no more) drawn once with a fixed seed,
+    in index order, read into memory."""
+    if count >= len(source):
+        indices = list(range(len(source)))
+    else:
+        rng = np.random.default_rng(_MONITOR_SUBSET_SEED)
+        indices = sorted(int(i) for i in rng.choice(len(source), count, replace=False))
+    if hasattr(source, "__getitems__"):
+        return list(source.__getitems__(indices))
+    return [source[i] for i in indices]
+
+
+def monitor_data(config: ml_collections.ConfigDict, image_size: int) -> MonitorData:
+    """`eval.monitor_train_images` / `eval.monitor_test_images` fixed images of the run's train and
+    test splits, read once: what the kNN monitor and the report's feature map look at."""
+    e = config.eval
+    data = eval_data(
+        config.dataset.name,
+        config,
+        image_size,
+        max_train=e.monitor_train_images,
+        max_test=e.monitor_test_images,
+    )
+    num_train, num_test = (len(config_lib.open_split(config, split)) for split in ("train", "eval"))
+    return MonitorData(data, min(num_train, e.monitor_train_images), min(num_test, e.monitor_test_images))
+
+
+def test_features(
+    config: ml_collections.ConfigDict, graphdef, params, *, image_size: int, mean, std, mesh=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(features (N, D), labels (N,))`: the final-norm CLS of the kNN monitor's fixed test images
+    (`eval.monitor_test_images` of them), for the report's feature maps."""
+    test = _fixed_subset(config_lib.open_split(config, "eval"), config.eval.monitor_test_images)
+    batches = pipeline.eval_batches(test, batch_size=config.eval.batch_size, image_size=image_size)
+    feature_fn = features_lib.make_feature_fn(graphdef, mean=mean, std=std)
+    return features_lib.extract_features(feature_fn, params, batches, mesh=mesh)
 
 
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:

@@ -183,11 +183,12 @@ def make_optimizer(
     return optax.chain(*chain)
 
 
-def set_schedule_step(opt_state, step: int, freeze_last_layer_steps: int):
+def set_schedule_step(opt_state, step, freeze_last_layer_steps: int):
     """`make_optimizer`'s state with its step counters at global `step` (a resume from another
-    trainer): the main group's schedules at `step`, the held last layer's hold counter at `step`
-    and its own schedules at `step - freeze` (they start when the freeze ends). Adam's own counts
-    are left as they are (they follow each parameter's updates, like PyTorch's).
+    trainer, or a float16 step the train step skipped; `step` may be traced): the main group's
+    schedules at `step`, the held last layer's hold counter at `step` and its own schedules at
+    `step - freeze` (they start when the freeze ends). Adam's own counts are left as they are
+    (they follow each parameter's updates, like PyTorch's).
 
     "Schedules" are every state that is a counter alone: the learning rate's
     (`ScaleByScheduleState`) and the weight decay's (optax keeps that one in a private state class
@@ -210,7 +211,7 @@ def set_schedule_step(opt_state, step: int, freeze_last_layer_steps: int):
     held = inner[GROUP_LAST_LAYER].inner_state
     held = HoldState(
         count=jnp.asarray(step, held.count.dtype),
-        inner_state=set_schedules(held.inner_state, max(0, step - freeze_last_layer_steps)),
+        inner_state=set_schedules(held.inner_state, jnp.maximum(0, step - freeze_last_layer_steps)),
     )
     inner[GROUP_LAST_LAYER] = inner[GROUP_LAST_LAYER]._replace(inner_state=held)
     partition = partition._replace(inner_states=inner)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dino_jax import loss_scale as loss_scale_lib
+
 
 @struct.dataclass
 class TrainState:
@@ -22,6 +24,7 @@ class TrainState:
     opt_state: Any
     center: jax.Array  # (1, out_dim) EMA of the teacher's raw logits
     rng: jax.Array  # base key; step t uses fold_in(rng, t), so nothing random is threaded
+    loss_scale: Any = None  # loss_scale.LossScale under float16 compute, else None
 
 
 def split_model(model: nnx.Module):
@@ -30,7 +33,9 @@ def split_model(model: nnx.Module):
     return graphdef, params
 
 
-def create_train_state(build_model, tx, *, out_dim: int, seed: int, mesh) -> tuple[Any, TrainState]:
+def create_train_state(
+    build_model, tx, *, out_dim: int, seed: int, mesh, compute_dtype: str = "float32"
+) -> tuple[Any, TrainState]:
     """Builds the state directly on the mesh, replicated: `build_model(rngs)` runs under jit with
     `out_shardings`, so parameters never sit on one device first.
 
@@ -51,6 +56,7 @@ def create_train_state(build_model, tx, *, out_dim: int, seed: int, mesh) -> tup
             opt_state=tx.init(params),
             center=jnp.zeros((1, out_dim), jnp.float32),
             rng=run_key,
+            loss_scale=loss_scale_lib.initial(compute_dtype),
         )
 
     abstract = jax.eval_shape(init)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import signal
 import sys
@@ -85,7 +86,12 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
         norm_last_layer=config.head.norm_last_layer,
     )
     graphdef, state = state_lib.create_train_state(
-        build_model_fn(config), tx, out_dim=config.head.out_dim, seed=config.seed, mesh=mesh
+        build_model_fn(config),
+        tx,
+        out_dim=config.head.out_dim,
+        seed=config.seed,
+        mesh=mesh,
+        compute_dtype=config.model.dtype,
     )
     crop_config = config_lib.crop_config(config)
     device_augment = None
@@ -102,6 +108,7 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
         student_temp=t.student_temp,
         center_momentum=t.center_momentum,
         device_augment=device_augment,
+        freeze_last_layer_steps=plan.freeze_last_layer_steps,
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))
@@ -115,6 +122,11 @@ class Trainer:
         # The one check of a training run's config: before any file, data or array, so a typo
         # costs nothing.
         config_lib.validate(config)
+        if "tensorboard" in config.train.log_to and importlib.util.find_spec("tensorboardX") is None:
+            raise config_lib.ConfigError(
+                "config.train.log_to includes 'tensorboard', but tensorboardX is not installed: run "
+                "`bash install.sh`, or pass --config.train.log_to=\"('jsonl',)\""
+            )
         use_compilation_cache(config.train.compilation_cache_dir)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
@@ -176,24 +188,54 @@ class Trainer:
     def make_hooks(self, start_step: int) -> list[hooks_lib.Hook]:
         """The work between steps, in the order it runs."""
         config, plan = self.config, self.plan
-        # Every process stops at the same non-finite loss; only process 0 logs and warns.
-        made: list[hooks_lib.Hook] = [hooks_lib.NonFiniteGuard()]
-        if jax.process_index() == 0:
-            made[:0] = [
+        log_to = tuple(config.train.log_to)
+        # Every process stops at the same non-finite loss and runs the collective monitor and
+        # attention panel; only process 0 logs, warns and writes files.
+        lead = jax.process_index() == 0
+        made: list[hooks_lib.Hook] = []
+        if lead:
+            made.append(
                 hooks_lib.LogMetrics(
                     self.workdir,
                     total_steps=plan.train_steps,
                     images_per_step=config.train.batch_size,
                     start_step=start_step,
+                    jsonl="jsonl" in log_to,
                 )
-            ]
+            )
+            if "tensorboard" in log_to:
+                made.append(hooks_lib.TensorBoardLog(self.workdir, start_step=start_step))
+        made.append(hooks_lib.NonFiniteGuard())
+        after_step = plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2
+        monitor_steps = config_lib.monitor_every_steps(config, plan.steps_per_epoch)
+        if monitor_steps > plan.train_steps:
+            if lead:
+                _print(
+                    f"note: no kNN monitor in this run: its interval ({monitor_steps} steps, "
+                    f"eval.monitor_every_epochs={config.eval.monitor_every_epochs}) is longer than the run"
+                )
+            monitor_steps = 0
+        monitor = self.make_knn_monitor(monitor_steps, start_step) if monitor_steps else None
+        if lead:
             made.append(
                 hooks_lib.CollapseWarning(
                     config.head.out_dim,
-                    after_step=plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2,
+                    after_step=after_step,
+                    knn_key=monitor and monitor.key("teacher"),
+                    knn_points=self.logged_points(monitor and monitor.key("teacher"), start_step),
+                    knn_test_images=monitor.num_test if monitor else 0,
+                    # Past the warm-up dip; "no better" needs a quarter of the run (docs/results.md's
+                    # reference run collapsed back to its untrained kNN from a quarter on).
+                    knn_after_steps=(
+                        max(after_step, plan.train_steps // 10),
+                        max(after_step, plan.train_steps // 4),
+                    ),
                 )
             )
-        if config.eval.attention_every_steps:
+        if monitor:
+            made.append(monitor)
+        attention_steps = config.eval.attention_every_steps or monitor_steps
+        if attention_steps:
             vit_graphdef, _ = dino.split_backbone(self.graphdef, self.state.teacher)
             made.append(
                 hooks_lib.AttentionPanel(
@@ -201,13 +243,48 @@ class Trainer:
                     self.graphdef,
                     vit_graphdef,
                     evaluation.test_panel_images(config),
-                    every_steps=config.eval.attention_every_steps,
+                    every_steps=attention_steps,
                     patch_size=config.model.patch_size,
                     mean=config.dataset.mean,
                     std=config.dataset.std,
                 )
             )
         return made
+
+    def make_knn_monitor(self, every_steps: int, start_step: int) -> hooks_lib.KnnMonitor:
+        """The kNN monitor on the fixed subsets of `evaluation.monitor_data`, read once here."""
+        config = self.config
+        monitored = evaluation.monitor_data(config, config.augment.global_crop_size)
+        knn_fn = functools.partial(
+            evaluation.knn,
+            config,
+            image_size=config.augment.global_crop_size,
+            mean=config.dataset.mean,
+            std=config.dataset.std,
+            mesh=self.mesh,
+            data=monitored.data,
+            ks=(config.eval.monitor_knn_k,),
+        )
+        k = config.eval.monitor_knn_k
+        earlier = self.logged_points(f"monitor_teacher_knn_k{k}_top1", start_step)
+        return hooks_lib.KnnMonitor(
+            self.graphdef,
+            knn_fn,
+            every_steps=every_steps,
+            k=k,
+            num_train=monitored.num_train,
+            num_test=monitored.num_test,
+            networks=("teacher", "student") if config.eval.monitor_student else ("teacher",),
+            untrained=earlier[0][1] if earlier and earlier[0][0] == 0 else None,
+        )
+
+    def logged_points(self, key: str | None, up_to_step: int) -> list[tuple[int, float]]:
+        """`(step, value)` of `key` in the rows metrics.jsonl holds up to `up_to_step` (a resumed run's
+        history)."""
+        if key is None or not up_to_step:
+            return []
+        rows = hooks_lib.read_metrics(self.workdir, up_to_step=up_to_step)
+        return [(row["step"], row[key]) for row in rows if key in row]
 
     def train(self, start_step: int | None = None) -> dict[str, float]:
         """Runs the steps from `start_step` (None: `restore_if_any()` first); returns the last logged
@@ -225,6 +302,8 @@ class Trainer:
         logged = hooks_lib.DelayedMetrics(hooks)
         done = saved = start
         try:
+            if start == 0:  # the untrained network's kNN and attention: where the curves start
+                logged.run_state_hooks(0, self.state, every=True)
             with StopSignals() as stop:
                 for step in range(start, plan.train_steps):
                     self.state, metrics = self.step_fn(self.state, self.next_batch())
@@ -232,9 +311,7 @@ class Trainer:
                     logged.flush()
                     if done % config.train.log_every_steps == 0 or done == plan.train_steps:
                         logged.put(done, metrics)
-                    for hook in hooks:
-                        if hook.every_steps and done % hook.every_steps == 0:
-                            hook.on_state(done, self.state)
+                    logged.run_state_hooks(done, self.state)
                     periodic = done % config.train.checkpoint_every_steps == 0 and done != plan.train_steps
                     if periodic or stop.received:
                         # A checkpoint is written only for a finite state.
@@ -294,7 +371,7 @@ class StopSignals:
 def interrupted_message(trainer: Trainer) -> str:
     """Where an interrupted run stopped, and the command that continues it."""
     step = int(trainer.state.step)
-    if os.path.basename(sys.argv[0]) == "launch.py":
+    if report.started_from_command_line():
         again = f"run the same command again:\n  {report.default_command()}"
     else:
         again = f"call train.run with the same config and workdir ({trainer.workdir}) again"
@@ -303,6 +380,20 @@ def interrupted_message(trainer: Trainer) -> str:
         f"checkpoint written to {os.path.join(trainer.checkpointer.directory, str(step))}. "
         f"To continue from step {step}, {again}"
     )
+
+
+def write_run_report(config, workdir: str, backbone, step: int, mesh) -> None:
+    """report.html of the finished run (`modes/report.py`). The run's results are written by then,
+    so a failure here costs nothing but the page: it is reported with the command that retries."""
+    from dino_jax.modes import report as report_mode
+
+    try:
+        report_mode.run(workdir, config=config, backbone=backbone, step=step, mesh=mesh)
+    except Exception as error:  # noqa: BLE001 - the page is optional; the run's results are safe
+        _print(
+            f"WARNING: report.html was not written ({type(error).__name__}: {error}); "
+            f"python launch.py --mode=report --workdir={workdir} tries again"
+        )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -352,6 +443,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if k.endswith("top1") and "knn_k20" in k or k in ("linear_best_test_top1",)
     )
     _print(f"results ({os.path.join(workdir, report.RESULTS_JSON)}, {report.RESULTS_MD}): {summary}")
+    if config.eval.report and jax.process_index() == 0:
+        write_run_report(config, workdir, (graphdef, params), int(trainer.state.step), trainer.mesh)
     if config.dataset.synthetic:
         _print(SYNTHETIC_DATA_NOTE.format(name=config.dataset.name))
     return results

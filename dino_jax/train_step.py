@@ -3,6 +3,12 @@
 (uint8 crops | uint8 images -> device multi-crop) -> normalise
 -> teacher(global crops), student(all crops) -> DINO loss -> grads
 -> optax update -> EMA teacher (after the step, with the updated student) -> center update
+
+Under float16 compute the loss is scaled before differentiation (loss_scale.py); a step whose
+gradients are not all finite leaves the student and the optimiser's moments as they were (the
+schedules still move to the next step) and halves the scale, as PyTorch's GradScaler skips
+`optimizer.step`. The teacher EMA and the center update as they do in the reference's skipped
+steps, the center only from finite teacher outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dino_jax import losses, optim, schedules as schedules_lib
+from dino_jax import loss_scale as loss_scale_lib, losses, optim, schedules as schedules_lib
 from dino_jax.data import normalize
 from dino_jax.state import TrainState
 
@@ -40,11 +46,13 @@ def make_train_step(
     student_temp: float,
     center_momentum: float,
     device_augment: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    freeze_last_layer_steps: int = 0,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
 
     `batch` holds either `global_crops (B,2,G,G,C)` and `local_crops (B,L,l,l,C)` made on the host,
     or `image (B,H,W,C)` that `device_augment(images, key) -> (globals, locals)` crops here.
+    `freeze_last_layer_steps` is the optimiser's (its schedules' position after a skipped step).
     """
 
     def train_step(state: TrainState, batch: dict[str, Any]):
@@ -77,12 +85,37 @@ def make_train_step(
                 student_temperature=student_temp,
             )
 
-        (loss, monitors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+        scaling = state.loss_scale
+        if scaling is None:
+            (loss, monitors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+        else:
+
+            def scaled_loss_fn(student_params):
+                loss, monitors = loss_fn(student_params)
+                return loss * scaling.scale, (loss, monitors)
+
+            (_, (loss, monitors)), grads = jax.value_and_grad(scaled_loss_fn, has_aux=True)(state.student)
+            grads = loss_scale_lib.unscale(scaling, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
+        if scaling is not None:
+            finite = loss_scale_lib.all_finite(grads)
+            skipped_opt_state = optim.set_schedule_step(
+                state.opt_state, state.step + 1, freeze_last_layer_steps
+            )
+            student, opt_state = _where(finite, (student, opt_state), (state.student, skipped_opt_state))
+            updates = _where(finite, updates, jax.tree.map(jnp.zeros_like, updates))
         momentum = schedules_lib.lookup(schedules.momentum, state.step)
         teacher = optim.ema(state.teacher, student, momentum)
         center = losses.update_center(state.center, teacher_logits, center_momentum)
+        if scaling is not None:
+            center = jnp.where(loss_scale_lib.all_finite(teacher_logits), center, state.center)
+            scaling = loss_scale_lib.adjust(scaling, finite)
+            monitors = {
+                **monitors,
+                "loss_scale": scaling.scale,
+                "skipped_step": 1.0 - finite.astype(jnp.float32),
+            }
 
         metrics = {
             "loss": loss,
@@ -96,11 +129,20 @@ def make_train_step(
             **monitors,
         }
         new_state = state.replace(
-            step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, center=center
+            step=state.step + 1,
+            student=student,
+            teacher=teacher,
+            opt_state=opt_state,
+            center=center,
+            loss_scale=scaling,
         )
         return new_state, metrics
 
     return train_step
+
+
+def _where(condition: jax.Array, if_true, if_false):
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), if_true, if_false)
 
 
 def jit_train_step(train_step, state_sharding, batch_sharding):

@@ -21,6 +21,13 @@ def fast_compilation():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
+@pytest.fixture(scope="session")
+def prepared_digits_dir(tmp_path_factory):
+    """A TFDS data dir shared by the tests that train on digits: the first run prepares the
+    dataset in it (about 10 s), the others read it."""
+    return str(tmp_path_factory.mktemp("tfds_digits"))
+
+
 def pytest_runtest_setup(item):
     if torch is None and item.get_closest_marker("torch"):
         pytest.skip("needs torch, the PyTorch reference (pip install -r requirements-dev.txt)")

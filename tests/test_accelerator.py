@@ -194,6 +194,18 @@ def test_a_runtime_jax_of_another_minor_release_or_on_the_cpu_is_replaced_by_the
     assert plan([], T4_CUDA_12_4, lambda: None).pip_args == ["-r", "requirements-cuda12.txt"]
 
 
+def test_a_runtime_jax_newer_than_the_pin_is_replaced_by_the_pinned_build_for_its_accelerator():
+    # What the notebooks' set-up cell meets on a Colab runtime that ships a newer JAX.
+    newer = ".".join([PINNED_JAX.split(".")[0], str(int(PINNED_JAX.split(".")[1]) + 1), "0"])
+    on_gpu = acc.RuntimeJax(jax_version=newer, jaxlib_version=newer, backend="gpu")
+    installed = plan([], T4_CUDA_12_4, lambda: on_gpu)
+    assert installed.pip_args == ["-r", "requirements-cuda12.txt"]
+    assert f"JAX {newer} runs on it, but dino_jax needs" in installed.notes[0]
+    on_tpu = acc.RuntimeJax(jax_version=newer, jaxlib_version=newer, backend="tpu")
+    tpu = acc.MachineProbe(tpu_device_files=("/dev/accel0",))
+    assert plan([], tpu, lambda: on_tpu).pip_args == ["-r", "requirements-tpu.txt"]
+
+
 # ----------------------------------------------------------------------------------- forcing
 
 

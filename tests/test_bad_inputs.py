@@ -1,8 +1,8 @@
 """Inputs a user can get wrong, given to `launch.py --mode=embed|visualize|eval`: each is named in
 one line of `error: ...` (or converted, where a user expects it), never a traceback.
 
-`launch` runs launch.py's own flag parsing and `main` in this process, as `python launch.py ...`
-would (a user error leaves through `sys.exit("error: ...")`, anything else would raise here), so
+`launch` runs the command line's own flag parsing and `main` (dino_jax/cli.py) in this process, as
+`python launch.py ...` would (a user error leaves through `sys.exit("error: ...")`, anything else would raise here), so
 the cases cost no interpreter start-up; only file permissions need a process of their own. The
 checkpoint is a tiny random backbone written as .safetensors."""
 
@@ -21,7 +21,7 @@ from absl import flags
 from flax import nnx
 from PIL import Image
 
-import launch as launch_py
+from dino_jax import cli
 from dino_jax.interop import torch_convert, torch_io
 from dino_jax.models.vit import VisionTransformer, ViTConfig
 from tests.test_launch import FAST_COMPILE, ROOT
@@ -36,7 +36,7 @@ def launch(*args) -> str:
     when it succeeds."""
     flags.FLAGS.unparse_flags()
     try:
-        launch_py.main(launch_py.parse_flags(["launch.py", *args]))
+        cli.main(cli.parse_flags(["launch.py", *args]))
     except SystemExit as stop:
         assert isinstance(stop.code, str), f"exit status {stop.code} without a message"
         return stop.code

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from configs import cifar100, digits
-from dino_jax import config as config_lib
+from dino_jax import cli, config as config_lib
 from dino_jax.configs import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +102,7 @@ def test_launch_rejects_a_bad_value_before_any_compute(tmp_path):
 
 
 def test_launch_rejects_an_unknown_recipe_argument_in_one_line(tmp_path):
-    out = launch("--config=configs/cifar100.py:smok", f"--workdir={tmp_path}")
+    out = launch("--config=cifar100:smok", f"--workdir={tmp_path}")  # a recipe by name
     assert out.returncode != 0
     assert out.stderr.strip() == "error: unknown config argument 'smok' (in ':smok'): expected one of smoke"
     assert not os.listdir(tmp_path)
@@ -111,7 +111,22 @@ def test_launch_rejects_an_unknown_recipe_argument_in_one_line(tmp_path):
 def test_launch_reports_a_missing_config_file_in_one_line(tmp_path):
     out = launch("--config=configs/cifar10.py", f"--workdir={tmp_path}")
     assert out.returncode != 0
-    assert out.stderr.strip() == "error: --config=configs/cifar10.py: no such config file, or it cannot be read"
+    assert out.stderr.strip() == (
+        "error: --config=configs/cifar10.py: no such config file, or it cannot be read "
+        "(the recipes by name: cifar100, digits, tiny_imagenet)"
+    )
+
+
+def test_a_recipe_name_is_the_packaged_recipe_file_and_a_path_stays_a_path():
+    packaged = os.path.join(ROOT, "dino_jax", "configs")
+    assert cli.recipe_names() == ["cifar100", "digits", "tiny_imagenet"]
+    assert cli.resolve_config("digits") == os.path.join(packaged, "digits.py")
+    assert cli.resolve_config("cifar100:smoke") == os.path.join(packaged, "cifar100.py") + ":smoke"
+    for path in ("configs/digits.py", "configs/digits.py:smoke", "my_recipe.py", "cifar10"):
+        assert cli.resolve_config(path) == path
+    argv = ["dino-jax", "--config", "digits:smoke", "--config.train.lr=1", "--workdir=digits"]
+    assert cli._with_recipe_paths(argv)[2] == os.path.join(packaged, "digits.py") + ":smoke"
+    assert cli._with_recipe_paths(argv)[3:] == argv[3:]
 
 
 def test_recipe_arguments_are_checked():

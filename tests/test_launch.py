@@ -2,7 +2,9 @@
 
 import json
 import os
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +35,10 @@ def digits_data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+# The kNN monitor every 3 of the 6 steps (89 make an epoch), of the teacher and the student.
+MONITOR_FLAGS = ("--config.eval.monitor_every_epochs=0.034", "--config.eval.monitor_student=True")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, digits_data_dir):
     workdir = str(tmp_path_factory.mktemp("digits_smoke"))
@@ -40,9 +46,17 @@ def smoke_run(tmp_path_factory, digits_data_dir):
         "--config=configs/digits.py:smoke",
         f"--workdir={workdir}",
         f"--config.dataset.data_dir={digits_data_dir}",
+        *MONITOR_FLAGS,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return workdir, out
+
+
+def metric_rows(workdir):
+    """(the logged steps' rows, the kNN monitor's rows) of metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "loss" in r], [r for r in rows if "monitor_seconds" in r]
 
 
 def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
@@ -58,15 +72,115 @@ def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
     ):
         assert 0.0 <= results[key] <= 100.0, key
     assert results["knn_k20_top5"] >= results["knn_k20_top1"]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows, _ = metric_rows(workdir)
     assert [r["step"] for r in rows] == [2, 4, 6]
-    assert all(set(r) >= {"loss", "lr", "weight_decay", "momentum", "teacher_entropy"} for r in rows)
+    assert all(
+        set(r) >= {"loss", "lr", "weight_decay", "momentum", "teacher_entropy", "teacher_student_kl"}
+        for r in rows
+    )
     assert "step 6/6" in out.stderr and "img/s" in out.stderr and "ETA" in out.stderr
     # The devices the run used (dino_jax/accelerator.py), printed before training starts.
     devices = re.search(r"JAX backend \w+: \d+ device\(s\) \(.+\) in 1 process\(es\)", out.stderr)
     assert devices and devices.start() < out.stderr.index("training 6 steps")
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
+
+
+def test_a_run_logs_the_knn_monitor_and_tensorboard_events_and_writes_its_report(smoke_run):
+    from PIL import Image
+
+    from tests.test_hooks import read_events
+
+    workdir, out = smoke_run
+    rows, monitor_rows = metric_rows(workdir)
+    assert [r["step"] for r in monitor_rows] == [0, 3, 6]
+    for row in monitor_rows:
+        for network in ("teacher", "student"):
+            assert (
+                0 <= row[f"monitor_{network}_knn_k20_top1"] <= row[f"monitor_{network}_knn_k20_top5"] <= 100
+            )
+    # Step 0 is the untrained network; digits is smaller than the monitor's subsets, so it is the
+    # whole-split kNN of the same network.
+    with open(os.path.join(workdir, "results.json")) as f:
+        untrained = json.load(f)["random_init_knn_k20_top1"]
+    assert monitor_rows[0]["monitor_teacher_knn_k20_top1"] == pytest.approx(untrained)
+    assert "kNN monitor at step 3: k=20 top-1 teacher" in out.stderr
+
+    scalars, images = read_events(workdir)
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert [step for step, _ in scalars["knn/student_knn_k20_top1"]] == [0, 3, 6]
+    assert [step for step, _ in images["attention/teacher"]] == [0, 3, 6]
+
+    page = pathlib.Path(workdir, "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    figures = {"loss", "schedules", "teacher", "throughput", "knn", "features_pca", "features_tsne"}
+    assert {f"report/{name}.png" for name in figures} <= set(sources)
+    assert {f"attention/step_{step:07d}.png" for step in (0, 3, 6)} <= set(sources)
+    for source in sources:
+        with Image.open(os.path.join(workdir, source)) as image:
+            assert min(image.size) > 50, source
+    assert "finished: 6 of 6 steps, evaluated" in page
+
+
+def test_the_report_renders_in_headless_chromium_with_every_image(smoke_run, tmp_path):
+    """Opens report.html in a real browser (Debian's chromium, which `bash install.sh dev`
+    installs) and checks in the page that every <img> decoded."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if browser is None:
+        message = "needs Chromium: `bash install.sh dev` installs Debian's chromium where apt-get may run"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {message}")
+        pytest.skip(message)
+    workdir, _ = smoke_run
+    for folder in ("report", "attention"):
+        shutil.copytree(os.path.join(workdir, folder), tmp_path / folder)
+    page = pathlib.Path(workdir, "report.html").read_text()
+    check = """<script>window.addEventListener("load", () => {
+      const images = Array.from(document.images);
+      const broken = images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.src);
+      const out = document.createElement("pre");
+      out.id = "image-check";
+      out.textContent = JSON.stringify({count: images.length, broken: broken});
+      document.body.appendChild(out);
+    });</script></body>"""
+    (tmp_path / "report.html").write_text(page.replace("</body>", check))
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+        + ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+        + [f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom"]
+        + [(tmp_path / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', out.stdout)
+    assert found, out.stderr[-2000:]
+    checked = json.loads(found.group(1))
+    assert checked["broken"] == [] and checked["count"] == page.count("<img ") >= 10
+
+
+def test_report_mode_on_a_run_still_training(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    running = tmp_path / "running"
+    # A run before its evaluation: no results.json yet, and a metrics line being written.
+    shutil.copytree(workdir, running, ignore=shutil.ignore_patterns("report*", "results.*"))
+    with open(running / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    out = launch("--mode=report", f"--workdir={running}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"wrote {running / 'report.html'}" in out.stderr
+    page = (running / "report.html").read_text()
+    assert "in progress, or stopped before its evaluation: 6 of 6 steps logged" in page
+    assert "No evaluation yet" in page
+    assert {"loss.png", "knn.png", "features_pca.png"} <= set(os.listdir(running / "report"))
+    for source in re.findall(r'<img src="([^"]+)"', page):
+        assert (running / source).is_file(), source
+
+
+def test_report_mode_of_a_folder_that_is_no_run_is_a_one_line_error(tmp_path):
+    from dino_jax.modes import report
+
+    with pytest.raises(FileNotFoundError, match="config.json not found: is .* the workdir of a training run"):
+        report.run(str(tmp_path))
 
 
 def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, digits_data_dir):
@@ -78,8 +192,9 @@ def test_rerun_of_a_finished_workdir_resumes_instead_of_retraining(smoke_run, di
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "resumed from" in out.stderr and "at step 6" in out.stderr
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [2, 4, 6]
+    rows, monitor_rows = metric_rows(workdir)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [r["step"] for r in monitor_rows] == [0, 3, 6]
 
 
 def test_a_second_run_loads_its_compiled_step_from_the_compilation_cache(tmp_path, digits_data_dir):
@@ -90,6 +205,7 @@ def test_a_second_run_loads_its_compiled_step_from_the_compilation_cache(tmp_pat
         f"--config.train.compilation_cache_dir={cache}",
         "--config.eval.evaluators=('knn',)",
         "--config.eval.random_init_knn=False",
+        "--config.eval.report=False",
     ]
     # Cache every compilation, however quick it is on this machine; report hits.
     env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}

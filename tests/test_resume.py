@@ -48,6 +48,7 @@ def flags(tmp_path_factory):
         "--config.train.log_every_steps=1",
         "--config.eval.evaluators=('knn',)",
         "--config.eval.random_init_knn=False",
+        "--config.eval.report=False",  # tests/test_launch.py tests it
     ]
 
 

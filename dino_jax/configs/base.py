@@ -1,8 +1,9 @@
 """Every config key and its default: the one schema of a run.
 
-The recipes in the repository's `configs/` start from `get_config()` and change what their dataset
-needs. Every key exists here, so a misspelled key in a recipe or in `--config.x=y` fails (the
-config is locked); `dino_jax/config.py` checks the values and turns them into typed specs, and
+The recipes beside this file (`cifar100.py`, `digits.py`, `tiny_imagenet.py`; `configs/` in a
+checkout re-exports them) start from `get_config()` and change what their dataset needs. Every key
+exists here, so a misspelled key in a recipe or in `--config.x=y` fails (the config is locked);
+`dino_jax/config.py` checks the values and turns them into typed specs, and
 `config.load_run_config` reads a run's saved `config.json` onto these defaults. The defaults are the
 reference's (`main_dino.py`, `eval_knn.py`, `eval_linear.py`; docs/reference.md) where they make
 sense for every dataset.
@@ -49,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depth = 0
     c.model.num_heads = 0
     c.model.drop_path_rate = 0.1  # student only; the teacher never drops paths
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (with loss scaling); parameters stay float32
 
     c.head = ml_collections.ConfigDict()
     c.head.out_dim = 65536
@@ -97,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.student_temp = 0.1
     c.train.center_momentum = 0.9
     c.train.log_every_steps = 50
+    # Where the metrics of every logged step go, besides the console: "jsonl" (metrics.jsonl, which
+    # the run's report reads) and "tensorboard" (event files in the workdir, for
+    # `tensorboard --logdir runs/`). () keeps only the console line.
+    c.train.log_to = ("jsonl", "tensorboard")
     # Compiled steps are kept here, so a restarted or resumed run (or a second run of the same
     # recipe and shapes) loads its step instead of compiling it again; "" turns this off.
     c.train.compilation_cache_dir = "~/.cache/dino_jax/jax_compilation_cache"
@@ -139,7 +144,21 @@ def get_config() -> ml_collections.ConfigDict:
     # Logistic regression costs grow as n_way^2 (100-way: minutes per 600 episodes on a CPU); it
     # is skipped for episodes wider than this.
     c.eval.fewshot_logreg_max_way = 20
-    c.eval.attention_every_steps = 0  # > 0: log an attention-map panel of test images this often
+    # > 0: log a panel of the teacher's attention on fixed test images every N steps; 0: at every
+    # point of the kNN monitor (none when it is off).
+    c.eval.attention_every_steps = 0
+    # The kNN monitor: weighted kNN of the teacher (and with monitor_student the student) on fixed
+    # subsets of the train and test splits every N epochs (fractions allowed; 0 = off), and of the
+    # untrained network before the first step. Logged like the other metrics, drawn in the report,
+    # and read by the collapse warning (kNN falling, or no better than the untrained network's).
+    c.eval.monitor_every_epochs = 1.0
+    c.eval.monitor_train_images = 10000  # the neighbours (capped at the split's size)
+    c.eval.monitor_test_images = 2000  # the queries; also the points of the report's feature map
+    c.eval.monitor_knn_k = 20  # with eval.knn_temperature
+    c.eval.monitor_student = False
+    # Write report.html and its figures into the workdir at the end of training (any run, also one
+    # in progress: `launch.py --mode=report --workdir=...`).
+    c.eval.report = True
     return c
 
 
@@ -155,3 +174,4 @@ def shrink_for_smoke_test(c: ml_collections.ConfigDict) -> None:
     c.train.log_every_steps = 5
     c.eval.linear_epochs = 10
     c.eval.fewshot_episodes = 60
+    c.eval.monitor_train_images, c.eval.monitor_test_images = 1000, 200

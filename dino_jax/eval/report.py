@@ -128,9 +128,26 @@ def results_markdown(
     return "\n".join(lines)
 
 
+# The installed command (pyproject.toml's entry point) and its shim in a checkout.
+CONSOLE_COMMAND = "dino-jax"
+COMMAND_LINE_PROGRAMS = ("launch.py", CONSOLE_COMMAND)
+
+
+def started_from_command_line() -> bool:
+    """Whether this process is `dino-jax` or `python launch.py` (not a notebook or a script)."""
+    return os.path.basename(sys.argv[0]) in COMMAND_LINE_PROGRAMS
+
+
 def default_command() -> str:
-    """The command line of this process, shell-quoted."""
-    return " ".join(["python"] + [shlex.quote(arg) for arg in sys.argv])
+    """The command line of this process, shell-quoted: `dino-jax ...` as typed for the installed
+    command (whose sys.argv[0] is its full path), else `python ...`; in a notebook, which has no
+    command line of its own, a pointer to the run's config.json."""
+    if "ipykernel" in sys.modules:  # a Jupyter or Colab kernel: its command line says nothing of the run
+        return "a notebook (the settings: config.json)"
+    words = [shlex.quote(arg) for arg in sys.argv]
+    if os.path.basename(sys.argv[0]) == CONSOLE_COMMAND:
+        return " ".join([CONSOLE_COMMAND, *words[1:]])
+    return " ".join(["python", *words])
 
 
 def read_results(out_dir: str) -> dict[str, float]:

@@ -23,7 +23,7 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
     "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
 }
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,7 +134,8 @@ def _mask_overlay(axes, image_HxWx3, masks_KxHxW, colours, alpha: float = 0.5) -
     axes.set_axis_off()
 
 
-def _figure(width_in: float, height_in: float) -> Figure:
+def agg_figure(width_in: float, height_in: float) -> Figure:
+    """A matplotlib figure on the Agg canvas (no pyplot state, no display)."""
     figure = Figure(figsize=(width_in, height_in))
     FigureCanvasAgg(figure)
     return figure
@@ -142,7 +143,7 @@ def _figure(width_in: float, height_in: float) -> Figure:
 
 def _save_overlay(path: str, image_HxWx3, masks_KxHxW, colours) -> None:
     height, width = image_HxWx3.shape[:2]
-    figure = _figure(max(2.0, width / 64), max(2.0, height / 64))
+    figure = agg_figure(max(2.0, width / 64), max(2.0, height / 64))
     axes = figure.add_axes((0, 0, 1, 1))
     _mask_overlay(axes, image_HxWx3, masks_KxHxW, colours)
     figure.savefig(path, dpi=100)
@@ -172,7 +173,7 @@ def save_attention_images(
         paths.append(os.path.join(out_dir, f"attn-{name}.png"))
         matplotlib.image.imsave(paths[-1], attention_map)
     paths.append(os.path.join(out_dir, "overlay-mean.png"))
-    figure = _figure(max(2.0, image_HxWx3.shape[1] / 64), max(2.0, image_HxWx3.shape[0] / 64))
+    figure = agg_figure(max(2.0, image_HxWx3.shape[1] / 64), max(2.0, image_HxWx3.shape[0] / 64))
     axes = figure.add_axes((0, 0, 1, 1))
     axes.imshow(image_HxWx3)
     axes.imshow(maps[-1], cmap="inferno", alpha=0.6)
@@ -209,7 +210,7 @@ def attention_grid_figure(
         )
     heads = np.asarray(cls_attentions[0]).shape[0]
     columns = 2 + heads + (threshold is not None)
-    figure = _figure(1.6 * columns, 1.6 * len(images))
+    figure = agg_figure(1.6 * columns, 1.6 * len(images))
     grid = figure.add_gridspec(len(images), columns, wspace=0.05, hspace=0.15)
     column_titles = ["image", "mean"] + [f"head {j}" for j in range(heads)]
     if threshold is not None:
