@@ -16,11 +16,18 @@ What survives what:
 - A checkpoint of another model: refused, naming the parameters whose shapes differ.
 - A failed write (a full disk): the unfinished step is removed, the earlier steps are untouched,
   and the error says which ones are kept.
+- Another number of processes (docs/multihost.md): the state is written collectively (each array
+  once, whatever the hosts) and restores onto any mesh; the iterator position is a file per
+  process, and the training stream's position (batches taken) is the same in every layout, so a
+  run resumes on another number of hosts. A position that does depend on the layout (grain worker
+  processes, `augment.num_workers > 0`) is refused with a message saying so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -49,6 +56,46 @@ def _print(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler (a `process_<i>-of-<n>.json` per process), which also restores a position
+    saved by another number of processes when it does not depend on the number (module doc)."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item, args=args)
+        saved = sorted(directory.glob("process_*-of-*.json"))
+        states = [json.loads(path.read_text()) for path in saved]
+        if not states:
+            raise CheckpointError(f"{directory} holds no data-iterator position")
+        # A bare batch position: host h's k-th batch is rows [h*b, (h+1)*b) of global batch k in
+        # any layout (data/pipeline.py), so k is all there is to restore.
+        if any(state != states[0] for state in states) or set(states[0]) != {"next_index"}:
+            raise CheckpointError(
+                f"the data-iterator position in {directory} was saved by {saved[0].stem.split('-of-')[1]} "
+                f"process(es) and depends on that layout (grain worker processes: augment.num_workers > 0), "
+                f"so it cannot be restored by {jax.process_count()}. Resume with the same number of "
+                "processes, or with augment.num_workers=0 on both sides"
+            )
+        item.set_state(states[0])
+        item.start_prefetch()
+        return item
+
+
+# orbax picks a handler by the type of the args it is given: these select DataIteratorHandler.
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 2, save_every_steps: int = 1000):
         _quiet_closed_event_loop_noise()
@@ -71,7 +118,7 @@ class Checkpointer:
             # needs them before anything was saved or restored.
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": DataIteratorHandler(),
             },
         )
         self._writing: int | None = None  # the step of a save that may still be in flight
@@ -89,7 +136,7 @@ class Checkpointer:
         self.wait()  # a failed previous write is reported as that step's failure
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = DataSave(data_iterator)
         try:
             started = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as error:
@@ -152,9 +199,11 @@ class Checkpointer:
             self._check_same_tree(candidate, abstract_state)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                items["data"] = DataRestore(data_iterator)
             try:
                 state = self._manager.restore(candidate, args=ocp.args.Composite(**items))["state"]
+            except CheckpointError:  # readable, but not by this layout: not damage
+                raise
             except Exception as error:  # orbax and tensorstore raise many types for unreadable files
                 damaged.append((candidate, _brief(error)))
                 continue
@@ -296,18 +345,31 @@ def save_item(directory: str, item: str, tree: Any, *, step: int = 0) -> None:
 
 def restore_item(directory: str, item: str, step: int | None = None) -> tuple[Any, int]:
     """`(tree, step)`: item `item` of `step` (default: the latest) as stored, nested dicts of
-    arrays with no target to match; raises CheckpointError when there is none or it is corrupt."""
+    arrays with no target to match, each on this process's first device (whatever the devices and
+    processes that wrote it); raises CheckpointError when there is none or it is corrupt."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint in {directory}")
     _quiet_closed_event_loop_noise()
-    manager = ocp.CheckpointManager(directory, item_names=(item,))
+    # The data handler too, which is not read: without it orbax warns that a training checkpoint's
+    # `data` item cannot be restored.
+    handlers = {"data": DataIteratorHandler(), item: ocp.StandardCheckpointHandler()}
+    manager = ocp.CheckpointManager(directory, item_handlers=handlers)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}")
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+            # The stored shapes on one local device: without a target, orbax would restore onto the
+            # writer's device layout, which fails on any other number of devices or processes.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+                manager.item_metadata(step)[item],
+            )
+            restored = manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+            )
         except Exception as error:  # orbax raises many types for a bad or foreign checkpoint
             raise CheckpointError(
                 f"cannot restore step {step} from {directory}: it is damaged, or holds no {item!r} "

@@ -28,6 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from dino_jax import distributed  # noqa: E402  (its flags; it imports JAX only when main calls it)
+
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # Modules of dino_jax/configs/ that are not recipes.
 NOT_RECIPES = ("__init__.py", "base.py")
@@ -134,15 +136,27 @@ flags.DEFINE_string("out", None, "embed: the .npz file to write.")
 flags.DEFINE_string("from", None, "convert: source checkpoint.")
 flags.DEFINE_string("to", None, "convert: destination (.pth/.safetensors file or a directory).")
 flags.DEFINE_bool("backbone_only", False, "convert: write only the teacher backbone.")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id (docs/multihost.md)
 
 
 def main(argv):
-    """Checks the flags --mode needs, then makes its one library call. A user error is printed as
-    one line, without a traceback."""
+    """Starts the distributed runtime when asked (before any other JAX call), then `run_mode`; in a
+    run of several processes, a process that fails stops the others (dino_jax/distributed.py)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    try:
+        distributed.initialize_from_flags()
+    except distributed.DistributedStartError as error:
+        sys.exit(f"error: {error}")
+    with distributed.failure_stops_all():
+        run_mode()
+
+
+def run_mode():
+    """Checks the flags --mode needs, then makes its one library call. A user error is printed as
+    one line, without a traceback."""
     f, mode = flags.FLAGS, MODES[_MODE.value]
     config = _CONFIG.value
     if config is not None:

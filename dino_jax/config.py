@@ -337,7 +337,11 @@ def open_split(config: ml_collections.ConfigDict, which: str, dataset: str | Non
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes `<workdir>/config.json`, which `load_run_config` reads back."""
+    """Writes `<workdir>/config.json`, which `load_run_config` reads back (process 0 only)."""
+    from dino_jax import distributed
+
+    if not distributed.is_primary():
+        return
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 

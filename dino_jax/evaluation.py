@@ -42,8 +42,8 @@ def eval_data(
 
     Raises DatasetUnavailableError (before any compute) when the dataset is missing.
     """
-    # Each batch is split over this host's devices.
-    config_lib.check_divisible(config.eval.batch_size, jax.local_device_count(), "config.eval.batch_size")
+    # A global batch, split over every device of every host, as config.train.batch_size is.
+    config_lib.check_divisible(config.eval.batch_size, jax.device_count(), "config.eval.batch_size")
     train = config_lib.open_split(config, "train", name)
     test = config_lib.open_split(config, "eval", name)
     if max_train is not None:
@@ -105,7 +105,8 @@ def evaluate(
         command=command,
     )
     json_path, md_path = report.write_results(out_dir, results, markdown)
-    _print(f"wrote {json_path} and {md_path}")
+    if jax.process_index() == 0:  # the one process that wrote them
+        _print(f"wrote {json_path} and {md_path}")
     return results
 
 
@@ -189,7 +190,12 @@ def test_features(
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:
     """A fixed set of test images (the first `count`) for the attention panel logged in training."""
     source = config_lib.open_split(config, "eval")
+    # The same images in every process: the panel is computed by all of them (hooks.AttentionPanel).
     batches = pipeline.eval_batches(
-        source, batch_size=min(count, len(source)), image_size=config.augment.global_crop_size
+        source,
+        batch_size=min(count, len(source)),
+        image_size=config.augment.global_crop_size,
+        shard_index=0,
+        shard_count=1,
     )
     return next(iter(batches))["image"]

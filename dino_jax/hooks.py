@@ -476,10 +476,11 @@ class KnnMonitor(Hook):
             self.untrained = scalars[self.key("teacher")]
         accuracies = ", ".join(f"{network} {scalars[self.key(network)]:.2f}%" for network in self.networks)
         before = f" (untrained {self.untrained:.2f}%)" if self.untrained is not None and step else ""
-        _print(
-            f"kNN monitor at step {step}: k={self.k} top-1 {accuracies}{before} on {self.num_train} "
-            f"train / {self.num_test} test images, {scalars['monitor_seconds']:.1f} s"
-        )
+        if jax.process_index() == 0:
+            _print(
+                f"kNN monitor at step {step}: k={self.k} top-1 {accuracies}{before} on {self.num_train} "
+                f"train / {self.num_test} test images, {scalars['monitor_seconds']:.1f} s"
+            )
         return StateResults(scalars)
 
 
@@ -522,7 +523,10 @@ class AttentionPanel(Hook):
         from dino_jax.viz import attention
 
         _, params = dino.split_backbone(self.graphdef, state.teacher)
+        # Every process computes the panel (a collective computation on the global parameters).
         panel = attention.attention_panel(self.attention_fn, params, self.images, patch_size=self.patch_size)
+        if jax.process_index() != 0:
+            return
         os.makedirs(self.directory, exist_ok=True)
         Image.fromarray(panel).save(os.path.join(self.directory, f"step_{step:07d}.png"))
         return StateResults(images={"attention/teacher": panel})

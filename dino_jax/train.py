@@ -190,42 +190,49 @@ class Trainer:
         """The work between steps, in the order it runs."""
         config, plan = self.config, self.plan
         log_to = tuple(config.train.log_to)
-        made: list[hooks_lib.Hook] = [
-            hooks_lib.LogMetrics(
-                self.workdir,
-                total_steps=plan.train_steps,
-                images_per_step=config.train.batch_size,
-                start_step=start_step,
-                jsonl="jsonl" in log_to,
-            ),
-        ]
-        if "tensorboard" in log_to:
-            made.append(hooks_lib.TensorBoardLog(self.workdir, start_step=start_step))
+        # Every process stops at the same non-finite loss and runs the collective monitor and
+        # attention panel; only process 0 logs, warns and writes files.
+        lead = jax.process_index() == 0
+        made: list[hooks_lib.Hook] = []
+        if lead:
+            made.append(
+                hooks_lib.LogMetrics(
+                    self.workdir,
+                    total_steps=plan.train_steps,
+                    images_per_step=config.train.batch_size,
+                    start_step=start_step,
+                    jsonl="jsonl" in log_to,
+                )
+            )
+            if "tensorboard" in log_to:
+                made.append(hooks_lib.TensorBoardLog(self.workdir, start_step=start_step))
         made.append(hooks_lib.NonFiniteGuard())
         after_step = plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2
         monitor_steps = config_lib.monitor_every_steps(config, plan.steps_per_epoch)
         if monitor_steps > plan.train_steps:
-            _print(
-                f"note: no kNN monitor in this run: its interval ({monitor_steps} steps, "
-                f"eval.monitor_every_epochs={config.eval.monitor_every_epochs}) is longer than the run"
-            )
+            if lead:
+                _print(
+                    f"note: no kNN monitor in this run: its interval ({monitor_steps} steps, "
+                    f"eval.monitor_every_epochs={config.eval.monitor_every_epochs}) is longer than the run"
+                )
             monitor_steps = 0
         monitor = self.make_knn_monitor(monitor_steps, start_step) if monitor_steps else None
-        made.append(
-            hooks_lib.CollapseWarning(
-                config.head.out_dim,
-                after_step=after_step,
-                knn_key=monitor and monitor.key("teacher"),
-                knn_points=self.logged_points(monitor and monitor.key("teacher"), start_step),
-                knn_test_images=monitor.num_test if monitor else 0,
-                # Past the warm-up dip; "no better" needs a quarter of the run (docs/results.md's
-                # reference run collapsed back to its untrained kNN from a quarter on).
-                knn_after_steps=(
-                    max(after_step, plan.train_steps // 10),
-                    max(after_step, plan.train_steps // 4),
-                ),
+        if lead:
+            made.append(
+                hooks_lib.CollapseWarning(
+                    config.head.out_dim,
+                    after_step=after_step,
+                    knn_key=monitor and monitor.key("teacher"),
+                    knn_points=self.logged_points(monitor and monitor.key("teacher"), start_step),
+                    knn_test_images=monitor.num_test if monitor else 0,
+                    # Past the warm-up dip; "no better" needs a quarter of the run (docs/results.md's
+                    # reference run collapsed back to its untrained kNN from a quarter on).
+                    knn_after_steps=(
+                        max(after_step, plan.train_steps // 10),
+                        max(after_step, plan.train_steps // 4),
+                    ),
+                )
             )
-        )
         if monitor:
             made.append(monitor)
         attention_steps = config.eval.attention_every_steps or monitor_steps

@@ -171,7 +171,10 @@ def test_device_pipeline_shards_are_disjoint_and_epochs_reshuffle():
     host1 = sum(positions(1, 2, 6), [])
     assert len(host0) == 12 and not set(host0) & set(host1)
     assert sorted(host0 + host1) == list(range(24))
-    assert host0 == whole[0:24:2] and host1 == whole[1:24:2]
+    # Each host holds a contiguous half of every global batch: host 0 its first rows, host 1 the
+    # rest, so the global array (hosts' rows in host order) is the one-host batch, row for row.
+    assert host0 == [p for t in range(6) for p in whole[4 * t : 4 * t + 2]]
+    assert host1 == [p for t in range(6) for p in whole[4 * t + 2 : 4 * t + 4]]
 
 
 def test_crops_depend_on_the_example_not_on_batching_or_hosts():
@@ -197,8 +200,8 @@ def test_crops_depend_on_the_example_not_on_batching_or_hosts():
             )["global_crops"]
             for h in range(shard_count)
         ]
-        # Interleave hosts back into global stream order.
-        return np.stack(per_host, axis=1).reshape(global_batch, *per_host[0].shape[1:])
+        # The global batch: the hosts' rows in host order (sharding.to_global_batch).
+        return np.concatenate(per_host)
 
     one_host = first_examples(8, 1)
     np.testing.assert_array_equal(first_examples(4, 1), one_host[:4])
@@ -272,16 +275,22 @@ def test_eval_resize_matches_pil_bicubic():
 
 def test_eval_batches_split_a_dataset_between_hosts_without_overlap():
     source = [{"image": np.full((4, 4, 3), i, np.uint8), "label": i} for i in range(11)]
-    seen, batch_counts = [], []
-    for host in range(3):
-        batches = list(
-            pipeline.eval_batches(source, batch_size=2, image_size=4, shard_index=host, shard_count=3)
-        )
-        batch_counts.append(len(batches))
-        for batch in batches:
-            seen += [int(label) for label, keep in zip(batch["label"], batch["mask"]) if keep]
-    assert sorted(seen) == list(range(11))
-    assert len(set(batch_counts)) == 1  # every host takes part in every global batch
+    per_host = [
+        list(pipeline.eval_batches(source, batch_size=6, image_size=4, shard_index=host, shard_count=3))
+        for host in range(3)
+    ]
+    assert len({len(batches) for batches in per_host}) == 1  # every host takes part in every global batch
+    # Global batch t, the hosts' blocks in host order: rows 6t..6t+5, each once, in order.
+    seen = [
+        int(label)
+        for global_batch in zip(*per_host)
+        for batch in global_batch
+        for label, keep in zip(batch["label"], batch["mask"])
+        if keep
+    ]
+    assert seen == list(range(11))
+    with pytest.raises(ValueError, match="batch size 4 is not divisible by the 3 hosts"):
+        next(pipeline.eval_batches(source, batch_size=4, image_size=4, shard_index=0, shard_count=3))
 
 
 # ----------------------------------------------------------------------------- linear-probe views
@@ -329,8 +338,9 @@ def test_linear_probe_views_depend_on_seed_epoch_and_index_only():
     # Batching and sharding do not change a row's view.
     np.testing.assert_array_equal(first, _probe_views(source, seed=1, epoch=0, batch_size=7))
     host_views = [_probe_views(source, seed=1, epoch=0, shard_index=h, shard_count=2) for h in range(2)]
-    np.testing.assert_array_equal(first[0::2], host_views[0])
-    np.testing.assert_array_equal(first[1::2], host_views[1])
+    # Global batches of 4, two rows from each host: host 0 has rows 0, 1, 4, 5, 8, 9; host 1 the rest.
+    np.testing.assert_array_equal(first[[0, 1, 4, 5, 8, 9]], host_views[0])
+    np.testing.assert_array_equal(first[[2, 3, 6, 7]], host_views[1])
     # Another epoch or seed: other views of every image.
     for other in (_probe_views(source, seed=1, epoch=1), _probe_views(source, seed=2, epoch=0)):
         assert all((a != b).any() for a, b in zip(first, other))

@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 256  # images per feature-extraction batch
+    c.eval.batch_size = 256  # images per feature-extraction batch, over all devices of all processes
     c.eval.evaluators = ("knn", "linear", "fewshot")  # run at the end of training and by --mode=eval
     c.eval.transfer = ("stl10",)  # datasets evaluated with the frozen backbone (skipped if missing)
     c.eval.transfer_evaluators = ("knn", "linear", "fewshot")

@@ -2,8 +2,15 @@
 
 Training stream, per host:
 
-  source -> shuffle(seed) (a new permutation each epoch) -> repeat forever -> every
-  shard_count-th element from shard_index -> batch -> multi-crop (host) -> prefetch
+  source -> shuffle(seed) (a new permutation each epoch) -> repeat forever -> blocks of
+  global_batch_size / shard_count -> every shard_count-th block from shard_index -> multi-crop
+  (host) -> prefetch
+
+Host h of n contributes rows [h*b, (h+1)*b) of every global batch (b = global_batch_size / n), and
+builds the global array from them in that order (sharding.to_global_batch), so row r of step t is
+always example t*global_batch_size + r of the stream: the batches, their row order and every
+random draw keyed by a row are the same for any number of hosts, and a checkpoint's iterator
+position (batches taken, the same on every host) resumes on another number of hosts.
 
 The stream is a pure function of (seed, position), so grain's iterator state (a position) is
 all a checkpoint needs to resume exactly. Host multi-crop runs after batching, on the whole host
@@ -38,15 +45,9 @@ def example_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=np.array([position, seed], np.uint64)))
 
 
-class _GlobalPosition:
-    """Pairs each element of this host's shard with its position in the global stream."""
-
-    def __init__(self, shard_index: int, shard_count: int):
-        self.shard_index = shard_index
-        self.shard_count = shard_count
-
-    def __call__(self, index_in_shard: int, example: dict[str, Any]):
-        return index_in_shard * self.shard_count + self.shard_index, example["image"]
+def _with_position(position: int, example: dict[str, Any]):
+    """Pairs an element of the global stream with its position in it."""
+    return position, example["image"]
 
 
 class _HostMultiCrop:
@@ -128,13 +129,15 @@ def train_dataset(
     host_batch_size = global_batch_size // shard_count
 
     stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    stream = stream[shard_index::shard_count]
+    # Lazy: a host reads only the examples of its own blocks.
     if augment_on == "host":
-        stream = stream.map_with_index(_GlobalPosition(shard_index, shard_count))
-        stream = stream.batch(host_batch_size, drop_remainder=True)
+        stream = stream.map_with_index(_with_position)
+    else:
+        stream = stream.map(_image_only)
+    stream = stream.batch(host_batch_size, drop_remainder=True)[shard_index::shard_count]
+    if augment_on == "host":
         stream = stream.map(_HostMultiCrop(crop_config, seed))
     else:
-        stream = stream.map(_image_only).batch(host_batch_size, drop_remainder=True)
         stream = stream.map(_as_image_batch)
     # Each element is a whole batch: a few threads and a short buffer are enough to stay ahead.
     batches = stream.to_iter_dataset(
@@ -175,14 +178,16 @@ def eval_batches(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One ordered pass over this host's share of `source` in batches of exactly `batch_size`.
+    """One ordered pass over `source` in global batches of `batch_size` rows, of which this host
+    yields its block of `batch_size / shard_count` (b below).
 
-    Yields {"image": uint8 (batch_size, S, S, 3), "label": int32 (batch_size,), "mask": bool
-    (batch_size,)}. The last batch is padded with zero images (mask False, label -1), so a jitted
-    evaluator compiles once. Images of another size than `image_size` are resized (bicubic,
-    antialiased). On several hosts each reads rows `shard_index::shard_count` (default: this
-    process's), and every host yields the same number of batches, so their batches form global
-    arrays whose gathered rows cover the split once.
+    Yields {"image": uint8 (b, S, S, 3), "label": int32 (b,), "mask": bool (b,)}. The last batch
+    is padded with zero images (mask False, label -1), so a jitted evaluator compiles once. Images
+    of another size than `image_size` are resized (bicubic, antialiased). Host `shard_index` of
+    `shard_count` (default: this process of all) reads rows [t*batch_size + shard_index*b, ... + b)
+    of global batch t, and every host yields the same number of batches: the hosts' blocks in host
+    order are the one-host batch, so the global arrays, the rows each device gets and the gathered
+    order are the same for any number of hosts.
     """
     return _padded_batches(
         source,
@@ -280,13 +285,17 @@ def _padded_batches(
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size}: expected > 0")
     shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+    if batch_size % shard_count:
+        raise ValueError(
+            f"evaluation batch size {batch_size} is not divisible by the {shard_count} hosts reading the data"
+        )
+    host_batch_size = batch_size // shard_count
     num_examples = len(source)
-    rows = list(range(shard_index, num_examples, shard_count))
-    rows_per_host = -(-num_examples // shard_count)
-    for start in range(0, max(rows_per_host, 1), batch_size):
-        indices = rows[start : start + batch_size]
-        image_batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-        labels = np.full(batch_size, -1, np.int32)
+    for start in range(0, max(num_examples, 1), batch_size):
+        first = start + shard_index * host_batch_size
+        indices = list(range(first, min(first + host_batch_size, num_examples)))
+        image_batch = np.zeros((host_batch_size, image_size, image_size, 3), np.uint8)
+        labels = np.full(host_batch_size, -1, np.int32)
         if indices:
             if hasattr(source, "__getitems__"):
                 examples = source.__getitems__(indices)
@@ -296,5 +305,5 @@ def _padded_batches(
                 np.stack([np.asarray(ex["image"], np.uint8) for ex in examples]), indices
             )
             labels[: len(examples)] = [int(ex["label"]) for ex in examples]
-        mask = np.arange(batch_size) < len(indices)
+        mask = np.arange(host_batch_size) < len(indices)
         yield {"image": image_batch, "label": labels, "mask": mask}

@@ -108,9 +108,9 @@ def extract_features(
     # Rebuilt with Auto axes whatever the caller's axis types (see `sharding.make_mesh`).
     mesh = sharding.make_mesh(None if mesh is None else list(mesh.devices.flat))
     batch_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    params = _replicated(params, NamedSharding(mesh, P()))
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    feature_chunks, label_chunks = [], []
+    feature_chunks, mask_chunks, label_chunks = [], [], []
     for batch in batches:
         images = np.asarray(batch["image"])
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -124,21 +124,45 @@ def extract_features(
                 f"{local_devices} local devices; use a batch size divisible by it"
             )
         global_images = jax.make_array_from_process_local_data(batch_sharding, images)
-        features = feature_fn(params, global_images)
         # Kept on device: the next batch is dispatched before this one is fetched.
-        feature_chunks.append((features, np.asarray(batch["mask"], bool)))
+        feature_chunks.append(feature_fn(params, global_images))
+        mask_chunks.append(np.asarray(batch["mask"], bool))
         label_chunks.append(np.asarray(batch["label"]))
     if not feature_chunks:
         raise ValueError("extract_features: `batches` yielded no batch; expected at least one")
-    multi_host = jax.process_count() > 1
-    features_out, labels_out = [], []
-    for (features, mask), labels in zip(feature_chunks, label_chunks):
-        if multi_host:
-            # Every host gets every row: kNN and the probes need the whole split. Global rows are in
-            # process order, as the tiled gather of the host-local masks and labels.
-            features = multihost_utils.process_allgather(features)
-            mask = multihost_utils.process_allgather(mask, tiled=True)
-            labels = multihost_utils.process_allgather(labels, tiled=True)
-        features_out.append(np.asarray(features)[mask])
-        labels_out.append(np.asarray(labels)[mask])
-    return np.concatenate(features_out), np.concatenate(labels_out)
+    if jax.process_count() > 1:
+        # Every host gets every row (kNN and the probes need the whole split), in one gather at the
+        # end rather than one per batch. The masks and labels are laid out on the mesh as the
+        # features are, so their rows line up whatever the order of the mesh's devices.
+        def as_global(chunks):
+            return [jax.make_array_from_process_local_data(batch_sharding, chunk) for chunk in chunks]
+
+        features, mask, labels = multihost_utils.process_allgather(
+            _concatenate_rows(feature_chunks, as_global(mask_chunks), as_global(label_chunks)), tiled=True
+        )
+    else:
+        features = np.concatenate([np.asarray(chunk) for chunk in feature_chunks])
+        mask, labels = np.concatenate(mask_chunks), np.concatenate(label_chunks)
+    mask = np.asarray(mask, bool)
+    return np.asarray(features)[mask], np.asarray(labels)[mask]
+
+
+def _replicated(params, sharding):
+    """`params` replicated on every device of `sharding`'s mesh. On several processes, parameters
+    held by this process alone (restored or converted, the same in every process) become global
+    arrays from each process's copy: a device_put cannot move them to other hosts' devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(params, sharding)
+
+    def replicate(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)  # already global (a train state's)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(replicate, params)
+
+
+@jax.jit
+def _concatenate_rows(*lists_of_chunks):
+    """Each list of global arrays concatenated along rows, in one compiled call."""
+    return tuple(jnp.concatenate(chunks) for chunks in lists_of_chunks)

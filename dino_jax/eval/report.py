@@ -163,7 +163,13 @@ def write_results(
     out_dir: str, results: Mapping[str, float], markdown: str | None = None
 ) -> tuple[str, str | None]:
     """Merges `results` into `out_dir/results.json` and, when given, writes `markdown` as
-    `results.md`; returns both paths (None for a markdown not written). Writes are atomic."""
+    `results.md`; returns both paths (None for a markdown not written). Writes are atomic. In a run
+    of several processes only process 0 writes (the others return the same paths)."""
+    from dino_jax import distributed
+
+    if not distributed.is_primary():
+        json_path = os.path.join(out_dir, RESULTS_JSON)
+        return json_path, None if markdown is None else os.path.join(out_dir, RESULTS_MD)
     os.makedirs(out_dir, exist_ok=True)
     payload = read_results(out_dir)
     payload.update({key: float(value) for key, value in results.items()})

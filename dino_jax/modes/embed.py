@@ -37,8 +37,8 @@ def run(
     loaded = load_checkpoint(checkpoint)
     graphdef, params = loaded.backbone(network)
     # Every batch padded to one shape (one compilation), no larger than the files need, and
-    # divisible by the devices the batch is split over.
-    devices = jax.local_device_count()
+    # divisible by the devices (of every process) the global batch is split over.
+    devices = jax.device_count()
     batch_size = -(-min(batch_size, len(files)) // devices) * devices
     size = loaded.vit_config.image_size
     batches = pipeline.eval_batches(ImageFileSource(files, size), batch_size=batch_size, image_size=size)
@@ -46,6 +46,7 @@ def run(
         make_feature_fn(graphdef, mean=loaded.mean, std=loaded.std), params, batches
     )
     result = {"features": features.astype(np.float32), "paths": np.asarray(files)}
-    os.makedirs(os.path.dirname(os.path.abspath(out_npz)), exist_ok=True)
-    np.savez(out_npz, **result)
+    if jax.process_index() == 0:  # every process computed the features; one writes them
+        os.makedirs(os.path.dirname(os.path.abspath(out_npz)), exist_ok=True)
+        np.savez(out_npz, **result)
     return result
