@@ -36,7 +36,7 @@ TINY = [
     "--config.eval.evaluators=knn",
     "--config.eval.random_init_knn=False",
 ]
-RUN_TIMEOUT_S = 420  # all runs together
+RUN_TIMEOUT_S = 900  # all runs together: bounds a hang (about 2 min on an idle 2-core box)
 # Agreement required between layouts of the same global batch. Measured (docs/multihost.md): the
 # losses agree to ~1e-6, the parameters to ~1e-3 at most: Adam divides by the root of tiny second
 # moments in the first steps, so a last-bit difference in a reduction order can move a weight by
