@@ -444,7 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if k.endswith("top1") and "knn_k20" in k or k in ("linear_best_test_top1",)
     )
     _print(f"results ({os.path.join(workdir, report.RESULTS_JSON)}, {report.RESULTS_MD}): {summary}")
-    if config.eval.report and jax.process_index() == 0:
+    if config.eval.report:  # every process: the feature map's features are a collective computation
         write_run_report(config, workdir, (graphdef, params), int(trainer.state.step), trainer.mesh)
     if config.dataset.synthetic:
         _print(SYNTHETIC_DATA_NOTE.format(name=config.dataset.name))

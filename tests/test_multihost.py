@@ -202,6 +202,9 @@ def test_every_process_prints_its_id_and_devices_and_one_process_is_unchanged(ru
             f"process {process_id} of 2: 2 local device(s) [cpu:" in log and "4 global device(s) (cpu)" in log
         ), log[-3000:]
     assert "step 4/4" in logs[0] and "step 4/4" not in logs[1]  # process 0 alone logs progress
+    # The report's feature map needs every process (it hung when process 0 computed it alone).
+    workdir, _ = runs["2x2"]
+    assert os.path.exists(os.path.join(workdir, "report.html")) and "wrote " in logs[0]
     _, (single,) = runs["1x2"]
     assert "process 0 of" not in single and "2 device(s) (2 x cpu) in 1 process(es)" in single
 

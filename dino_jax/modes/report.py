@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import ml_collections
 
-from dino_jax import checkpointing, config as config_lib, evaluation
+from dino_jax import checkpointing, evaluation
+from dino_jax import config as config_lib
 from dino_jax.data import sources
 from dino_jax.modes.paths import check_output_folder
 from dino_jax.viz import run_report
@@ -25,8 +27,9 @@ def run(
     backbone: tuple | None = None,
     step: int | None = None,
     mesh=None,
-) -> str:
-    """Writes `<workdir>/report.html` and `<workdir>/report/*.png`; returns the page's path.
+) -> str | None:
+    """Writes `<workdir>/report.html` and `<workdir>/report/*.png`; returns the page's path (None in
+    processes other than 0 of a multi-process run, which only help compute the features).
 
     `config` defaults to the workdir's `config.json`. The feature maps use `backbone` (a ViT
     `(graphdef, params)` trained with the config's pixel statistics, at `step`), else the teacher
@@ -71,6 +74,8 @@ def run(
                 what=f"the teacher's final-norm CLS features{where} of {len(labels)} fixed "
                 f"{config.dataset.name} test images",
             )
+    if jax.process_index() != 0:  # every process took part in the features; one writes
+        return None
     path = run_report.write_report(workdir, config, feature_map=feature_map, notes=notes, log=_print)
     figures = len(os.listdir(os.path.join(workdir, run_report.FIGURES_DIR)))
     _print(f"wrote {path} ({figures} figures in {os.path.join(workdir, run_report.FIGURES_DIR)})")
