@@ -301,13 +301,19 @@ def _brief(error: BaseException, limit: int = 300) -> str:
 
 
 class _DropOrbaxOrphanTaskErrors(logging.Filter):
-    """asyncio logs "Task exception was never retrieved" (with a traceback) for each of orbax's
-    parallel reads that failed after the first failure was raised; the first is reported."""
+    """asyncio logs "Task exception was never retrieved" or "Future exception was never retrieved"
+    (with a traceback) for each of orbax's parallel reads that failed after the first failure was
+    raised; the first is reported. Recognised by the error (tensorstore names its spec) or by a
+    frame in orbax."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+        message = str(record.msg)
+        if "exception was never retrieved" not in message or not record.exc_info:
             return True
-        frames = traceback.extract_tb(record.exc_info[2])
+        error = record.exc_info[1]
+        if "tensorstore_spec" in str(error):
+            return False
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
         return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
