@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from bench import torch_baseline
 from dino_jax import config as config_lib, sharding, train
 from dino_jax.data.normalize import normalize_images
 from dino_jax.interop import load, resume, torch_convert, torch_keys
@@ -78,23 +79,8 @@ def reference_run_at(path, config, plan):
         param.requires_grad = False
     optimizer = torch.optim.AdamW(ref.get_params_groups(student))
     optimizer.load_state_dict(checkpoint["optimizer"])
-    t, spe = config.train, plan.steps_per_epoch
-    loss = ref.DINOLoss(
-        config.head.out_dim,
-        2 + config.augment.num_local_crops,
-        t.warmup_teacher_temp,
-        t.teacher_temp,
-        t.warmup_teacher_temp_epochs,
-        t.epochs,
-        student_temp=t.student_temp,
-        center_momentum=t.center_momentum,
-    )
+    loss, schedules = torch_baseline.build_loss_and_schedules(ref, config, plan)
     loss.center = checkpoint["dino_loss"]["center"].clone()
-    schedules = {
-        "lr_schedule": ref.cosine_scheduler(plan.peak_lr, t.min_lr, t.epochs, spe, t.warmup_epochs),
-        "wd_schedule": ref.cosine_scheduler(t.weight_decay, t.weight_decay_end, t.epochs, spe),
-        "momentum_schedule": ref.cosine_scheduler(t.momentum_teacher, 1.0, t.epochs, spe),
-    }
     return student, teacher, optimizer, loss, schedules
 
 
