@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dino_jax.models import vit as vit_lib
+from dino_jax.models import fused_grads, vit as vit_lib
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig, weight_norm_linear
 from dino_jax.models.vit import ViTConfig, VisionTransformer
@@ -122,10 +122,10 @@ def test_gelu_and_its_gradient_match_the_exact_gelu_in_float64():
     # d/dx x/2 (1 + erf(x / sqrt 2)) = (1 + erf(x / sqrt 2)) / 2 + x exp(-x^2 / 2) / sqrt(2 pi)
     density = np.exp(-0.5 * x64**2) / math.sqrt(2 * math.pi)
     expected_grad = 0.5 * (1.0 + erf(x64 / math.sqrt(2.0))) + x64 * density
-    np.testing.assert_allclose(vit_lib.gelu(x), expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.vmap(jax.grad(vit_lib.gelu))(x), expected_grad, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fused_grads.gelu(x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(fused_grads.gelu))(x), expected_grad, rtol=1e-6, atol=1e-6)
     # The erf form loses the far negative tail to cancellation (-0 for ~-1e-7), as torch's does.
-    np.testing.assert_allclose(vit_lib.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fused_grads.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
 
 
 def test_drop_path_is_per_sample_and_rescaled():
@@ -280,6 +280,52 @@ def test_head_single_layer_and_no_activation_after_bottleneck():
     bottleneck = x @ head.mlp[0].kernel[...]
     bottleneck = bottleneck / jnp.linalg.norm(bottleneck, axis=-1, keepdims=True)
     np.testing.assert_allclose(head(x), bottleneck @ head.last_layer.weight(), atol=1e-6)
+
+
+def test_layer_norm_and_its_written_out_gradients_match_autodiff_of_the_formula():
+    rng = np.random.default_rng(0)
+    # An offset mean and uneven scale, where a one-pass variance would lose digits.
+    x = jnp.asarray(rng.standard_normal((3, 5, 48)) * 4.0 + 30.0, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, 48), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(48), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((3, 5, 48)), jnp.float32)
+
+    def formula(x, scale, bias):
+        centred = x - x.mean(-1, keepdims=True)
+        return centred / jnp.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6) * scale + bias
+
+    expected_y, expected_vjp = jax.vjp(formula, x, scale, bias)
+    y, vjp = jax.vjp(lambda x, s, b: fused_grads.layer_norm(x, s, b, 1e-6), x, scale, bias)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("x", "scale", "bias"), vjp(dy), expected_vjp(dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"gradient of {name}")
+
+    module = fused_grads.LayerNorm(48, epsilon=1e-6, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    module.scale[...], module.bias[...] = scale, bias
+    flax_norm = nnx.LayerNorm(48, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
+    flax_norm.scale[...], flax_norm.bias[...] = scale, bias
+    np.testing.assert_allclose(module(x), flax_norm(x), rtol=1e-5, atol=1e-5)
+    module.dtype = jnp.bfloat16
+    assert module(x).dtype == jnp.bfloat16
+
+
+def test_token_linear_flattens_tokens_and_matches_the_3d_product():
+    layer = vit_lib.linear(16, 24, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    layer.bias[...] = jnp.arange(24, dtype=jnp.float32) / 10
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(1), (3, 7, 16))
+
+    def through_layer(params, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+
+    def three_d(params, x):
+        return jnp.sum(jnp.sin(jnp.einsum("bnd,de->bne", x, params["kernel"][...]) + params["bias"][...]))
+
+    assert layer(x).shape == (3, 7, 24)
+    np.testing.assert_allclose(through_layer(params, x), three_d(params, x), rtol=1e-5)
+    got, want = jax.grad(through_layer, (0, 1))(params, x), jax.grad(three_d, (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_norm_linear_gradients_match_autodiff_of_the_weight_form():

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dino_jax import reductions
-from dino_jax.models.vit import COMPUTE_DTYPES, gelu, linear, torch_default_uniform_init
+from dino_jax.models.fused_grads import gelu
+from dino_jax.models.vit import COMPUTE_DTYPES, linear, torch_default_uniform_init
 
 
 @dataclasses.dataclass(frozen=True)
