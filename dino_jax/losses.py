@@ -30,27 +30,70 @@ def dino_loss(
     num_rows = student_logits_VBxK.shape[0]
     if num_rows % num_crops:
         raise ValueError(f"{num_rows} student rows do not split into {num_crops} crops")
+    if num_crops < 2:
+        raise ValueError(f"num_crops {num_crops} must be at least 2 (the two global views)")
     batch = num_rows // num_crops
     if teacher_logits_2BxK.shape[0] != 2 * batch:
         raise ValueError(
             f"teacher has {teacher_logits_2BxK.shape[0]} rows, expected 2 global crops x {batch} images"
         )
-    student_log_probs_VxBxK = jax.nn.log_softmax(
-        (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(num_crops, batch, -1), axis=-1
-    )
     teacher_centred = (teacher_logits_2BxK.astype(jnp.float32) - center_1xK) / teacher_temperature
     teacher_probs_2xBxK = jax.lax.stop_gradient(
         jax.nn.softmax(teacher_centred, axis=-1).reshape(2, batch, -1)
     )
-
-    # cross_entropy_2xV[t, v] = mean over the batch of -sum_k q_t log p_v; then drop t == v.
-    cross_entropy_2xV = -jnp.einsum("tbk,vbk->tv", teacher_probs_2xBxK, student_log_probs_VxBxK) / batch
-    same_view = jnp.eye(2, num_crops, dtype=bool)
-    num_terms = 2 * (num_crops - 1)
-    loss = jnp.sum(jnp.where(same_view, 0.0, cross_entropy_2xV)) / num_terms
-
+    student_scaled_VxBxK = (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(
+        num_crops, batch, -1
+    )
+    loss = _cross_entropy_other_views(student_scaled_VxBxK, teacher_probs_2xBxK)
     monitors = teacher_monitors(teacher_probs_2xBxK.reshape(2 * batch, -1))
     return loss, monitors
+
+
+@jax.custom_vjp
+def _cross_entropy_other_views(student_scaled_VxBxK: jax.Array, teacher_probs_2xBxK: jax.Array) -> jax.Array:
+    """Mean over the pairs (teacher view t, student view v != t) of mean_b -sum_k q_t log softmax(s_v).
+
+    Written as `(q_0 + q_1) . sum_v log p_v` minus the two same-view terms, one elementwise pass and
+    a sum. The backward is the closed form `ds_v = (n_v softmax(s_v) - sum_{t != v} q_t) / (B terms)`
+    (n_v teacher views pair with v; each q_t sums to 1), one pass over the logits: autodiff of the
+    forward made XLA:CPU contract the (2, V) pair matrix over batch x out_dim as a slow matrix
+    product and reduce the log-softmax gradient in a second pass (docs/benchmarks.md).
+    """
+    return _cross_entropy_forward(student_scaled_VxBxK, teacher_probs_2xBxK)[0]
+
+
+def _cross_entropy_forward(student_scaled_VxBxK, teacher_probs_2xBxK):
+    num_views, batch = student_scaled_VxBxK.shape[:2]
+    log_norm_VxBx1 = jax.nn.logsumexp(student_scaled_VxBxK, axis=-1, keepdims=True)
+    log_probs_VxBxK = student_scaled_VxBxK - log_norm_VxBx1
+    q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
+    log_prob_sum_BxK = log_probs_VxBxK[0]
+    for view in range(1, num_views):
+        log_prob_sum_BxK = log_prob_sum_BxK + log_probs_VxBxK[view]
+    cross_BxK = (q0_BxK + q1_BxK) * log_prob_sum_BxK - q0_BxK * log_probs_VxBxK[0] - q1_BxK * log_probs_VxBxK[1]
+    loss = -jnp.sum(cross_BxK) / (batch * _num_terms(num_views))
+    return loss, (student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK)
+
+
+def _cross_entropy_backward(residuals, dloss):
+    student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK = residuals
+    num_views, batch = student_scaled_VxBxK.shape[:2]
+    q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
+    # The global views pair with the other one teacher view, the local views with both.
+    others_VxBxK = jnp.stack([q1_BxK, q0_BxK] + [q0_BxK + q1_BxK] * (num_views - 2))
+    pairs_Vx1x1 = jnp.asarray([1.0, 1.0] + [2.0] * (num_views - 2), jnp.float32).reshape(num_views, 1, 1)
+    probs_VxBxK = jnp.exp(student_scaled_VxBxK - log_norm_VxBx1)
+    scale = dloss / (batch * _num_terms(num_views))
+    return (pairs_Vx1x1 * probs_VxBxK - others_VxBxK) * scale, None
+
+
+_cross_entropy_other_views.defvjp(_cross_entropy_forward, _cross_entropy_backward)
+
+
+def _num_terms(num_views: int) -> int:
+    return 2 * (num_views - 1)
+
+
 
 
 def teacher_monitors(teacher_probs_NxK: jax.Array) -> dict[str, jax.Array]:
