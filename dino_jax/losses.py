@@ -79,12 +79,14 @@ def _cross_entropy_backward(residuals, dloss):
     student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK = residuals
     num_views, batch = student_scaled_VxBxK.shape[:2]
     q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
-    # The global views pair with the other one teacher view, the local views with both.
-    others_VxBxK = jnp.stack([q1_BxK, q0_BxK] + [q0_BxK + q1_BxK] * (num_views - 2))
-    pairs_Vx1x1 = jnp.asarray([1.0, 1.0] + [2.0] * (num_views - 2), jnp.float32).reshape(num_views, 1, 1)
+    # Global view v pairs with the other teacher view (q_0 + q_1 - q_v), a local view with both:
+    # selects on the view index, so that the whole gradient is one elementwise pass.
+    view_Vx1x1 = jax.lax.broadcasted_iota(jnp.int32, (num_views, 1, 1), 0)
+    same_view_VxBxK = jnp.where(view_Vx1x1 == 0, q0_BxK, jnp.where(view_Vx1x1 == 1, q1_BxK, 0.0))
+    pairs_Vx1x1 = jnp.where(view_Vx1x1 < 2, 1.0, 2.0)
     probs_VxBxK = jnp.exp(student_scaled_VxBxK - log_norm_VxBx1)
     scale = dloss / (batch * _num_terms(num_views))
-    return (pairs_Vx1x1 * probs_VxBxK - others_VxBxK) * scale, None
+    return (pairs_Vx1x1 * probs_VxBxK - (q0_BxK + q1_BxK - same_view_VxBxK)) * scale, None
 
 
 _cross_entropy_other_views.defvjp(_cross_entropy_forward, _cross_entropy_backward)
