@@ -39,7 +39,7 @@ def dino_loss(
         )
     teacher_centred = (teacher_logits_2BxK.astype(jnp.float32) - center_1xK) / teacher_temperature
     teacher_probs_2xBxK = jax.lax.stop_gradient(
-        jax.nn.softmax(teacher_centred, axis=-1).reshape(2, batch, -1)
+        reductions.softmax(teacher_centred).reshape(2, batch, -1)
     )
     student_scaled_VxBxK = (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(
         num_crops, batch, -1
@@ -64,7 +64,7 @@ def _cross_entropy_other_views(student_scaled_VxBxK: jax.Array, teacher_probs_2x
 
 def _cross_entropy_forward(student_scaled_VxBxK, teacher_probs_2xBxK):
     num_views, batch = student_scaled_VxBxK.shape[:2]
-    log_norm_VxBx1 = jax.nn.logsumexp(student_scaled_VxBxK, axis=-1, keepdims=True)
+    log_norm_VxBx1 = reductions.logsumexp(student_scaled_VxBxK)
     log_probs_VxBxK = student_scaled_VxBxK - log_norm_VxBx1
     q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
     log_prob_sum_BxK = log_probs_VxBxK[0]
@@ -108,7 +108,7 @@ def teacher_monitors(teacher_probs_NxK: jax.Array) -> dict[str, jax.Array]:
       falls.
     """
     log_probs = jnp.log(jnp.clip(teacher_probs_NxK, 1e-30))
-    per_image = -jnp.sum(teacher_probs_NxK * log_probs, axis=-1).mean()
+    per_image = -jnp.mean(reductions.row_sum(teacher_probs_NxK * log_probs))
     mean_probs = reductions.column_mean(teacher_probs_NxK)[0]
     batch = -jnp.sum(mean_probs * jnp.log(jnp.clip(mean_probs, 1e-30)))
     return {"teacher_entropy": per_image, "teacher_batch_entropy": batch}
