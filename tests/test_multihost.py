@@ -43,9 +43,10 @@ RUN_TIMEOUT_S = 900  # all runs together: bounds a hang (about 2 min on an idle 
 # up to ~2 * lr (1.25e-4 here) per step.
 LOSS_TOL = 1e-4
 PARAM_TOL = 5e-3
-# Percent: at most one of the 360 test images voted differently (features that differ by ~1e-4
-# can reorder two near-equal neighbours). A misaligned gather of rows and labels costs tens.
-KNN_TOL = 100 / 360 + 1e-6
+# Percent: at most three of the 360 test images voted differently (features that differ by ~1e-4
+# can reorder two near-equal neighbours; 2x2 against 1x4 has flipped one or two). A misaligned
+# gather of rows and labels costs tens of points.
+KNN_TOL = 3 * 100 / 360 + 1e-6
 
 # Layouts, each `processes x devices per process`. A run of several processes gets the two cores
 # to itself (more at once only makes its processes wait for each other in every collective); the
