@@ -38,9 +38,7 @@ def dino_loss(
             f"teacher has {teacher_logits_2BxK.shape[0]} rows, expected 2 global crops x {batch} images"
         )
     teacher_centred = (teacher_logits_2BxK.astype(jnp.float32) - center_1xK) / teacher_temperature
-    teacher_probs_2xBxK = jax.lax.stop_gradient(
-        reductions.softmax(teacher_centred).reshape(2, batch, -1)
-    )
+    teacher_probs_2xBxK = jax.lax.stop_gradient(reductions.softmax(teacher_centred).reshape(2, batch, -1))
     student_scaled_VxBxK = (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(
         num_crops, batch, -1
     )
@@ -70,7 +68,9 @@ def _cross_entropy_forward(student_scaled_VxBxK, teacher_probs_2xBxK):
     log_prob_sum_BxK = log_probs_VxBxK[0]
     for view in range(1, num_views):
         log_prob_sum_BxK = log_prob_sum_BxK + log_probs_VxBxK[view]
-    cross_BxK = (q0_BxK + q1_BxK) * log_prob_sum_BxK - q0_BxK * log_probs_VxBxK[0] - q1_BxK * log_probs_VxBxK[1]
+    cross_BxK = (
+        (q0_BxK + q1_BxK) * log_prob_sum_BxK - q0_BxK * log_probs_VxBxK[0] - q1_BxK * log_probs_VxBxK[1]
+    )
     loss = -jnp.sum(cross_BxK) / (batch * _num_terms(num_views))
     return loss, (student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK)
 
@@ -94,8 +94,6 @@ _cross_entropy_other_views.defvjp(_cross_entropy_forward, _cross_entropy_backwar
 
 def _num_terms(num_views: int) -> int:
     return 2 * (num_views - 1)
-
-
 
 
 def teacher_monitors(teacher_probs_NxK: jax.Array) -> dict[str, jax.Array]:

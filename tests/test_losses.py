@@ -135,4 +135,6 @@ def test_rows_that_do_not_split_into_crops_are_rejected():
             np.zeros((10, 3)), np.zeros((4, 3)), np.zeros((1, 3)), num_crops=4, teacher_temperature=0.04
         )
     with pytest.raises(ValueError, match="at least 2"):
-        losses.dino_loss(np.zeros((4, 3)), np.zeros((8, 3)), np.zeros((1, 3)), num_crops=1, teacher_temperature=0.04)
+        losses.dino_loss(
+            np.zeros((4, 3)), np.zeros((8, 3)), np.zeros((1, 3)), num_crops=1, teacher_temperature=0.04
+        )

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dino_jax.models import fused_grads, vit as vit_lib
+from dino_jax.models import fused_grads
+from dino_jax.models import vit as vit_lib
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig, weight_norm_linear
-from dino_jax.models.vit import ViTConfig, VisionTransformer
+from dino_jax.models.vit import VisionTransformer, ViTConfig
 
 TINY = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

@@ -30,20 +30,28 @@ def test_row_sum_logsumexp_and_softmax_match_float64():
     x64 = x.astype(np.float64)
     shifted = x64 - x64.max(-1, keepdims=True)
     expected_lse = x64.max(-1, keepdims=True) + np.log(np.exp(shifted).sum(-1, keepdims=True))
-    np.testing.assert_allclose(jax.jit(reductions.row_sum)(x), x64.sum(-1, keepdims=True), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        jax.jit(reductions.row_sum)(x), x64.sum(-1, keepdims=True), rtol=1e-5, atol=1e-3
+    )
     np.testing.assert_allclose(jax.jit(reductions.logsumexp)(x), expected_lse, rtol=1e-6)
     np.testing.assert_allclose(
         jax.jit(reductions.softmax)(x), np.exp(x64 - expected_lse), rtol=1e-5, atol=1e-7
     )
     # Differentiable like jax.nn's: the gradient of logsumexp is the softmax.
     np.testing.assert_allclose(
-        jax.grad(lambda x: jnp.sum(reductions.logsumexp(x)))(jnp.asarray(x)), np.exp(x64 - expected_lse), atol=1e-6
+        jax.grad(lambda x: jnp.sum(reductions.logsumexp(x)))(jnp.asarray(x)),
+        np.exp(x64 - expected_lse),
+        atol=1e-6,
     )
 
 
 @pytest.mark.parametrize(
     "reduction, shape",
-    [(reductions.column_sum, (8, 4096)), (reductions.row_sum, (8, 4096)), (reductions.logsumexp, (2, 8, 4096))],
+    [
+        (reductions.column_sum, (8, 4096)),
+        (reductions.row_sum, (8, 4096)),
+        (reductions.logsumexp, (2, 8, 4096)),
+    ],
 )
 def test_the_product_form_is_lowered_for_the_cpu_only(reduction, shape):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)

@@ -75,7 +75,9 @@ def _layer_norm_backward(eps, residuals, dy_RxD):
     dy = dy_RxD.astype(jnp.float32)
     g = dy * scale_D
     dx = inv_std * (
-        g - jnp.mean(g, axis=-1, keepdims=True) - normalised * jnp.mean(g * normalised, axis=-1, keepdims=True)
+        g
+        - jnp.mean(g, axis=-1, keepdims=True)
+        - normalised * jnp.mean(g * normalised, axis=-1, keepdims=True)
     )
     lead_axes = tuple(range(dy.ndim - 1))
     dscale = jnp.sum(dy * normalised, axis=lead_axes)
