@@ -52,16 +52,10 @@ def layer_norm(x_RxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: flo
     return _layer_norm_forward(x_RxD, scale_D, bias_D, eps)[0]
 
 
-def _statistics(x_f32):
-    mean = jnp.mean(x_f32, axis=-1, keepdims=True)
-    centred = x_f32 - mean
-    variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return centred, variance
-
-
 def _layer_norm_forward(x_RxD, scale_D, bias_D, eps):
     x = x_RxD.astype(jnp.float32)
-    centred, variance = _statistics(x)
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
     inv_std = jax.lax.rsqrt(variance + eps)
     y = centred * inv_std * scale_D + bias_D
     return y.astype(x_RxD.dtype), (x_RxD, scale_D, inv_std)
