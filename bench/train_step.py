@@ -501,11 +501,15 @@ def main():
     args = parse_args()
     threads = limit_threads(args.threads)
     args.threads_in_force = threads
+    from dino_jax import host_memory
 
+    # Before JAX starts, as the CLI does; DINO_JAX_HOST_MALLOC=default measures without it.
+    host_memory_kept = host_memory.keep_freed_host_memory()
     import jax
 
     report = {
         "device": jax.devices()[0].platform,
+        "host_memory_kept": host_memory_kept,
         "threads": threads,
         "torch_threads": threads,
         "torch_in_process": args.torch_in_process,

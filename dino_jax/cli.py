@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dino_jax import distributed  # noqa: E402  (its flags; it imports JAX only when main calls it)
+from dino_jax import distributed, host_memory  # noqa: E402  (distributed imports JAX only when main calls it)
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # Modules of dino_jax/configs/ that are not recipes.
@@ -215,6 +215,7 @@ def parse_flags(argv):
 
 def run() -> None:
     """The `dino-jax` command (pyproject.toml's entry point) and `python launch.py`."""
+    host_memory.keep_freed_host_memory()  # before JAX starts its CPU client (host_memory.py)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -19,7 +19,15 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from dino_jax import accelerator, checkpointing, config as config_lib, evaluation, hooks as hooks_lib, optim
+from dino_jax import (
+    accelerator,
+    checkpointing,
+    config as config_lib,
+    evaluation,
+    hooks as hooks_lib,
+    host_memory,
+    optim,
+)
 from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
 from dino_jax.data import pipeline
 from dino_jax.eval import report
@@ -294,6 +302,8 @@ class Trainer:
         config, plan = self.config, self.plan
         start = self.restore_if_any() if start_step is None else start_step
         _print(accelerator.describe_backend(jax.default_backend(), jax.devices(), jax.process_count()))
+        if jax.default_backend() == "cpu":
+            _print(host_memory.describe())
         _print(
             f"training {plan.train_steps} steps ({plan.steps_per_epoch} per epoch, batch "
             f"{config.train.batch_size}, {jax.device_count()} device(s), augment on {config.augment.on}); "

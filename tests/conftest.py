@@ -3,7 +3,12 @@ import os
 import jax
 import pytest
 
+from dino_jax import host_memory
 from tests.optional_torch import torch
+
+# As the CLI does, before any test starts JAX: XLA:CPU's temporaries are reused instead of faulted
+# in afresh on every call (dino_jax/host_memory.py).
+host_memory.keep_freed_host_memory()
 
 # CI services set CI=true (and .ci/run does): there a parity test that would be skipped for want of
 # torch fails the run instead, so a broken install cannot pass as green.
