@@ -24,7 +24,6 @@ JAX starts its CPU client, i.e. before the first JAX computation or `jax.devices
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from collections.abc import Mapping
@@ -65,17 +64,22 @@ def reason_not_to_keep(
     return None
 
 
+def reason_not_to_keep_here() -> str | None:
+    """`reason_not_to_keep` for this process: its environment, plugins, system and C library."""
+    return reason_not_to_keep(
+        os.environ, accelerator.installed_plugins(), platform.system(), platform.libc_ver()[0]
+    )
+
+
 def keep_freed_host_memory() -> bool:
     """Applies the settings when this process will run JAX on the CPU under glibc; True when they
     are in force. Call it before the first JAX computation; later calls change nothing."""
     global _called, _not_kept_because
     if not _called:
         _called = True
-        _not_kept_because = reason_not_to_keep(
-            os.environ, accelerator.installed_plugins(), platform.system(), platform.libc_ver()[0]
-        )
+        _not_kept_because = reason_not_to_keep_here()
         if _not_kept_because is None:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            libc = ctypes.CDLL(None)  # the process's own symbols: glibc's mallopt
             # mallopt returns 1 on success; each setting is independent, so all are tried.
             refused = [param for param, value in SETTINGS if libc.mallopt(param, value) != 1]
             if refused:

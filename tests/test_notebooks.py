@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dino_jax import hooks
+from dino_jax import hooks, host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
@@ -85,6 +85,9 @@ def test_quickstart_trains_shows_curves_and_attention_and_evaluates(quickstart):
     assert "knn_k20_top1" in text and "random_init_knn_k20_top1" in text
     assert "Weighted kNN" in text and "Command: `a notebook" in text  # results.md, displayed
     assert "no TensorBoard here" in text  # not installed here; Colab has it
+    # Set before JAX starts (dino_jax/host_memory.py), where it applies.
+    kept = host_memory.reason_not_to_keep_here() is None
+    assert ("host memory: freed memory kept for reuse" in text) == kept
     assert images_shown(notebook) == 2  # the curves, the first and last attention panels
     # The kNN monitor every 3 steps (the smoke run's 6 steps are less than an epoch) and its panels.
     monitor_steps = [row["step"] for row in hooks.read_metrics(workdir) if "monitor_seconds" in row]
