@@ -169,8 +169,11 @@ def build_networks(torch, config, weights: dict[str, np.ndarray] | None = None):
     (a `torch_convert.dino_to_torch` state dict) where given; otherwise the student keeps the
     reference's own initialisation and the teacher starts as a copy of it."""
     from dino_jax import config as config_lib
+    from dino_jax import precision
     from tests import torch_reference as ref
 
+    # Only the sizes are read here; the PyTorch step's precision is `run`'s (autocast or not).
+    config = precision.with_dtype(config, "float32")
     vit_config = config_lib.vit_config(config, drop_path=True)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
 

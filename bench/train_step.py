@@ -148,6 +148,7 @@ def make_config(name: str, args, out_dim: int | None = None):
     if out_dim is not None:
         config.head.out_dim = out_dim
     config.train.freeze_last_layer = 0
+    config.model.dtype = "float32"  # beside the reference's float32 step, whatever model.dtype=auto picks
     if args.no_drop_path:
         config.model.drop_path_rate = 0.0
     config_lib.validate(config)

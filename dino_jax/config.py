@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError listing every problem found in `config`."""
+    from dino_jax import precision
     from dino_jax.data import pipeline, sources
     from dino_jax.eval import fewshot, suite
     from dino_jax.models import vit
@@ -59,7 +60,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"a multiple of model.num_heads ({m.num_heads})",
         )
     check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "a rate in [0, 1)")
-    check(m.dtype in vit.COMPUTE_DTYPES, "model.dtype", m.dtype, f"one of {vit.COMPUTE_DTYPES}")
+    check(
+        m.dtype == precision.AUTO or m.dtype in vit.COMPUTE_DTYPES,
+        "model.dtype",
+        m.dtype,
+        f"{precision.AUTO!r} (by device) or one of {vit.COMPUTE_DTYPES}",
+    )
 
     check(h.out_dim > 0, "head.out_dim", h.out_dim, "a positive integer")
     check(h.nlayers >= 1, "head.nlayers", h.nlayers, "at least 1")
@@ -242,10 +248,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def vit_config(config: ml_collections.ConfigDict, *, drop_path: bool):
-    """The backbone's typed config; `drop_path=False` for the teacher and evaluation."""
+    """The backbone's typed config; `drop_path=False` for the teacher and evaluation. Raises
+    ConfigError for `model.dtype="auto"`, which only a run resolves (`precision.resolved_config`)."""
+    from dino_jax import precision
     from dino_jax.models import vit
 
     m = config.model
+    if m.dtype == precision.AUTO:
+        raise ConfigError(
+            "config.model.dtype = 'auto': a model needs a concrete compute dtype; resolve it for the "
+            "devices first (dino_jax.precision.resolved_config, as train.Trainer does) or set float32, "
+            "bfloat16 or float16"
+        )
     overrides = dict(
         image_size=config.augment.global_crop_size,
         patch_size=m.patch_size,

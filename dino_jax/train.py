@@ -27,6 +27,7 @@ from dino_jax import (
     hooks as hooks_lib,
     host_memory,
     optim,
+    precision,
 )
 from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
 from dino_jax.data import pipeline
@@ -137,6 +138,9 @@ class Trainer:
                 "`bash install.sh`, or pass --config.train.log_to=\"('jsonl',)\""
             )
         use_compilation_cache(config.train.compilation_cache_dir)
+        # model.dtype="auto" made concrete, once, for these devices and this workdir's earlier run.
+        config, self.precision = precision.resolved_config(config, workdir)
+        _print(self.precision.line)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
         self.mesh = sharding.make_mesh()
@@ -164,6 +168,8 @@ class Trainer:
             max_to_keep=t.keep_checkpoints,
             save_every_steps=t.checkpoint_every_steps,
         )
+        if self.checkpointer.latest_step() is not None:
+            precision.check_resumable(self.precision, self.checkpointer.directory)
         self.interrupted_by: str | None = None  # set by train(): the signal that stopped it
 
     def restore_if_any(self) -> int:
@@ -413,6 +419,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     evaluation; returns it (percent)."""
     started = time.perf_counter()
     trainer = Trainer(config, workdir)
+    config = trainer.config  # model.dtype resolved: what config.json records and evaluation reads
     image_size = config.augment.global_crop_size
     norm = dict(mean=config.dataset.mean, std=config.dataset.std)
     if (

@@ -84,6 +84,10 @@ def test_digits_smoke_run_writes_results_metrics_and_a_checkpoint(smoke_run):
     # The devices the run used (dino_jax/accelerator.py), printed before training starts.
     devices = re.search(r"JAX backend \w+: \d+ device\(s\) \(.+\) in 1 process\(es\)", out.stderr)
     assert devices and devices.start() < out.stderr.index("training 6 steps")
+    # No dtype given: model.dtype=auto resolved for the CPU (dino_jax/precision.py), said and recorded.
+    assert "compute dtype: float32 (model.dtype=auto on the CPU)\n" in out.stderr
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["dtype"] == "float32"
     # The CLI's malloc settings (dino_jax/host_memory.py), where they apply.
     kept = host_memory.reason_not_to_keep_here() is None
     assert ("host memory: freed memory kept for reuse" in out.stderr) == kept

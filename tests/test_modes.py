@@ -101,6 +101,7 @@ def test_training_workdir_exports_to_reference(tmp_path):
     from dino_jax.state import TrainState
 
     config = digits.get_config("smoke")
+    config.model.dtype = "float32"  # what a run's config.json records (never "auto")
     vit_config = config_lib.vit_config(config, drop_path=False)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
     _, params = nnx.split(DINO(vit_config, head_config, rngs=nnx.Rngs(0)), nnx.Param)

@@ -274,6 +274,7 @@ def test_a_workdir_of_another_model_size_is_refused_naming_the_parameters_that_d
 @pytest.fixture(scope="module")
 def state():
     config = digits.get_config("smoke")
+    config.model.dtype = "float32"  # build_training takes a resolved dtype, not "auto"
     return train.build_training(config, 1437, sharding.make_mesh()).state
 
 

@@ -8,9 +8,11 @@ from dino_jax import config as config_lib, sharding, train
 
 
 def tiny_config(**overrides):
-    """digits:smoke (32-d, 2 blocks, 256 prototypes, 2 local crops), plus overrides like
-    `{"train.freeze_last_layer": 1}`."""
+    """digits:smoke (32-d, 2 blocks, 256 prototypes, 2 local crops) in float32 compute whatever the
+    machine (the tests' expected numbers are float32's; model.dtype=auto is the Trainer's to
+    resolve), plus overrides like `{"train.freeze_last_layer": 1}`."""
     config = digits.get_config("smoke")
+    config.model.dtype = "float32"
     for key, value in overrides.items():
         section, name = key.split(".")
         config[section][name] = value

@@ -50,7 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depth = 0
     c.model.num_heads = 0
     c.model.drop_path_rate = 0.1  # student only; the teacher never drops paths
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (with loss scaling); parameters stay float32
+    # Compute dtype; parameters stay float32. auto: resolved once at the start by dino_jax/precision.py
+    # (bfloat16 on TPUs and GPUs of compute capability >= 8.0, float16 with loss scaling on 7.x,
+    # float32 on the CPU; a resumed run keeps the dtype its config.json records) | float32 |
+    # bfloat16 | float16 (with loss scaling)
+    c.model.dtype = "auto"
 
     c.head = ml_collections.ConfigDict()
     c.head.out_dim = 65536
