@@ -34,12 +34,22 @@ def split_model(model: nnx.Module):
 
 
 def create_train_state(
-    build_model, tx, *, out_dim: int, seed: int, mesh, compute_dtype: str = "float32"
+    build_model,
+    tx,
+    *,
+    out_dim: int,
+    seed: int,
+    mesh,
+    compute_dtype: str = "float32",
+    abstract: bool = False,
 ) -> tuple[Any, TrainState]:
     """Builds the state directly on the mesh, replicated: `build_model(rngs)` runs under jit with
     `out_shardings`, so parameters never sit on one device first.
 
-    The teacher starts as a copy of the student (the reference's `load_state_dict`).
+    The teacher starts as a copy of the student (the reference's `load_state_dict`). With
+    `abstract`, the state is only its shapes (`jax.ShapeDtypeStruct`s carrying their shardings) and
+    nothing is computed: what compiling the step for a device that is not here needs
+    (`bench/gpu_aot.py`).
     """
     from dino_jax import sharding
 
@@ -59,7 +69,11 @@ def create_train_state(
             loss_scale=loss_scale_lib.initial(compute_dtype),
         )
 
-    abstract = jax.eval_shape(init)
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    shapes = jax.eval_shape(init)
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
+    if abstract:
+        return graphdef, jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+        )
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state

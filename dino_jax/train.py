@@ -71,8 +71,13 @@ class TrainingParts:
     tx: Any  # the optax optimiser inside step_fn (benchmarks time its update alone)
 
 
-def build_training(config: ml_collections.ConfigDict, num_train_examples: int, mesh) -> TrainingParts:
-    """Schedules, optimiser, sharded initial state and the jitted step, from a validated config."""
+def build_training(
+    config: ml_collections.ConfigDict, num_train_examples: int, mesh, *, abstract_state: bool = False
+) -> TrainingParts:
+    """Schedules, optimiser, sharded initial state and the jitted step, from a validated config.
+
+    `abstract_state`: the state as shapes with their shardings, nothing computed (the mesh may then
+    be one of devices that are not here: `bench/gpu_aot.py` compiles the step for a GPU or TPU)."""
     plan = config_lib.plan_steps(config, num_train_examples)
     t = config.train
     schedules = schedules_lib.build_schedules(
@@ -102,6 +107,7 @@ def build_training(config: ml_collections.ConfigDict, num_train_examples: int, m
         seed=config.seed,
         mesh=mesh,
         compute_dtype=config.model.dtype,
+        abstract=abstract_state,
     )
     crop_config = config_lib.crop_config(config)
     device_augment = None
