@@ -266,6 +266,19 @@ def test_install_sh_passes_its_arguments_to_the_module_and_prints_the_pip_comman
     assert "installing JAX's CUDA 12 build as asked" in out.stderr
 
 
+def test_install_sh_dev_puts_libtpu_in_the_private_folder_the_tpu_compiles_read():
+    from dino_jax import aot
+
+    folder = os.path.expanduser(aot.LIBTPU_CACHE_DIR)
+    command = f"python -m pip install -q --no-deps --upgrade --target {folder} libtpu=={aot.LIBTPU_VERSION}"
+    out = install_sh("dev", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert any(
+        line.startswith(command + "  # only if `import libtpu` fails") for line in out.stdout.splitlines()
+    )
+    assert "libtpu" not in install_sh("cpu").stdout  # the runtime set alone does not compile for TPUs
+
+
 def test_install_sh_stops_on_a_wrong_argument_before_installing_anything():
     out = install_sh("cuda11")
     assert out.returncode == 2

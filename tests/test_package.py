@@ -63,6 +63,16 @@ def test_each_extra_holds_the_pins_of_its_requirements_file(extra, requirements,
     assert requirement.specifier.contains(version), (extra, requirement, version)
 
 
+def test_libtpu_has_one_version():
+    # install.sh installs requirements-tpu.txt's libtpu (into aot.LIBTPU_CACHE_DIR outside a TPU VM),
+    # where dino_jax/aot.py looks for that version; the compile-only environment pins it too.
+    from dino_jax import aot
+
+    assert pins("requirements-tpu.txt")["libtpu"] == aot.LIBTPU_VERSION
+    assert pins("requirements-aot.txt")["libtpu"] == aot.LIBTPU_VERSION
+    assert aot.LIBTPU_VERSION in aot.LIBTPU_CACHE_DIR
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A fresh venv with `pip install .` of a copy of the package sources (setuptools builds in the
