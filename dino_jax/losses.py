@@ -2,9 +2,18 @@
 
 Pure functions of arrays. Row layout is crop-major, as in the reference: the student's logits are
 `[g1 (B rows), g2, l1, ..., lL]` and the teacher's `[g1, g2]`.
+
+Each pass over the 65,536-wide logits is paid in full on a GPU (2560 x 65536 student logits at
+CIFAR scale, 335 MB a read in float16), so there the softmax statistics of each row (max, sum of
+exponentials, entropy, the teacher-weighted sum) come from one read (`reductions.
+softmax_statistics_one_pass`); the CPU keeps the forms its timings chose (`reductions.py`). The
+choice is made when lowering, per backend (`lax.platform_dependent`); float32 results agree to
+float32 rounding (tests/test_head_loss_gpu_forms.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +46,45 @@ def dino_loss(
         raise ValueError(
             f"teacher has {teacher_logits_2BxK.shape[0]} rows, expected 2 global crops x {batch} images"
         )
-    teacher_centred = (teacher_logits_2BxK.astype(jnp.float32) - center_1xK) / teacher_temperature
-    teacher_probs_2xBxK = jax.lax.stop_gradient(reductions.softmax(teacher_centred).reshape(2, batch, -1))
+    # The teacher is a constant of the loss: stopped before its softmax, no form of which is
+    # then differentiated (the GPU form's variadic reduce has no derivative).
+    teacher_centred_2BxK = jax.lax.stop_gradient(
+        (teacher_logits_2BxK.astype(jnp.float32) - center_1xK) / teacher_temperature
+    )
+    teacher_probs_2BxK, teacher_entropy_2Bx1 = jax.lax.platform_dependent(
+        teacher_centred_2BxK, cuda=_teacher_softmax_one_pass, default=_teacher_softmax
+    )
     student_scaled_VxBxK = (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(
         num_crops, batch, -1
     )
-    loss = _cross_entropy_other_views(student_scaled_VxBxK, teacher_probs_2xBxK)
-    monitors = teacher_monitors(teacher_probs_2xBxK.reshape(2 * batch, -1))
+    loss = _cross_entropy_other_views(student_scaled_VxBxK, teacher_probs_2BxK.reshape(2, batch, -1))
+    monitors = {
+        "teacher_entropy": jnp.mean(teacher_entropy_2Bx1),
+        "teacher_batch_entropy": _batch_entropy(teacher_probs_2BxK),
+    }
     return loss, monitors
+
+
+def _teacher_softmax(teacher_centred_NxK):
+    """`(softmax, entropy of each row (N, 1))`, the row sums as `reductions.row_sum`."""
+    probs_NxK = reductions.softmax(teacher_centred_NxK)
+    return probs_NxK, _row_entropy(probs_NxK)
+
+
+def _teacher_softmax_one_pass(teacher_centred_NxK):
+    """`_teacher_softmax` for GPUs: the normaliser and the entropy from one read of the logits,
+    then one pass writes the softmax; the max, the sum and the entropy were a read each."""
+    log_norm_Nx1, entropy_Nx1, _ = reductions.softmax_statistics_one_pass(teacher_centred_NxK, entropy=True)
+    return jnp.exp(teacher_centred_NxK - log_norm_Nx1), entropy_Nx1
+
+
+def _row_entropy(probs_NxK):
+    return -reductions.row_sum(probs_NxK * jnp.log(jnp.clip(probs_NxK, 1e-30)))
+
+
+def _batch_entropy(probs_NxK):
+    mean_probs = reductions.column_mean(probs_NxK)[0]
+    return -jnp.sum(mean_probs * jnp.log(jnp.clip(mean_probs, 1e-30)))
 
 
 @jax.custom_vjp
@@ -52,7 +92,7 @@ def _cross_entropy_other_views(student_scaled_VxBxK: jax.Array, teacher_probs_2x
     """Mean over the pairs (teacher view t, student view v != t) of mean_b -sum_k q_t log softmax(s_v).
 
     Written as `(q_0 + q_1) . sum_v log p_v` minus the two same-view terms, one elementwise pass and
-    a sum. The backward is the closed form `ds_v = (n_v softmax(s_v) - sum_{t != v} q_t) / (B terms)`
+    a sum (on a GPU, `_cross_entropy_one_pass`: one variadic reduce). The backward is the closed form `ds_v = (n_v softmax(s_v) - sum_{t != v} q_t) / (B terms)`
     (n_v teacher views pair with v; each q_t sums to 1), one pass over the logits: autodiff of the
     forward made XLA:CPU contract the (2, V) pair matrix over batch x out_dim as a slow matrix
     product and reduce the log-softmax gradient in a second pass (docs/benchmarks.md).
@@ -62,6 +102,18 @@ def _cross_entropy_other_views(student_scaled_VxBxK: jax.Array, teacher_probs_2x
 
 def _cross_entropy_forward(student_scaled_VxBxK, teacher_probs_2xBxK):
     num_views, batch = student_scaled_VxBxK.shape[:2]
+    loss, log_norm_VxBx1 = jax.lax.platform_dependent(
+        student_scaled_VxBxK,
+        teacher_probs_2xBxK,
+        cuda=_cross_entropy_one_pass,
+        default=_cross_entropy_log_probs,
+    )
+    return loss / (batch * _num_terms(num_views)), (student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK)
+
+
+def _cross_entropy_log_probs(student_scaled_VxBxK, teacher_probs_2xBxK):
+    """The summed cross-entropy over log-probabilities (one elementwise pass after the logsumexp)."""
+    num_views = student_scaled_VxBxK.shape[0]
     log_norm_VxBx1 = reductions.logsumexp(student_scaled_VxBxK)
     log_probs_VxBxK = student_scaled_VxBxK - log_norm_VxBx1
     q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
@@ -71,22 +123,62 @@ def _cross_entropy_forward(student_scaled_VxBxK, teacher_probs_2xBxK):
     cross_BxK = (
         (q0_BxK + q1_BxK) * log_prob_sum_BxK - q0_BxK * log_probs_VxBxK[0] - q1_BxK * log_probs_VxBxK[1]
     )
-    loss = -jnp.sum(cross_BxK) / (batch * _num_terms(num_views))
-    return loss, (student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK)
+    return -jnp.sum(cross_BxK), log_norm_VxBx1
+
+
+def _cross_entropy_one_pass(student_scaled_VxBxK, teacher_probs_2xBxK):
+    """`_cross_entropy_log_probs` for GPUs, from one read of the student's logits: each row's
+    logsumexp and its sum weighted by the paired teacher views `Q_v` come out of one variadic
+    reduce, and `-sum_k Q_v (s_v - lse_v) = n_v lse_v - sum_k Q_v s_v` (each q_t sums to 1). The
+    max, the sum of exponentials and the weighted sum were a read each."""
+    num_views = student_scaled_VxBxK.shape[0]
+    paired_VxBxK = _paired_teacher(teacher_probs_2xBxK, num_views)
+    log_norm_VxBx1, _, (cross_VxBx1,) = reductions.softmax_statistics_one_pass(
+        student_scaled_VxBxK, plain=[paired_VxBxK * student_scaled_VxBxK]
+    )
+    return jnp.sum(_pairs(num_views) * log_norm_VxBx1 - cross_VxBx1), log_norm_VxBx1
+
+
+def _paired_teacher(teacher_probs_2xBxK, num_views):
+    """(V, B, K): the teacher views student view v pairs with, summed: `q_1` for v = 0, `q_0` for
+    v = 1, `q_0 + q_1` for a local view; selected on the view index, so that it stays elementwise
+    (no (V, B, K) copy). As `q_0 + q_1 - q_v` (the CPU's form, as timed there) XLA's GPU fusion
+    writes `q_0 + q_1` out whole; as masks of q_0 and q_1 it does not."""
+    return jax.lax.platform_dependent(
+        teacher_probs_2xBxK,
+        cpu=functools.partial(_paired_by_subtraction, num_views=num_views),
+        default=functools.partial(_paired_by_masks, num_views=num_views),
+    )
+
+
+def _paired_by_subtraction(teacher_probs_2xBxK, num_views):
+    q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
+    view_Vx1x1 = jax.lax.broadcasted_iota(jnp.int32, (num_views, 1, 1), 0)
+    same_view_VxBxK = jnp.where(view_Vx1x1 == 0, q0_BxK, jnp.where(view_Vx1x1 == 1, q1_BxK, 0.0))
+    return q0_BxK + q1_BxK - same_view_VxBxK
+
+
+def _paired_by_masks(teacher_probs_2xBxK, num_views):
+    view_Vx1x1 = jax.lax.broadcasted_iota(jnp.int32, (num_views, 1, 1), 0)
+    return jnp.where(view_Vx1x1 == 0, 0.0, teacher_probs_2xBxK[0]) + jnp.where(
+        view_Vx1x1 == 1, 0.0, teacher_probs_2xBxK[1]
+    )
+
+
+def _pairs(num_views):
+    """(V, 1, 1): how many teacher views each student view pairs with (1 for a global, 2 for a local)."""
+    view_Vx1x1 = jax.lax.broadcasted_iota(jnp.int32, (num_views, 1, 1), 0)
+    return jnp.where(view_Vx1x1 < 2, 1.0, 2.0)
 
 
 def _cross_entropy_backward(residuals, dloss):
     student_scaled_VxBxK, log_norm_VxBx1, teacher_probs_2xBxK = residuals
     num_views, batch = student_scaled_VxBxK.shape[:2]
-    q0_BxK, q1_BxK = teacher_probs_2xBxK[0], teacher_probs_2xBxK[1]
-    # Global view v pairs with the other teacher view (q_0 + q_1 - q_v), a local view with both:
-    # selects on the view index, so that the whole gradient is one elementwise pass.
-    view_Vx1x1 = jax.lax.broadcasted_iota(jnp.int32, (num_views, 1, 1), 0)
-    same_view_VxBxK = jnp.where(view_Vx1x1 == 0, q0_BxK, jnp.where(view_Vx1x1 == 1, q1_BxK, 0.0))
-    pairs_Vx1x1 = jnp.where(view_Vx1x1 < 2, 1.0, 2.0)
+    # One elementwise pass over the logits.
+    paired_VxBxK = _paired_teacher(teacher_probs_2xBxK, num_views)
     probs_VxBxK = jnp.exp(student_scaled_VxBxK - log_norm_VxBx1)
     scale = dloss / (batch * _num_terms(num_views))
-    return (pairs_Vx1x1 * probs_VxBxK - (q0_BxK + q1_BxK - same_view_VxBxK)) * scale, None
+    return (_pairs(num_views) * probs_VxBxK - paired_VxBxK) * scale, None
 
 
 _cross_entropy_other_views.defvjp(_cross_entropy_forward, _cross_entropy_backward)
@@ -97,7 +189,7 @@ def _num_terms(num_views: int) -> int:
 
 
 def teacher_monitors(teacher_probs_NxK: jax.Array) -> dict[str, jax.Array]:
-    """Two entropies that tell the two kinds of collapse apart.
+    """Two entropies that tell the two kinds of collapse apart (`dino_loss` returns them).
 
     - `teacher_entropy`: mean per-image entropy. At ln(K) every image gets the uniform
       distribution (uniform collapse; the loss then sits at ln(K) too).
@@ -105,11 +197,10 @@ def teacher_monitors(teacher_probs_NxK: jax.Array) -> dict[str, jax.Array]:
       same prototype (one-hot collapse); healthy training keeps it high while the per-image entropy
       falls.
     """
-    log_probs = jnp.log(jnp.clip(teacher_probs_NxK, 1e-30))
-    per_image = -jnp.mean(reductions.row_sum(teacher_probs_NxK * log_probs))
-    mean_probs = reductions.column_mean(teacher_probs_NxK)[0]
-    batch = -jnp.sum(mean_probs * jnp.log(jnp.clip(mean_probs, 1e-30)))
-    return {"teacher_entropy": per_image, "teacher_batch_entropy": batch}
+    return {
+        "teacher_entropy": jnp.mean(_row_entropy(teacher_probs_NxK)),
+        "teacher_batch_entropy": _batch_entropy(teacher_probs_NxK),
+    }
 
 
 def update_center(center_1xK: jax.Array, teacher_logits_2BxK: jax.Array, momentum: float = 0.9) -> jax.Array:

@@ -62,12 +62,14 @@ class BatchNorm(nnx.Module):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def weight_norm_linear(x_NxI: jax.Array, v_IxO: jax.Array, g_1xO: jax.Array, dtype) -> jax.Array:
-    """`x @ (v * g / ||v||)`, column norms of v, products in `dtype`; (N, out) float32.
+    """`x @ (v * g / ||v||)`, column norms of v, products in `dtype`; (N, out) float32 (float16
+    values with 16-bit products on a GPU: `half_precision_logits`).
 
     Computed as `(x @ v) * s` with the per-column scale `s = g / ||v||`: the same product up to
     rounding (~1e-7 relative) without a scaled copy of the (in, out) weight. (XLA:CPU's YNNPACK
     fused the weight scaling, norm included, into the dot and in effect recomputed it inside the
-    matmul: 40x the dot alone at out 65536, batch 16.)
+    matmul: 40x the dot alone at out 65536, batch 16.) A GPU scales the weight instead where the
+    products are 16-bit, so that the logits leave the matrix kernel final.
 
     The backward is PyTorch's weight-norm backward: the gradient of the normalised weight,
     `x^T dy`, projected as `s * (dw - v * sum(dw * v) / ||v||^2)`. Autodiff of the forward would
@@ -78,8 +80,45 @@ def weight_norm_linear(x_NxI: jax.Array, v_IxO: jax.Array, g_1xO: jax.Array, dty
 
 def _weight_norm_linear_forward(x_NxI, v_IxO, g_1xO, dtype):
     norm_1xO = reductions.column_norm(v_IxO)
+    scale_1xO = g_1xO / norm_1xO
+    if jnp.dtype(dtype) == jnp.float32:
+        y_NxO = _scaled_output_product(x_NxI, v_IxO, scale_1xO, dtype)
+    else:
+        y_NxO = jax.lax.platform_dependent(
+            x_NxI,
+            v_IxO,
+            scale_1xO,
+            cuda=functools.partial(half_precision_logits, dtype=dtype),
+            default=functools.partial(_scaled_output_product, dtype=dtype),
+        )
+    return y_NxO, (x_NxI, v_IxO, g_1xO, norm_1xO)
+
+
+def _scaled_output_product(x_NxI, v_IxO, scale_1xO, dtype):
     y_NxO = jnp.dot(x_NxI.astype(dtype), v_IxO.astype(dtype), preferred_element_type=jnp.float32)
-    return y_NxO * (g_1xO / norm_1xO), (x_NxI, v_IxO, g_1xO, norm_1xO)
+    return y_NxO * scale_1xO
+
+
+def half_precision_logits(x_NxI, v_IxO, scale_1xO, dtype):
+    """The 16-bit GPU form of the forward: float32-typed logits holding float16 values.
+
+    `x @ (v * s)` with the (in, out) weight scaled and cast to `dtype` first (its 16.8 M entries,
+    not the 168 M of the student's (2560, 65536) output), float32 accumulation, and the result
+    rounded to float16, as PyTorch's autocast hands the reference's loss fp16 logits. XLA then
+    writes the logits as float16 from the matrix kernel and each reader converts them back: half
+    the bytes of float32 logits at every pass over them. float16 keeps 11 significant bits where
+    bfloat16 keeps 8; the logits are cosines times g (|y| <= |g|), far inside its range, and are
+    clipped to it all the same. Their cotangent stays float32-typed (bfloat16 in the products):
+    float16 would flush the loss gradient's smallest entries (~1e-8) to zero without loss scaling.
+
+    Error against float32 (tests/test_head_loss_gpu_forms.py): the head + loss gradients stay
+    0.3-1.4% of their largest entry off, as with float32 logits (the bfloat16 products set it);
+    bfloat16 logits would have doubled that and quadrupled the loss's error (2e-4 relative).
+    """
+    weight_IxO = (v_IxO * scale_1xO).astype(dtype)
+    y_NxO = jnp.dot(x_NxI.astype(dtype), weight_IxO, preferred_element_type=jnp.float32)
+    finite = float(jnp.finfo(jnp.float16).max)
+    return jnp.clip(y_NxO, -finite, finite).astype(jnp.float16).astype(jnp.float32)
 
 
 def _weight_norm_linear_backward(dtype, residuals, dy_NxO):
@@ -121,7 +160,8 @@ class WeightNormLinear(nnx.Module):
 
 
 class DINOHead(nnx.Module):
-    """`__call__(x (N, in_dim)) -> logits (N, out_dim)`, float32."""
+    """`__call__(x (N, in_dim)) -> logits (N, out_dim)`, float32 (float16 values when `dtype` is
+    16-bit and the backend a GPU: `half_precision_logits`)."""
 
     def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs):
         self.config = config
