@@ -39,6 +39,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from dino_jax.models import stacking
+
 # Where orbax writes a step before renaming it to `<step>` (orbax's atomic-rename commit).
 _UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"
 DAMAGED_SUFFIX = ".damaged"
@@ -196,8 +198,11 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         damaged: list[tuple[int, str]] = []
         for candidate in reversed(steps):
-            self._check_same_tree(candidate, abstract_state)
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            stored_per_block = self._check_same_tree(candidate, abstract_state)
+            target = abstract_state
+            if stored_per_block:  # written before the ViT's blocks were stacked: read as it is stored
+                target = _as_stored(self._manager.item_metadata(candidate)["state"], abstract_state)
+            items = {"state": ocp.args.StandardRestore(target)}
             if data_iterator is not None:
                 items["data"] = DataRestore(data_iterator)
             try:
@@ -207,6 +212,8 @@ class Checkpointer:
             except Exception as error:  # orbax and tensorstore raise many types for unreadable files
                 damaged.append((candidate, _brief(error)))
                 continue
+            if stored_per_block:
+                state = _stack_blocks_into(abstract_state, state)
             for bad_step, reason in damaged:
                 moved = self._set_aside(bad_step)
                 log(
@@ -222,23 +229,28 @@ class Checkpointer:
     def _step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _check_same_tree(self, step: int, abstract_state) -> None:
+    def _check_same_tree(self, step: int, abstract_state) -> bool:
         """Raises CheckpointError when `step` stores other parameters or shapes than
         `abstract_state` has. Unreadable metadata is left to the restore (damage, not a foreign
-        model)."""
+        model). True when it stores them with the ViT's blocks one by one (`blocks.3.attn...`, as
+        checkpoints written before the blocks were stacked, models/stacking.py)."""
         try:
             stored = self._manager.item_metadata(step)["state"]
         except Exception:  # unreadable: the restore reports it as damage
-            return
+            return False
         if stored is None:
-            return
-        differences = _tree_differences(_shapes(stored), _shapes(abstract_state))
+            return False
+        stored_shapes, expected = _shapes(stored), _shapes(abstract_state)
+        if stored_shapes != expected and stored_shapes == _per_block_shapes(expected):
+            return True
+        differences = _tree_differences(stored_shapes, expected)
         if differences:
             raise CheckpointError(
                 f"checkpoint {self._step_path(step)} was written for another model than this config "
                 f"describes; the shapes that differ (checkpoint -> this config): {differences}. Use a "
                 "new --workdir, or the config this workdir was trained with (its config.json)"
             )
+        return False
 
     def _set_aside(self, step: int) -> str:
         target = self._step_path(step) + DAMAGED_SUFFIX
@@ -261,15 +273,46 @@ def abstract_like(state: Any):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+def _name(path) -> str:
+    parts = [str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     """`{"student.backbone.cls_token": (1, 1, 192), ...}` of a state, its abstract skeleton or the
     metadata orbax stored for it (the names are the same in all three)."""
+    return {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-    def name(path) -> str:
-        parts = [str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path]
-        return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
-    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _per_block_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """`_shapes` with stacked parameters named one block at a time (`...blocks.3.attn...`)."""
+    split = stacking.per_block_shapes({tuple(name.split(".")): shape for name, shape in shapes.items()})
+    return {".".join(map(str, path)): shape for path, shape in split.items()}
+
+
+def _as_stored(metadata, abstract_state):
+    """A restore target of the stored tree's own structure, on the state's (replicated) sharding."""
+    sharding = jax.tree.leaves(abstract_state)[0].sharding
+    return jax.tree.map(
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), metadata
+    )
+
+
+def _stack_blocks_into(abstract_state, restored):
+    """`abstract_state`'s structure filled from a restored per-block tree, blocks stacked."""
+    flat = {
+        tuple(_name(path).split(".")): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]
+    }
+    by_name = {".".join(path): leaf for path, leaf in stacking.stacked(flat).items()}
+
+    def fill(path, like):
+        value = by_name[_name(path)]
+        if jax.dtypes.issubdtype(getattr(value, "dtype", None) or like.dtype, jax.dtypes.prng_key):
+            return value  # the run's key, restored as a key
+        return jax.device_put(jax.numpy.asarray(value, like.dtype), like.sharding)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 def _tree_differences(stored: dict, expected: dict, shown: int = 6) -> str:

@@ -60,6 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"a multiple of model.num_heads ({m.num_heads})",
         )
     check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "a rate in [0, 1)")
+    check(isinstance(m.scan_blocks, bool), "model.scan_blocks", m.scan_blocks, "True or False")
     check(
         m.dtype == precision.AUTO or m.dtype in vit.COMPUTE_DTYPES,
         "model.dtype",
@@ -265,6 +266,7 @@ def vit_config(config: ml_collections.ConfigDict, *, drop_path: bool):
         patch_size=m.patch_size,
         drop_path_rate=m.drop_path_rate if drop_path else 0.0,
         dtype=m.dtype,
+        scan_blocks=m.scan_blocks,
     )
     if m.embed_dim:
         overrides.update(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads)

@@ -20,7 +20,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from dino_jax.models import stacking
 
 GROUP_MAIN = "main"
 GROUP_LAST_LAYER = "last_layer"
@@ -46,8 +49,14 @@ def path_name(path) -> str:
     return ".".join(parts)
 
 
+def tensor_ndim(name: str, leaf) -> int:
+    """Dimensions of the parameter tensor a leaf holds: a stacked leaf (`backbone.blocks.*`,
+    models/stacking.py) holds one tensor per block along its first axis."""
+    return jnp.ndim(leaf) - (1 if stacking.is_stacked_name(name) else 0)
+
+
 def is_decayed(name: str, leaf) -> bool:
-    return not (name.endswith("bias") or jnp.ndim(leaf) <= 1)
+    return not (name.endswith("bias") or tensor_ndim(name, leaf) <= 1)
 
 
 def param_labels(params, *, norm_last_layer: bool):
@@ -67,7 +76,8 @@ def decay_mask(params):
 
 
 def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
-    """Clips each tensor's gradient to L2 norm `max_norm` on its own (not a global-norm clip).
+    """Clips each tensor's gradient to L2 norm `max_norm` on its own (not a global-norm clip); a
+    stacked leaf's blocks are clipped each on its own, as the reference's separate tensors are.
 
     The factor is `max_norm / (norm + 1e-6)` and applies only when below 1, as in the reference.
     """
@@ -75,14 +85,57 @@ def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
 
-        def clip(g):
-            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+        def clip(g, norm):
             factor = max_norm / (norm + 1e-6)
             return jnp.where(factor < 1, g * factor, g).astype(g.dtype)
 
-        return jax.tree.map(clip, updates), state
+        return jax.tree.map(clip, updates, tensor_norms_tree(updates)), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def tensor_norms(name: str, leaf: jax.Array) -> jax.Array:
+    """L2 norm of the tensor a leaf holds, float32; of each block's, shape (depth, 1, ...), for a
+    stacked leaf."""
+    squares = jnp.square(leaf.astype(jnp.float32))
+    if stacking.is_stacked_name(name):
+        return jnp.sqrt(jnp.sum(squares, axis=tuple(range(1, leaf.ndim)), keepdims=True))
+    return jnp.sqrt(jnp.sum(squares))
+
+
+# Leaves of at most this many elements have their tensor norms summed together (tensor_norms_tree).
+SMALL_LEAF_ELEMENTS = 65536
+
+
+def tensor_norms_tree(tree):
+    """`tensor_norms` of every leaf of `tree`, in its structure. The norms of small leaves (biases,
+    LayerNorm parameters, their per-block stacks) come from one segmented sum over all of them: a
+    reduction of its own for each was a kernel of at most a few hundred threads on a GPU (49 of the
+    CIFAR step's 112 such kernels, compiled for an H100: docs/benchmarks.md)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    norms: list = [None] * len(leaves)
+    pieces, segment_ids, spans, count = [], [], [], 0
+    for index, (path, leaf) in enumerate(leaves):
+        name = path_name(path)
+        if leaf.size > SMALL_LEAF_ELEMENTS:
+            norms[index] = tensor_norms(name, leaf)
+            continue
+        tensors = leaf.shape[0] if stacking.is_stacked_name(name) else 1
+        pieces.append(jnp.square(leaf.astype(jnp.float32)).reshape(-1))
+        segment_ids.append(np.repeat(np.arange(count, count + tensors), leaf.size // tensors))
+        spans.append((index, count, tensors, stacking.is_stacked_name(name), leaf.ndim))
+        count += tensors
+    if pieces:
+        sums = jax.ops.segment_sum(
+            jnp.concatenate(pieces),
+            jnp.asarray(np.concatenate(segment_ids), jnp.int32),
+            num_segments=count,
+            indices_are_sorted=True,
+        )
+        for index, start, tensors, stacked, ndim in spans:
+            norm = jnp.sqrt(sums[start : start + tensors])
+            norms[index] = norm.reshape((tensors,) + (1,) * (ndim - 1)) if stacked else norm[0]
+    return jax.tree_util.tree_unflatten(treedef, norms)
 
 
 class HoldState(NamedTuple):

@@ -33,7 +33,11 @@ def crop_major(crops_BxVxHxWxC: jax.Array) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+    """L2 norm of every element of `tree`, from the norms of its tensors (`optim.tensor_norms_tree`).
+    The per-tensor gradient clipping computes the same norms of the gradient, and XLA computes them
+    once for both."""
+    norms = jax.tree.leaves(optim.tensor_norms_tree(tree))
+    return jnp.sqrt(sum(jnp.sum(jnp.square(norm)) for norm in norms))
 
 
 def normalized_crop_groups(global_crops, local_crops, mean, std) -> list[jax.Array]:

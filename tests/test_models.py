@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dino_jax.models import fused_grads
+from dino_jax.models import fused_grads, layers, stacking
 from dino_jax.models import vit as vit_lib
+from dino_jax.models import block as block_lib
+from dino_jax.models.block import GroupLayout
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig, weight_norm_linear
 from dino_jax.models.vit import VisionTransformer, ViTConfig
@@ -42,8 +44,10 @@ def layers_of(model, x, n):
 
 
 def flat_params(model):
+    """`{name: array}`, the stacked blocks one at a time (`blocks.0.attn.qkv.kernel`)."""
     _, params = nnx.split(model)
-    return {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(params)}
+    flat = stacking.per_block({path: variable[...] for path, variable in nnx.to_flat_state(params)})
+    return {".".join(map(str, path)): value for path, value in flat.items()}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,7 @@ def test_attention_rows_sum_to_one_and_match_manual_qkv_layout():
     np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
     # Manual attention with the documented layout: kernel columns [q | k | v], head h in columns
     # h*hd:(h+1)*hd of each, scale hd**-0.5.
-    block = model.blocks[0]
+    block = model.block(0)
     tokens = block.norm1(model.prepare_tokens(x))
     qkv = tokens @ block.attn.qkv.kernel[...] + block.attn.qkv.bias[...]
     dim, heads = 32, 2
@@ -101,7 +105,7 @@ def test_attention_rows_sum_to_one_and_match_manual_qkv_layout():
 
 
 def test_mlp_uses_exact_gelu():
-    mlp = vit_lib.Mlp(TINY, rngs=nnx.Rngs(0))
+    mlp = vit_lib.Mlp(TINY.embed_dim, TINY.mlp_hidden_dim, dtype=jnp.float32, rngs=nnx.Rngs(0))
     # Weights of order 1 so that hidden units span the range where the two GELUs differ (~1e-3).
     mlp.fc1.kernel[...] = jax.random.normal(jax.random.key(4), (32, 128)) / math.sqrt(32)
     mlp.fc2.kernel[...] = jax.random.normal(jax.random.key(5), (128, 32))
@@ -129,20 +133,24 @@ def test_gelu_and_its_gradient_match_the_exact_gelu_in_float64():
     np.testing.assert_allclose(fused_grads.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
 
 
-def test_drop_path_is_per_sample_and_rescaled():
-    x = jnp.ones((64, 3, 4))
-    out = np.asarray(vit_lib.drop_path(x, 0.5, jax.random.key(0)))
-    rows = out.reshape(64, -1)
-    dropped = np.all(rows == 0.0, axis=1)
-    kept = np.all(rows == 2.0, axis=1)
-    assert np.all(dropped | kept) and dropped.any() and kept.any()
-    assert vit_lib.drop_path(x, 0.5, None) is x
+def test_drop_path_is_per_image_across_groups_and_rescaled():
+    # Two groups: 3 images of 2 tokens, then 2 images of 3 tokens; images 1 and 3 are dropped.
+    layout = (GroupLayout(batch=3, tokens=2, valid=2), GroupLayout(batch=2, tokens=3, valid=3))
+    x = jnp.ones((12, 4))
+    keep = jnp.asarray([True, False, True, False, True])
+    out = np.asarray(block_lib.drop_path_rows(x, layout, 0.5, keep))
+    per_row = out[:, 0]
+    expected_rows = [2, 2, 0, 0, 2, 2] + [0, 0, 0, 2, 2, 2]
+    np.testing.assert_array_equal(per_row, expected_rows)
+    assert np.all(out == out[:, :1])
+    assert block_lib.drop_path_rows(x, layout, 0.5, None) is x
+    assert block_lib.drop_path_rows(x, layout, 0.0, keep) is x
 
 
 def test_stochastic_depth_only_with_a_key():
     config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.5)
     model = VisionTransformer(config, rngs=nnx.Rngs(2))
-    assert [block.drop_path_rate for block in model.blocks] == [0.0, 0.25, 0.5]
+    assert model.drop_path_rates == (0.0, 0.25, 0.5)
     x = images(5, batch=16)
     plain = np.asarray(features(model, x))
     np.testing.assert_array_equal(plain, np.asarray(features(model, x)))
@@ -153,10 +161,12 @@ def test_stochastic_depth_only_with_a_key():
     assert not np.allclose(dropped, other)
     assert not np.allclose(dropped, plain)
     # Per sample: a row whose two branches are both dropped leaves the block unchanged.
-    block = model.blocks[2]
-    tokens = jax.random.normal(jax.random.key(6), (32, 5, 32))
-    out = np.asarray(block(tokens, drop_path_rng=jax.random.key(3)))
-    untouched = np.all(out == np.asarray(tokens), axis=(1, 2))
+    block = model.block(2)
+    tokens = jax.random.normal(jax.random.key(6), (32 * 5, 32))
+    layout = (GroupLayout(batch=32, tokens=5, valid=5),)
+    masks = block_lib.draw_drop_path_masks(jax.random.key(3), [0.5], 32)[0]
+    out = np.asarray(block(tokens, layout, drop_path_rate=0.5, keep_branches=masks))
+    untouched = np.all((out == np.asarray(tokens)).reshape(32, 5 * 32), axis=1)
     assert untouched.any() and not untouched.all()
 
 
@@ -311,7 +321,7 @@ def test_layer_norm_and_its_written_out_gradients_match_autodiff_of_the_formula(
 
 
 def test_token_linear_flattens_tokens_and_matches_the_3d_product():
-    layer = vit_lib.linear(16, 24, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    layer = layers.linear(16, 24, dtype=jnp.float32, rngs=nnx.Rngs(0))
     layer.bias[...] = jnp.arange(24, dtype=jnp.float32) / 10
     graphdef, params = nnx.split(layer)
     x = jax.random.normal(jax.random.key(1), (3, 7, 16))

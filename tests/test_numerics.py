@@ -14,7 +14,8 @@ from dino_jax import sharding
 from dino_jax.configs import base
 from dino_jax.data import normalize
 from dino_jax.data.multicrop import spec
-from dino_jax.models import vit
+from dino_jax.models import block
+from dino_jax.models.block import GroupLayout
 from dino_jax.train_step import crop_major
 from tests import train_helpers as th
 from tests.test_losses import reference_loss
@@ -112,7 +113,7 @@ def test_the_applied_learning_rate_is_scaled_by_the_batch_over_256(one_step):
     peak = 2e-3 * 16 / 256
 
     def fc1_bias(params):
-        return np.asarray(params["backbone"]["blocks"][0]["mlp"]["fc1"]["bias"].get_value())
+        return np.asarray(params["backbone"]["blocks"]["mlp"]["fc1"]["bias"].get_value()[0])
 
     state, metrics = run(0)
     assert float(metrics["lr"]) == pytest.approx(peak, rel=1e-6)
@@ -123,9 +124,20 @@ def test_the_applied_learning_rate_is_scaled_by_the_batch_over_256(one_step):
     )
 
 
-def test_drop_path_keeps_a_row_with_probability_one_minus_the_rate():
-    x = jnp.ones((20000, 1, 1))
-    out = np.asarray(vit.drop_path(x, 0.2, jax.random.key(0)))[:, 0, 0]
+def test_drop_path_keeps_an_image_with_probability_one_minus_its_blocks_rate():
+    rates = [0.0, 0.2, 0.5]
+    masks = np.asarray(block.draw_drop_path_masks(jax.random.key(0), rates, 20000))
+    assert masks.shape == (3, 2, 20000)
+    assert masks[0].all()  # rate 0 keeps every image
+    for index, rate in enumerate(rates[1:], start=1):
+        for branch in (0, 1):
+            assert masks[index, branch].mean() == pytest.approx(1 - rate, abs=0.012)  # 3.5 standard errors
+    # The two branches of a block, and two blocks, draw independently.
+    both = (~masks[2, 0] & ~masks[2, 1]).mean()
+    assert both == pytest.approx(0.25, abs=0.011)
+    x = jnp.ones((20000, 1))
+    layout = (GroupLayout(batch=20000, tokens=1, valid=1),)
+    out = np.asarray(block.drop_path_rows(x, layout, 0.2, jnp.asarray(masks[1, 0])))[:, 0]
     kept = out != 0
-    assert kept.mean() == pytest.approx(0.8, abs=0.01)  # 3.5 standard errors
+    np.testing.assert_array_equal(kept, masks[1, 0])
     np.testing.assert_allclose(out[kept], 1 / 0.8, rtol=1e-6)

@@ -5,6 +5,7 @@ import optax
 import pytest
 
 from dino_jax import optim, schedules
+from dino_jax.models import stacking
 from tests.optional_torch import torch
 
 
@@ -17,6 +18,14 @@ def make_params(rng):
                 "bias": rng.normal(size=(6,)).astype(np.float32),
             },
             "norm": {"scale": rng.normal(size=(4,)).astype(np.float32)},
+            # Stacked like the ViT's blocks (models/stacking.py): two blocks' tensors per leaf.
+            "blocks": {
+                "fc": {
+                    "kernel": rng.normal(size=(2, 4, 6)).astype(np.float32),
+                    "bias": rng.normal(size=(2, 6)).astype(np.float32),
+                },
+                "norm": {"scale": rng.normal(size=(2, 4)).astype(np.float32)},
+            },
         },
         "head": {
             "last_layer": {
@@ -38,6 +47,9 @@ def test_groups_follow_get_params_groups():
         and decayed["head.last_layer.weight_v"]
     )
     assert not decayed["backbone.fc.bias"] and not decayed["backbone.norm.scale"]
+    # A stacked leaf holds one tensor per block: 2-D blocks decay, 1-D ones and biases do not.
+    assert decayed["backbone.blocks.fc.kernel"]
+    assert not decayed["backbone.blocks.fc.bias"] and not decayed["backbone.blocks.norm.scale"]
     labels = {
         optim.path_name(p): v
         for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(params, norm_last_layer=True))[0]
@@ -54,11 +66,27 @@ def test_clip_is_per_tensor_not_global():
     clipped, _ = optim.clip_by_tensor_norm(3.0).update(grads, optax.EmptyState())
     assert float(jnp.linalg.norm(clipped["big"])) == pytest.approx(3.0 * 6 / (6 + 1e-6), rel=1e-6)
     np.testing.assert_array_equal(np.asarray(clipped["small"]), np.asarray(grads["small"]))
+    # Each block of a stacked leaf is clipped on its own, as the reference's separate tensors are.
+    stacked = {"blocks": {"w": jnp.stack([jnp.full((4,), 3.0), jnp.full((4,), 0.1)])}}
+    clipped, _ = optim.clip_by_tensor_norm(3.0).update(stacked, optax.EmptyState())
+    blocks = np.asarray(clipped["blocks"]["w"])
+    assert float(np.linalg.norm(blocks[0])) == pytest.approx(3.0 * 6 / (6 + 1e-6), rel=1e-6)
+    np.testing.assert_array_equal(blocks[1], np.asarray(stacked["blocks"]["w"][1]))
+
+
+def per_block_names(tree) -> dict[str, np.ndarray]:
+    """`{name: array}` with stacked leaves split into their blocks (`backbone.blocks.0.fc.kernel`):
+    the separate tensors the reference has."""
+    flat = {
+        tuple(optim.path_name(p).split(".")): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    return {".".join(map(str, path)): v for path, v in stacking.per_block(flat).items()}
 
 
 def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_layer):
     """The reference's loop (its iteration order and optimiser: docs/reference.md) with torch.optim.AdamW."""
-    flat = {optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = per_block_names(params)
     tensors = {
         n: torch.tensor(v, requires_grad=not (norm_last_layer and n.endswith("weight_g")))
         for n, v in flat.items()
@@ -73,8 +101,9 @@ def run_reference(params, grads_per_step, lr, wd, clip, freeze_steps, norm_last_
             if i == 0:
                 group["weight_decay"] = wd[step]
         opt.zero_grad()
+        block_grads = per_block_names(grads)
         for n, t in trainable.items():
-            t.grad = torch.tensor(grads[n])
+            t.grad = torch.tensor(block_grads[n])
         for t in trainable.values():  # utils.clip_gradients
             norm = t.grad.norm(2)
             coef = clip / (norm + 1e-6)
@@ -122,10 +151,18 @@ def test_update_rule_matches_torch_adamw_with_groups_clip_and_freeze(norm_last_l
         ours = optax.apply_updates(ours, updates)
         history.append(np.asarray(ours["head"]["last_layer"]["weight_v"]))
 
-    expected = run_reference(params, grads_per_step, lr, wd, 3.0, freeze_steps, norm_last_layer)
-    for name, leaf in zip(names, jax.tree.leaves(ours)):
+    expected = run_reference(
+        params,
+        [jax.tree.unflatten(treedef, [g[n] for n in names]) for g in grads_per_step],
+        lr,
+        wd,
+        3.0,
+        freeze_steps,
+        norm_last_layer,
+    )
+    for name, leaf in per_block_names(ours).items():
         np.testing.assert_allclose(
-            np.asarray(leaf), expected[name], rtol=1e-6, atol=1e-6, err_msg=name
+            leaf, expected[name], rtol=1e-6, atol=1e-6, err_msg=name
         )  # a few float32 ulps at |x|~1
     # The last layer did not move while frozen and moved after.
     np.testing.assert_array_equal(history[freeze_steps - 1], params["head"]["last_layer"]["weight_v"])

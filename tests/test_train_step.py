@@ -13,10 +13,13 @@ from tests import train_helpers as th
 # the model, loss, optimiser or initialisation numerics moves them: if that change is intended,
 # re-pin them with the values the failure prints, and say why in the commit.
 GOLDEN_FIRST_STEP = {
-    "loss": 6.206005096435547,
-    "grad_norm": 40.18107986450195,
-    "update_norm": 0.024246083572506905,
-    "param_norm": 25.555204391479492,
+    # Re-pinned when stochastic depth became one draw per step (models/block.py,
+    # draw_drop_path_masks) instead of a key per block and crop group: other images are dropped;
+    # with drop_path_rate 0 the first step is the same as before (loss 6.0106201 -> 6.0106192).
+    "loss": 6.169888973236084,
+    "grad_norm": 56.46479415893555,
+    "update_norm": 0.024244213476777077,
+    "param_norm": 25.555221557617188,
 }
 
 

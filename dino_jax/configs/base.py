@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     # float32 on the CPU; a resumed run keeps the dtype its config.json records) | float32 |
     # bfloat16 | float16 (with loss scaling)
     c.model.dtype = "auto"
+    # True: the blocks run as a lax.scan over their stacked parameters. Compiles several times
+    # faster (one block in the program instead of `depth`), but on a GPU the loop's buffer copies
+    # launch more kernels and move more bytes per step (docs/benchmarks.md), so False by default.
+    # Parameters, checkpoints and results are the same either way.
+    c.model.scan_blocks = False
 
     c.head = ml_collections.ConfigDict()
     c.head.out_dim = 65536

@@ -200,7 +200,7 @@ def extract_split_features(
     at the model's depth), whose last `D` columns are the final-norm CLS; with `avgpool`, the
     last block's CLS and mean patch token interleaved, whose even columns are the CLS."""
     model = nnx.merge(graphdef, params)
-    depth = len(model.blocks)
+    depth = model.config.depth
     embed_dim = model.config.embed_dim
     feature_fn = features_lib.make_feature_fn(
         graphdef, mean=mean, std=std, n_last_blocks=min(n_last_blocks, depth), avgpool=avgpool

@@ -25,6 +25,7 @@ from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dino_jax.interop.torch_convert import abstract_model, backbone_from_torch, dino_from_torch
 from dino_jax.interop.torch_io import TORCH_SUFFIXES, CheckpointFormatError, read_checkpoint_file, to_numpy
 from dino_jax.interop.torch_keys import has_head
+from dino_jax.models import stacking
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig
 
@@ -156,26 +157,37 @@ def import_checkpoint(
     return LoadedCheckpoint(vit_config, None, None, params)
 
 
+def _flat_tree(tree, prefix: tuple = ()) -> dict[tuple, Any]:
+    """`{('backbone', 'cls_token'): array, ...}` of a restored nested dict (an nnx Variable's
+    array sits under 'value')."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+        return {prefix: tree["value"]}
+    flat = {}
+    for key, child in tree.items():
+        flat.update(_flat_tree(child, prefix + (str(key),)))
+    return flat
+
+
 def _params_from_tree(abstract: nnx.State, tree, where: str) -> nnx.State:
-    """Fills `abstract` from a restored nested dict (keys are strings, leaves under 'value')."""
-    flat = []
+    """Fills `abstract` from a restored nested dict. A tree written before the ViT's blocks were
+    stacked (`blocks.0.attn...`, one entry per block) is stacked first (models/stacking.py)."""
+    flat = stacking.stacked(_flat_tree(tree), xp=np)
+    filled = []
     for path, variable in nnx.to_flat_state(abstract):
-        node = tree
-        for key in tuple(str(k) for k in path):
-            if not isinstance(node, dict) or key not in node:
-                raise CheckpointFormatError(
-                    f"{where} has no parameter {'.'.join(map(str, path))}; it was written for another model"
-                )
-            node = node[key]
-        if isinstance(node, dict):
-            node = node["value"]
+        key = tuple(str(k) for k in path)
+        if key not in flat:
+            raise CheckpointFormatError(
+                f"{where} has no parameter {'.'.join(key)}; it was written for another model"
+            )
+        node = flat[key]
         if tuple(node.shape) != tuple(variable.shape):
             raise CheckpointFormatError(
-                f"{where}: {'.'.join(map(str, path))} has shape {tuple(node.shape)}, expected "
-                f"{tuple(variable.shape)}"
+                f"{where}: {'.'.join(key)} has shape {tuple(node.shape)}, expected {tuple(variable.shape)}"
             )
-        flat.append((path, variable.replace(jnp.asarray(node, jnp.float32))))
-    return nnx.from_flat_state(flat)
+        filled.append((path, variable.replace(jnp.asarray(node, jnp.float32))))
+    return nnx.from_flat_state(filled)
 
 
 def save_converted(model: LoadedCheckpoint, directory: str) -> None:

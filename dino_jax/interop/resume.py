@@ -23,6 +23,7 @@ from dino_jax import config as config_lib, optim
 from dino_jax.interop.load import load_checkpoint
 from dino_jax.interop.torch_convert import abstract_model
 from dino_jax.interop.torch_io import CheckpointFormatError
+from dino_jax.models import stacking
 from dino_jax.interop.torch_keys import dino_key_table, from_torch_layout, torch_shape
 from dino_jax.models.head import HeadConfig
 from dino_jax.models.vit import ViTConfig
@@ -84,10 +85,47 @@ def start_from(
     return jax.device_put(started, jax.tree.map(lambda x: x.sharding, state)), step
 
 
+def _per_block(moments: Moments) -> Moments:
+    """Moments of stacked parameters (`backbone.blocks.attn.qkv.kernel`) split into one entry per
+    block (`backbone.blocks.3.attn.qkv.kernel`), the names the key tables use."""
+    out = {}
+    for name, (first, second, count) in moments.items():
+        path = tuple(name.split("."))
+        if stacking.stack_position(path) is None:
+            out[name] = (first, second, count)
+            continue
+        split_first, split_second = stacking.per_block({path: first}), stacking.per_block({path: second})
+        for block_path, value in split_first.items():
+            out[".".join(map(str, block_path))] = (value, split_second[block_path], count)
+    return out
+
+
+def _stacked(moments: Moments) -> Moments:
+    """The inverse of `_per_block`; the blocks of one stacked parameter must share a step count."""
+    paths = {tuple(name.split(".")): name for name in moments}
+    firsts = stacking.stacked({path: moments[name][0] for path, name in paths.items()}, xp=np)
+    seconds = stacking.stacked({path: moments[name][1] for path, name in paths.items()}, xp=np)
+    counts: dict[str, set[int]] = {}
+    for path, name in paths.items():
+        position = next(
+            (p for p in range(len(path) - 1) if path[p] == stacking.STACKED and path[p + 1].isdigit()), None
+        )
+        key = ".".join(path if position is None else path[: position + 1] + path[position + 2 :])
+        counts.setdefault(key, set()).add(moments[name][2])
+    out = {}
+    for path, first in firsts.items():
+        name = ".".join(path)
+        if len(counts[name]) > 1:
+            raise CheckpointFormatError(f"the blocks of {name} were stepped {sorted(counts[name])} times")
+        out[name] = (first, seconds[path], counts[name].pop())
+    return out
+
+
 def adam_moments(opt_state) -> Moments:
     """`{parameter name: (first moment, second moment, step count)}` in our layout, from every
     `scale_by_adam` state inside an optax state (chains, multi_transform groups, wrappers); leaves
-    masked out of a group are skipped, so each parameter appears once."""
+    masked out of a group are skipped, so each parameter appears once. Stacked blocks are named one
+    block at a time (`backbone.blocks.3.attn.qkv.kernel`), as the key tables name them."""
     moments = {}
     for node in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_adam):
         if not _is_adam(node):
@@ -102,7 +140,7 @@ def adam_moments(opt_state) -> Moments:
             if name in moments:
                 raise ValueError(f"parameter {name} has Adam moments in two groups")
             moments[name] = (np.asarray(jax.device_get(first)), np.asarray(jax.device_get(nu[path])), count)
-    return moments
+    return _per_block(moments)
 
 
 def torch_adam_moments(
@@ -121,7 +159,7 @@ def torch_adam_moments(
     """
     table = dino_key_table(vit_config, head_config, parametrized=parametrized)
     _, abstract = abstract_model(vit_config, head_config)
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+    shapes = stacking.per_block_shapes({path: var.shape for path, var in nnx.to_flat_state(abstract)})
     trainable = [
         entry for entry in table if not (head_config.norm_last_layer and entry.ours[-1] == "weight_g")
     ]
@@ -161,6 +199,7 @@ def fill_adam_moments(opt_state, moments: Moments):
     `moments` (named as `adam_moments` names them), and each Adam state's step count set to that
     of its parameters. Other counters (schedules, freeze) are left to the caller, who knows the
     global step. Raises if a group mixes step counts or a moment has no parameter here."""
+    moments = _stacked(moments)
     used = set()
 
     def fill(node):

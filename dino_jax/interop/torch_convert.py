@@ -31,9 +31,11 @@ from dino_jax.interop.torch_keys import (
     uses_parametrizations,
     vit_key_table,
 )
+from dino_jax.models import stacking
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import HeadConfig
-from dino_jax.models.vit import ViTConfig, VisionTransformer, interpolate_pos_embed
+from dino_jax.models.pos_embed import interpolate_pos_embed
+from dino_jax.models.vit import ViTConfig, VisionTransformer
 
 
 def abstract_model(
@@ -59,7 +61,7 @@ def _check_and_collect(
 ) -> dict[tuple, np.ndarray]:
     """Our-path -> array for every table entry; one CheckpointFormatError listing every missing,
     unexpected and mis-shaped key otherwise."""
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+    shapes = stacking.per_block_shapes({path: var.shape for path, var in nnx.to_flat_state(abstract)})
     expected = {entry.torch for entry in table}
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected - allowed_extra)
@@ -88,6 +90,8 @@ def _check_and_collect(
 
 
 def _fill(abstract: nnx.State, values: Mapping[tuple, np.ndarray]) -> nnx.State:
+    """`abstract` with the per-block `values` (stacked where the model stacks them)."""
+    values = stacking.stacked(values, xp=np)
     return nnx.from_flat_state(
         [(path, var.replace(jax.numpy.asarray(values[path]))) for path, var in nnx.to_flat_state(abstract)]
     )
@@ -176,7 +180,11 @@ def dino_from_torch(
 
 
 def _flat_numpy(params: nnx.State) -> dict[tuple, np.ndarray]:
-    return {path: np.asarray(jax.device_get(var.get_value())) for path, var in nnx.to_flat_state(params)}
+    """`{path: array}` of `params`, stacked blocks split into one entry per block (the key
+    tables' paths)."""
+    return stacking.per_block(
+        {path: np.asarray(jax.device_get(var.get_value())) for path, var in nnx.to_flat_state(params)}
+    )
 
 
 def _export(params: nnx.State, table: list[KeyEntry]) -> dict[str, np.ndarray]:

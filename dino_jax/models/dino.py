@@ -29,17 +29,13 @@ class DINO(nnx.Module):
     ) -> jax.Array:
         """Logits (sum of rows of all groups, out_dim), rows in group order.
 
-        Each group is (V_i*B, H_i, W_i, C) of one resolution and goes through the backbone once; the
-        head then runs once on all feature rows, so a BatchNorm head sees the whole multi-crop batch
-        as the reference's does.
+        Each group is (V_i*B, H_i, W_i, C) of one resolution; the backbone runs all groups' tokens
+        together (models/block.py), and the head runs once on all feature rows, so a BatchNorm head
+        sees the whole multi-crop batch as the reference's does.
         """
         if not crop_groups:
             raise ValueError("crop_groups is empty; expected at least one (rows, H, W, C) array")
-        features = []
-        for index, crops in enumerate(crop_groups):
-            # A separate key per group: equal-shaped groups must not share drop-path masks.
-            rng = None if drop_path_rng is None else jax.random.fold_in(drop_path_rng, index)
-            features.append(self.backbone(crops, drop_path_rng=rng))
+        features = self.backbone.forward_groups(crop_groups, drop_path_rng)
         return self.head(jnp.concatenate(features, axis=0))
 
 

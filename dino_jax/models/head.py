@@ -11,7 +11,8 @@ from flax import nnx
 
 from dino_jax import reductions
 from dino_jax.models.fused_grads import gelu
-from dino_jax.models.vit import COMPUTE_DTYPES, linear, torch_default_uniform_init
+from dino_jax.models.layers import linear, torch_default_uniform_init
+from dino_jax.models.vit import COMPUTE_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@ The module holds only `nnx.Param` state; stochastic depth takes an explicit key 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -16,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax.models.fused_grads import LayerNorm, gelu
+from dino_jax.models import stacking
+from dino_jax.models.attention import cudnn_attention_available
+from dino_jax.models.block import Block, GroupLayout, Mlp, draw_drop_path_masks, group_rows
+from dino_jax.models.layers import layer_norm, normal_init, torch_default_uniform_init
+from dino_jax.models.pos_embed import interpolate_pos_embed
+
+__all__ = ["COMPUTE_DTYPES", "VIT_VARIANTS", "Block", "Mlp", "ViTConfig", "VisionTransformer"]
 
 # embed_dim, depth, num_heads of the reference's factory functions (vision_transformer.py).
 VIT_VARIANTS: dict[str, dict[str, int]] = {
@@ -42,6 +49,10 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     dtype: str = "float32"
+    # Run the blocks as a `lax.scan` over their stack instead of one after another: a program that
+    # holds one block instead of `depth` (compile time), at the cost of a loop (bench/gpu_aot.py,
+    # docs/benchmarks.md). Parameters and results are the same either way.
+    scan_blocks: bool = False
 
     def __post_init__(self):
         if self.patch_size <= 0 or self.image_size % self.patch_size:
@@ -79,233 +90,15 @@ class ViTConfig:
         return int(self.embed_dim * self.mlp_ratio)
 
 
-# ----------------------------------------------------------------------------------------------
-# Initialisers matching the reference.
-
-
-def normal_init(stddev: float):
-    # The reference's trunc_normal_ cuts at +-2 in absolute units, i.e. +-100 sigma for std 0.02:
-    # a plain normal. jax's truncated_normal would cut at +-2 sigma and shrink the std by ~12%.
-    def init(key, shape, dtype=jnp.float32):
-        return stddev * jax.random.normal(key, shape, dtype)
-
-    return init
-
-
-def torch_default_uniform_init(fan_in: int):
-    """PyTorch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)) on the weight and its bias
-    init both reduce to uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
-class TokenLinear(nnx.Linear):
-    """`nnx.Linear` applied to the rows of a (..., in) array flattened to 2-D, (rows, in) @ (in, out).
-
-    The same parameters and result as `nnx.Linear` on (B, N, in) tokens. Why: the weight gradient of
-    a 3-D product contracts two axes, and XLA:CPU lays the output gradient out transposed for it (a
-    transposing copy, the gradient recomputed once per consumer): one qkv projection's forward and
-    backward on (128, 65, 192) took 85 ms against 48 ms on 2-D rows (docs/benchmarks.md). The
-    reshape is free (a bitcast) on every backend.
-    """
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        rows_RxI = x.reshape(-1, x.shape[-1])
-        return super().__call__(rows_RxI).reshape(*x.shape[:-1], -1)
-
-
-def linear(
-    in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True
-) -> nnx.Linear:
-    return TokenLinear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=normal_init(0.02),
-        bias_init=nnx.initializers.zeros_init(),
-        rngs=rngs,
-    )
-
-
-def layer_norm(dim: int, *, eps: float, dtype, rngs: nnx.Rngs) -> LayerNorm:
-    # Statistics in float32 whatever `dtype` is; the backward is written out (fused_grads.py).
-    return LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Position-embedding interpolation.
-
-
-def _torch_cubic_weights(t: np.ndarray) -> np.ndarray:
-    """The 4 tap weights of PyTorch's bicubic kernel (A = -0.75) for offsets t, shape (..., 4)."""
-    a = np.float32(-0.75)
-    one, two = np.float32(1.0), np.float32(2.0)
-
-    def near(x):  # |x| <= 1
-        return ((a + two) * x - (a + np.float32(3.0))) * x * x + one
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - np.float32(5.0) * a) * x + np.float32(8.0) * a) * x - np.float32(4.0) * a
-
-    return np.stack([far(t + one), near(t), near(one - t), far(two - t)], axis=-1)
-
-
-def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
-    """(out_size, in_size) float32 matrix of PyTorch's 1-D bicubic resampling, align_corners=False,
-    with the *given* scale factor in the coordinate map (what F.interpolate does when called with
-    scale_factor and no size): src = (dst + 0.5) / scale - 0.5, taps clamped at the border.
-
-    Coordinates and weights are computed in float32 from float32(1 / scale), as PyTorch does for
-    float32 inputs, so the weights agree bit for bit and only summation order differs.
-    """
-    half = np.float32(0.5)
-    src = np.float32(1.0 / scale) * (np.arange(out_size, dtype=np.float32) + half) - half
-    floor = np.floor(src)
-    weights = _torch_cubic_weights((src - floor).astype(np.float32))
-    matrix = np.zeros((out_size, in_size), np.float32)
-    for tap in range(4):
-        index = np.clip(floor.astype(np.int64) - 1 + tap, 0, in_size - 1)
-        np.add.at(matrix, (np.arange(out_size), index), weights[:, tap])
-    return matrix
-
-
-def pos_embed_resize_matrices(grid: int, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column matrices that resize a (grid, grid) position grid to (out_h, out_w) like the
-    reference's interpolate_pos_encoding: scale factors (out + 0.1) / grid (its issue #8 offset).
-
-    The separable matrices are built here rather than with jax.image.resize: the reference feeds
-    the +0.1 scale factor into the coordinate map (sample points shift, not only the output size),
-    while jax.image.resize derives the scale from the sizes and, when shrinking, antialiases with
-    a widened kernel that PyTorch's plain bicubic does not use. The matrices depend on shapes
-    only, so they are constants under jit.
-    """
-    scale_h = (out_h + 0.1) / grid
-    scale_w = (out_w + 0.1) / grid
-    # PyTorch derives the output size as floor(in * scale); the reference asserts it is the grid.
-    got_h, got_w = math.floor(grid * scale_h), math.floor(grid * scale_w)
-    if (got_h, got_w) != (out_h, out_w):
-        raise ValueError(
-            f"position grid {grid} scaled by ({scale_h}, {scale_w}) gives "
-            f"({got_h}, {got_w}), expected ({out_h}, {out_w})"
-        )
-    return bicubic_matrix(grid, out_h, scale_h), bicubic_matrix(grid, out_w, scale_w)
-
-
-def interpolate_pos_embed(pos_embed_1xTxD: jax.Array, out_h: int, out_w: int) -> jax.Array:
-    """Resize the patch part of a (1, 1 + g*g, D) position embedding to an (out_h, out_w) patch
-    grid, keeping the CLS position. Always resamples, even to the same grid (the +0.1 offset moves
-    the sample points): whether to call it is `prepare_tokens`' decision."""
-    num_patches = pos_embed_1xTxD.shape[1] - 1
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ValueError(f"position embedding has {num_patches} patch positions, not a square grid")
-    rows_HxG, cols_WxG = pos_embed_resize_matrices(grid, out_h, out_w)
-    dim = pos_embed_1xTxD.shape[-1]
-    patch_GxGxD = pos_embed_1xTxD[0, 1:].reshape(grid, grid, dim)
-    # HIGHEST: the default matmul precision on TPU/GPU would round the embedding to bfloat16.
-    resized_HxWxD = jnp.einsum(
-        "hg,gkd,wk->hwd", rows_HxG, patch_GxGxD, cols_WxG, precision=jax.lax.Precision.HIGHEST
-    )
-    return jnp.concatenate([pos_embed_1xTxD[:, :1], resized_HxWxD.reshape(1, out_h * out_w, dim)], axis=1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Layers.
-
-
-def drop_path(x_BxNxD: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Per-sample stochastic depth: each row is kept with probability 1 - rate and rescaled."""
-    if rng is None or rate == 0.0:
-        return x_BxNxD
-    keep = 1.0 - rate
-    mask_Bx1x1 = jax.random.bernoulli(rng, keep, (x_BxNxD.shape[0],) + (1,) * (x_BxNxD.ndim - 1))
-    # `x / keep * mask`, the reference's arithmetic (so bit for bit the same rows): a multiply by a
-    # (B, 1, 1) 0/1 factor, which XLA fuses as a cheap broadcast where a select was slower on CPU.
-    return x_BxNxD / jnp.asarray(keep, x_BxNxD.dtype) * mask_Bx1x1.astype(x_BxNxD.dtype)
-
-
-class Attention(nnx.Module):
-    """Multi-head self-attention; qkv kernel columns are [q | k | v], each split by head."""
-
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        dim = config.embed_dim
-        self.num_heads = config.num_heads
-        self.scale = (dim // config.num_heads) ** -0.5
-        self.dtype = _dtype(config.dtype)
-        self.qkv = linear(dim, 3 * dim, use_bias=config.qkv_bias, dtype=self.dtype, rngs=rngs)
-        self.proj = linear(dim, dim, dtype=self.dtype, rngs=rngs)
-
-    def __call__(self, x_BxNxD: jax.Array, *, record_attention: bool = False) -> jax.Array:
-        batch, tokens, dim = x_BxNxD.shape
-        head_dim = dim // self.num_heads
-        # Heads-major (3, B, H, N, K) before the products, so both batched products and the softmax
-        # run on contiguous (N, K) / (N, N) tiles per (image, head); with the heads left inside the
-        # token axis, XLA:CPU chose transposed layouts for k, v and the output (a block's forward
-        # on 128 x 65 tokens: 65 ms against 53 ms, docs/benchmarks.md).
-        qkv_3xBxHxNxK = (
-            self.qkv(x_BxNxD).reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        )
-        q_BxHxNxK, k_BxHxNxK, v_BxHxNxK = qkv_3xBxHxNxK[0], qkv_3xBxHxNxK[1], qkv_3xBxHxNxK[2]
-        logits_BxHxNxN = jnp.einsum(
-            "bhqk,bhtk->bhqt",
-            q_BxHxNxK * jnp.asarray(self.scale, q_BxHxNxK.dtype),
-            k_BxHxNxK,
-            preferred_element_type=jnp.float32,
-        )
-        attn_BxHxNxN = jax.nn.softmax(logits_BxHxNxN, axis=-1)
-        if record_attention:
-            self.sow(nnx.Intermediate, "attention", attn_BxHxNxN)
-        out_BxHxNxK = jnp.einsum("bhqt,bhtk->bhqk", attn_BxHxNxN.astype(self.dtype), v_BxHxNxK)
-        return self.proj(out_BxHxNxK.transpose(0, 2, 1, 3).reshape(batch, tokens, dim))
-
-
-class Mlp(nnx.Module):
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        dtype = _dtype(config.dtype)
-        self.fc1 = linear(config.embed_dim, config.mlp_hidden_dim, dtype=dtype, rngs=rngs)
-        self.fc2 = linear(config.mlp_hidden_dim, config.embed_dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
-
-
-class Block(nnx.Module):
-    """Pre-norm transformer block with per-sample stochastic depth on both residual branches."""
-
-    def __init__(self, config: ViTConfig, drop_path_rate: float, *, rngs: nnx.Rngs):
-        dtype = _dtype(config.dtype)
-        eps = config.layer_norm_eps
-        self.drop_path_rate = float(drop_path_rate)
-        self.norm1 = layer_norm(config.embed_dim, eps=eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
-        self.norm2 = layer_norm(config.embed_dim, eps=eps, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(config, rngs=rngs)
-
-    def __call__(self, x_BxNxD: jax.Array, *, drop_path_rng: jax.Array | None = None) -> jax.Array:
-        attn_rng = mlp_rng = None
-        if drop_path_rng is not None:
-            attn_rng, mlp_rng = jax.random.split(drop_path_rng)
-        x_BxNxD = x_BxNxD + drop_path(self.attn(self.norm1(x_BxNxD)), self.drop_path_rate, attn_rng)
-        return x_BxNxD + drop_path(self.mlp(self.norm2(x_BxNxD)), self.drop_path_rate, mlp_rng)
-
-
 class VisionTransformer(nnx.Module):
-    """The reference's VisionTransformer with num_classes=0: final-norm CLS features."""
+    """The reference's VisionTransformer with num_classes=0: final-norm CLS features.
+
+    Its blocks are one stack (`self.blocks`, parameters (depth, ...)); `block(i)` is block i."""
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.config = config
         dim, patch = config.embed_dim, config.patch_size
-        self.dtype = _dtype(config.dtype)
+        self.dtype = jnp.dtype(config.dtype)
         # The reference never re-initialises the conv, so it keeps PyTorch's default init.
         fan_in = 3 * patch * patch
         self.patch_embed = nnx.Conv(
@@ -322,10 +115,17 @@ class VisionTransformer(nnx.Module):
         )
         self.cls_token = nnx.Param(normal_init(0.02)(rngs.params(), (1, 1, dim)))
         self.pos_embed = nnx.Param(normal_init(0.02)(rngs.params(), (1, config.num_patches + 1, dim)))
-        rates = np.linspace(0.0, config.drop_path_rate, config.depth)
-        self.blocks = nnx.List([Block(config, float(rate), rngs=rngs) for rate in rates])
+        # Stochastic depth grows linearly with depth, as in the reference.
+        self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, config.drop_path_rate, config.depth))
+        # Built block by block in the reference's order, then stacked: the same initial values as
+        # separate blocks.
+        self.blocks = stacking.stack([Block(config, rngs=rngs) for _ in range(config.depth)])
         # Final norm in float32: its output is the feature every evaluator and the head read.
         self.norm = layer_norm(dim, eps=config.layer_norm_eps, dtype=jnp.float32, rngs=rngs)
+
+    def block(self, index: int) -> Block:
+        """Block `index` (its parameters sliced out of the stack)."""
+        return stacking.at(self.blocks, index)
 
     def prepare_tokens(self, images_BxHxWxC: jax.Array) -> jax.Array:
         """Patch tokens with the CLS token in front and position embeddings added: (B, 1+h*w, D)."""
@@ -341,37 +141,119 @@ class VisionTransformer(nnx.Module):
             pos_embed = interpolate_pos_embed(pos_embed, grid_h, grid_w)
         return tokens + pos_embed.astype(self.dtype)
 
-    def _blocks(self, x: jax.Array, blocks, drop_path_rng: jax.Array | None, first_index: int = 0):
-        for index, block in enumerate(blocks, start=first_index):
-            rng = None if drop_path_rng is None else jax.random.fold_in(drop_path_rng, index)
-            x = block(x, drop_path_rng=rng)
-        return x
+    def _rows(self, tokens: Sequence[jax.Array], *, pad: bool) -> tuple[jax.Array, tuple[GroupLayout, ...]]:
+        """Groups of tokens (B, N, D) -> one (rows, D) matrix and its layout; with `pad`, an odd
+        token count gets one zero token (cuDNN's attention needs even counts, block.py), masked out
+        of attention and never read back (its row only goes through per-token layers)."""
+        rows, layout = [], []
+        for tokens_BxNxD in tokens:
+            batch, count, dim = tokens_BxNxD.shape
+            if pad and count % 2:
+                tokens_BxNxD = jnp.pad(tokens_BxNxD, ((0, 0), (0, 1), (0, 0)))
+            layout.append(GroupLayout(batch, tokens_BxNxD.shape[1], count))
+            rows.append(tokens_BxNxD.reshape(-1, dim))
+        return (jnp.concatenate(rows) if len(rows) > 1 else rows[0]), tuple(layout)
+
+    def run_blocks(
+        self,
+        x_RxD: jax.Array,
+        layout: Sequence[GroupLayout],
+        *,
+        fused_attention: bool = False,
+        keep_masks: jax.Array | None = None,
+        stop: int | None = None,
+    ) -> jax.Array:
+        """Blocks 0 .. stop-1 (all by default) on token rows; `keep_masks` (depth, 2, images) from
+        `block.draw_drop_path_masks` (None: no stochastic depth)."""
+        stop = self.config.depth if stop is None else stop
+        if self.config.scan_blocks and stop > 1:
+            return self._scan_blocks(x_RxD, layout, fused_attention, keep_masks, stop)
+        for index in range(stop):
+            x_RxD = self.block(index)(
+                x_RxD,
+                layout,
+                fused_attention=fused_attention,
+                drop_path_rate=self.drop_path_rates[index],
+                keep_branches=None if keep_masks is None else keep_masks[index],
+            )
+        return x_RxD
+
+    def _scan_blocks(self, x_RxD, layout, fused_attention, keep_masks, stop: int) -> jax.Array:
+        """`run_blocks` as one `lax.scan` over the stack: the program holds one block, not `stop`."""
+        graphdef, state = nnx.split(self.blocks)
+        state = jax.tree.map(lambda array: array[:stop], state)
+        rates = jnp.asarray(self.drop_path_rates[:stop], jnp.float32)
+        masks = None if keep_masks is None else keep_masks[:stop]
+
+        def body(x_RxD, per_block):
+            block_state, rate, keep_branches = per_block
+            block = nnx.merge(graphdef, block_state)
+            out = block(
+                x_RxD,
+                layout,
+                fused_attention=fused_attention,
+                drop_path_rate=rate,
+                keep_branches=keep_branches,
+            )
+            return out, None
+
+        x_RxD, _ = jax.lax.scan(body, x_RxD, (state, rates, masks))
+        return x_RxD
+
+    def _features(self, *tokens, fused_attention: bool, drop_path_rng) -> list[jax.Array]:
+        x_RxD, layout = self._rows(tokens, pad=fused_attention)
+        keep_masks = None
+        if drop_path_rng is not None:
+            keep_masks = draw_drop_path_masks(
+                drop_path_rng, self.drop_path_rates, sum(g.batch for g in layout)
+            )
+        x_RxD = self.run_blocks(x_RxD, layout, fused_attention=fused_attention, keep_masks=keep_masks)
+        # The final norm of the CLS tokens only: it works token by token, so norm(x)[:, 0] of the
+        # reference is norm(x[:, 0]), without a pass over every token.
+        return [self.norm(group[:, 0]) for group in group_rows(x_RxD, layout)]
+
+    def forward_groups(
+        self, groups: Sequence[jax.Array], drop_path_rng: jax.Array | None = None
+    ) -> list[jax.Array]:
+        """Final-norm CLS features (B_i, D), float32, of several groups of images (each group one
+        image size), their tokens run through the blocks together (block.py). Stochastic depth
+        only with a key.
+
+        A CUDA program in bfloat16/float16 takes cuDNN's fused attention, on tokens padded to an
+        even count; any other takes the written-out attention. The choice is made where the step is
+        lowered, so the same traced step serves every backend."""
+        tokens = [self.prepare_tokens(images) for images in groups]
+        written_out = functools.partial(self._features, fused_attention=False, drop_path_rng=drop_path_rng)
+        if not cudnn_attention_available(self.dtype.name):
+            return written_out(*tokens)
+        fused = functools.partial(self._features, fused_attention=True, drop_path_rng=drop_path_rng)
+        return jax.lax.platform_dependent(*tokens, cuda=fused, default=written_out)
 
     def __call__(self, images_BxHxWxC: jax.Array, *, drop_path_rng: jax.Array | None = None) -> jax.Array:
         """Final-norm CLS features (B, D), float32. Stochastic depth only when a key is given."""
-        x = self._blocks(self.prepare_tokens(images_BxHxWxC), self.blocks, drop_path_rng)
-        return self.norm(x)[:, 0]
+        return self.forward_groups([images_BxHxWxC], drop_path_rng)[0]
 
     def intermediate_layers(self, images_BxHxWxC: jax.Array, n: int = 1) -> list[jax.Array]:
         """Outputs (B, N+1, D) of the last n blocks, each through the final norm (as the reference)."""
-        if not 1 <= n <= len(self.blocks):
-            raise ValueError(f"n={n} last blocks requested from a ViT of depth {len(self.blocks)}")
-        x = self.prepare_tokens(images_BxHxWxC)
+        depth = self.config.depth
+        if not 1 <= n <= depth:
+            raise ValueError(f"n={n} last blocks requested from a ViT of depth {depth}")
+        x_RxD, layout = self._rows([self.prepare_tokens(images_BxHxWxC)], pad=False)
+        x_RxD = self.run_blocks(x_RxD, layout, stop=depth - n)
         outputs = []
-        for index, block in enumerate(self.blocks):
-            x = block(x)
-            if index >= len(self.blocks) - n:
-                outputs.append(self.norm(x))
+        for index in range(depth - n, depth):
+            x_RxD = self.block(index)(x_RxD, layout)
+            outputs.append(group_rows(self.norm(x_RxD), layout)[0])
         return outputs
 
     def last_self_attention(self, images_BxHxWxC: jax.Array) -> jax.Array:
         """Softmax attention of the last block, (B, heads, N+1, N+1), float32, no dropout."""
+        x_RxD, layout = self._rows([self.prepare_tokens(images_BxHxWxC)], pad=False)
+        x_RxD = self.run_blocks(x_RxD, layout, stop=self.config.depth - 1)
 
-        def forward(model: VisionTransformer, images):
-            x = model._blocks(model.prepare_tokens(images), model.blocks[:-1], None)
-            last = model.blocks[-1]
-            return last.attn(last.norm1(x), record_attention=True)
+        def attend(block: Block, x_RxD):
+            return block.attn(block.norm1(x_RxD), layout, record_attention=True)
 
-        _, intermediates = nnx.capture(forward, nnx.Intermediate)(self, images_BxHxWxC)
-        (attention,) = intermediates["blocks"][len(self.blocks) - 1]["attn"]["attention"].get_value()
+        _, intermediates = nnx.capture(attend, nnx.Intermediate)(self.block(self.config.depth - 1), x_RxD)
+        (attention,) = intermediates["attn"]["attention"].get_value()
         return attention

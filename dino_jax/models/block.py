@@ -1,0 +1,125 @@
+"""The transformer block, run on the tokens of several crop groups at once.
+
+A DINO student sees crops of two sizes (CIFAR: 2 x 65 tokens and 8 x 17 tokens per image). Only
+attention needs each image's tokens together; everything else in a block (LayerNorm, the linear
+layers, GELU, stochastic depth, the residual adds) works token by token. So the tokens of all groups
+travel through the blocks as one (rows, D) matrix, and attention takes each group's rows back out
+as (B, N, D). Per block that is one kernel per token-wise operation instead of one per group: the
+CIFAR step's student block went from 101 to 61 kernels and from 4.22 to 3.84 GB moved, compiled for
+an H100 (docs/benchmarks.md). The arithmetic of every token is the same either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dino_jax.models.attention import Attention
+from dino_jax.models.fused_grads import gelu
+from dino_jax.models.layers import layer_norm, linear
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+    """One crop group's place in the token rows: `batch` images of `tokens` rows each, of which the
+    first `valid` are real (the rest pad the count to even for cuDNN's fused attention)."""
+
+    batch: int
+    tokens: int
+    valid: int
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.tokens
+
+
+def group_rows(x_RxD: jax.Array, layout: Sequence[GroupLayout]) -> list[jax.Array]:
+    """The rows of each group as (B, N, D)."""
+    out, start = [], 0
+    for group in layout:
+        out.append(x_RxD[start : start + group.rows].reshape(group.batch, group.tokens, -1))
+        start += group.rows
+    return out
+
+
+def draw_drop_path_masks(rng: jax.Array, rates: Sequence[float], num_images: int) -> jax.Array:
+    """Stochastic depth for a whole network in one draw: (depth, 2, num_images) booleans, True
+    where image i keeps block b's attention (0) or MLP (1) branch, with probability 1 - rates[b].
+
+    One draw, not one per block and branch: deriving a key per block, branch and crop group was a
+    chain of tiny kernels on a GPU (76 of the CIFAR step's 210 kernels of at most 1,024 threads,
+    compiled for an H100: docs/benchmarks.md). Each image's draws are independent, as the
+    reference's per-sample `DropPath` makes them.
+    """
+    keep_Dx1x1 = 1.0 - jnp.asarray(rates, jnp.float32)[:, None, None]
+    return jax.random.uniform(rng, (len(rates), 2, num_images)) < keep_Dx1x1
+
+
+def drop_path_rows(
+    x_RxD: jax.Array, layout: Sequence[GroupLayout], rate, keep_images: jax.Array | None
+) -> jax.Array:
+    """Per-image stochastic depth on token rows: the rows of image i (images numbered across the
+    groups of `layout`) are kept where `keep_images[i]` and rescaled by 1 / (1 - rate), the
+    reference's `x / keep * mask`; all zero where dropped."""
+    if keep_images is None or (isinstance(rate, (int, float)) and rate == 0.0):
+        return x_RxD
+    keep = 1.0 - rate
+    # Each image's 0/1 factor broadcast over its token rows, in the compute dtype (XLA's GPU
+    # emitter failed on a fusion that broadcast the boolean mask itself).
+    factors = keep_images.astype(x_RxD.dtype)
+    masks, first = [], 0
+    for group in layout:
+        per_image = factors[first : first + group.batch, None]
+        masks.append(jnp.broadcast_to(per_image, (group.batch, group.tokens)).reshape(group.rows, 1))
+        first += group.batch
+    mask_Rx1 = jnp.concatenate(masks) if len(masks) > 1 else masks[0]
+    return x_RxD / jnp.asarray(keep, x_RxD.dtype) * mask_Rx1
+
+
+class Mlp(nnx.Module):
+    def __init__(self, embed_dim: int, hidden_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = linear(embed_dim, hidden_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = linear(hidden_dim, embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with per-sample stochastic depth on both residual branches.
+
+    The drop-path rate is an argument, not an attribute: the ViT keeps its blocks as one stack
+    (`stacking.py`) that shares one structure, while the rate grows with depth."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        eps = config.layer_norm_eps
+        self.norm1 = layer_norm(config.embed_dim, eps=eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(
+            config.embed_dim, config.num_heads, qkv_bias=config.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.norm2 = layer_norm(config.embed_dim, eps=eps, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(config.embed_dim, config.mlp_hidden_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x_RxD: jax.Array,
+        layout: Sequence[GroupLayout],
+        *,
+        fused_attention: bool = False,
+        drop_path_rate: float | jax.Array = 0.0,
+        keep_branches: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token rows (R, D) laid out as `layout` -> the block's output rows. `keep_branches`
+        (2, images): which images keep the attention and the MLP branch (this block's entry of
+        `draw_drop_path_masks`; None: no stochastic depth)."""
+        keep_attn = keep_mlp = None
+        if keep_branches is not None:
+            keep_attn, keep_mlp = keep_branches[0], keep_branches[1]
+        attended = self.attn(self.norm1(x_RxD), layout, fused=fused_attention)
+        x_RxD = x_RxD + drop_path_rows(attended, layout, drop_path_rate, keep_attn)
+        return x_RxD + drop_path_rows(self.mlp(self.norm2(x_RxD)), layout, drop_path_rate, keep_mlp)
