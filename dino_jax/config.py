@@ -285,6 +285,8 @@ def head_config(config: ml_collections.ConfigDict, in_dim: int):
         nlayers=h.nlayers,
         use_bn=h.use_bn,
         norm_last_layer=h.norm_last_layer,
+        # The compute dtype of the backbone, as the reference's AMP runs its head in fp16 too.
+        dtype=config.model.dtype,
     )
 
 
