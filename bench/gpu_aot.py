@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,21 +49,25 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--batch", type=int, default=0, help="0: the recipe's")
     parser.add_argument("--smoke", action="store_true", help="the recipes' :smoke shrink (a quick check)")
+    parser.add_argument("--scan-blocks", action="store_true", help="model.scan_blocks=True (compile time)")
     parser.add_argument("--top", type=int, default=10, help="largest kernels and sources to list")
     parser.add_argument("--launch-floor-us", type=float, default=LAUNCH_FLOOR_S * 1e6)
     parser.add_argument("--timeout-s", type=float, default=1800, help="per compilation")
     parser.add_argument("--out", default="", help="also write gpu_aot.json and gpu_aot.md here")
+    parser.add_argument("--keep-dump", default="", help="keep each row's XLA dump under this folder")
     parser.add_argument("--row", default="", help=argparse.SUPPRESS)  # target/recipe/dtype: child mode
     return parser.parse_args(argv)
 
 
-def row_config(recipe: str, dtype: str, *, batch: int, smoke: bool):
+def row_config(recipe: str, dtype: str, *, batch: int, smoke: bool, scan_blocks: bool = False):
     from dino_jax.configs import cifar100, tiny_imagenet
 
     config = {"cifar100": cifar100, "tiny_imagenet": tiny_imagenet}[recipe].get_config(
         "smoke" if smoke else None
     )
     config.model.dtype = dtype
+    if scan_blocks:
+        config.model.scan_blocks = True
     config.augment.on = "device"
     if batch:
         config.train.batch_size = batch
@@ -78,7 +83,7 @@ def measure_row(target_name: str, recipe: str, dtype: str, args) -> dict:
     from dino_jax.data import sources
 
     spec = aot.target(target_name)
-    config = row_config(recipe, dtype, batch=args.batch, smoke=args.smoke)
+    config = row_config(recipe, dtype, batch=args.batch, smoke=args.smoke, scan_blocks=args.scan_blocks)
     step = aot.compile_train_step(config, spec, sources.DATASETS[recipe].num_train)
     memory = step.memory
     text = step.compiled.as_text()
@@ -96,6 +101,7 @@ def measure_row(target_name: str, recipe: str, dtype: str, args) -> dict:
         "recipe": recipe,
         "dtype": dtype,
         "batch": config.train.batch_size,
+        "scan_blocks": bool(config.model.get("scan_blocks", False)),
         "devices": step.num_devices,
         "compile_s": round(step.compile_s, 1),
         "lower_s": round(step.lower_s, 1),
@@ -127,7 +133,9 @@ def _top_level_bit_ops(module) -> int:
 
 
 def run_child(target: str, recipe: str, dtype: str, args) -> dict:
-    with tempfile.TemporaryDirectory() as dump:
+    with tempfile.TemporaryDirectory() as scratch:
+        dump = os.path.join(args.keep_dump, f"{target}_{recipe}_{dtype}") if args.keep_dump else scratch
+        os.makedirs(dump, exist_ok=True)
         env = dict(os.environ)
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
         env["DINO_JAX_AOT_DUMP"] = dump
@@ -135,6 +143,7 @@ def run_child(target: str, recipe: str, dtype: str, args) -> dict:
         argv = [sys.executable, "-m", "bench.gpu_aot", f"--row={target}/{recipe}/{dtype}"]
         argv += [f"--batch={args.batch}", f"--top={args.top}", f"--launch-floor-us={args.launch_floor_us}"]
         argv += ["--smoke"] if args.smoke else []
+        argv += ["--scan-blocks"] if args.scan_blocks else []
         started = time.perf_counter()
         try:
             done = subprocess.run(
@@ -150,11 +159,26 @@ def run_child(target: str, recipe: str, dtype: str, args) -> dict:
         wall_s = time.perf_counter() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"target": target, "recipe": recipe, "dtype": dtype, "error": " | ".join(tail)[-400:]}
+        return {
+            "target": target,
+            "recipe": recipe,
+            "dtype": dtype,
+            "error": _error_line(done.stderr or done.stdout),
+        }
     row = json.loads(lines[-1])
     row["wall_s"] = round(wall_s, 1)
     return row
+
+
+def _error_line(output: str) -> str:
+    """The line that says what failed (the exception's), not the traceback's last frame."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    named = [
+        line
+        for line in lines
+        if re.match(r"^[\w.]+(Error|Exception|Exhausted)\b", line) or "RESOURCE_EXHAUSTED" in line
+    ]
+    return (named[-1] if named else (lines[-1] if lines else "no output"))[:600]
 
 
 def _gb(n) -> str:
@@ -171,7 +195,7 @@ def markdown(rows: list[dict], command: str) -> str:
         ]
         for r in gpu:
             out.append(
-                f"| {r['recipe']} {r['dtype']} | {r['batch']} | {r['kernels']:,} | {r['tiny_kernels']} | {r['copies']} | "
+                f"| {r['recipe']} {r['dtype']}{' (scan)' if r.get('scan_blocks') else ''} | {r['batch']} | {r['kernels']:,} | {r['tiny_kernels']} | {r['copies']} | "
                 f"{r['library_calls']} | {_gb(r['bytes'])} GB | {r['matrix_flops'] / 1e12:.2f} | "
                 f"{r['bound_s'] * 1e3:.1f} ms | {r['bytes_bound_s'] * 1e3:.1f} ms | {r['launch_floor_s'] * 1e3:.1f} ms | "
                 f"{r['temp_gib']:.2f} GiB | {r['compile_s']:.0f} s |"
@@ -210,6 +234,7 @@ def flat_figures(rows: list[dict]) -> dict:
         if "error" in r:
             continue
         key = f"{r['target'].replace('-', '')}_{r['recipe']}_{'bf16' if r['dtype'] == 'bfloat16' else 'fp32'}"
+        key += "_scan" if r.get("scan_blocks") else ""
         figures[f"{key}_kernels"] = r["kernels"]
         figures[f"{key}_tiny_kernels"] = r["tiny_kernels"]
         figures[f"{key}_gb_moved"] = round(r["bytes"] / 1e9, 2)

@@ -23,7 +23,7 @@ _DTYPE_BYTES = {
     "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "token": 0,
 }  # fmt: skip
 _ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 # Instructions that launch nothing: views, plumbing and control flow (whose bodies are counted).
 NO_KERNEL = frozenset(
@@ -50,6 +50,8 @@ class Instruction:
     opcode: str
     operands: list[str]
     attributes: str  # everything after the operand list
+    is_root: bool = False
+    parameter_index: int | None = None  # of a `parameter(i)` instruction
 
     def attribute(self, key: str) -> str | None:
         found = re.search(rf'\b{key}=("[^"]*"|%?[\w.\-$]+|\{{[^}}]*\}})', self.attributes)
@@ -163,11 +165,15 @@ def parse_module(text: str) -> Module:
             continue
         matched = _INSTRUCTION.match(line)
         if matched:
-            parts = _split_instruction(matched.group(2))
+            parts = _split_instruction(matched.group(3))
             if parts:
                 shape, opcode, operands, attributes = parts
-                computations[current][matched.group(1)] = Instruction(
-                    matched.group(1), shape, opcode, operands, attributes
+                index = None
+                if opcode == "parameter":
+                    number = re.search(r"parameter\((\d+)\)", matched.group(3))
+                    index = int(number.group(1)) if number else None
+                computations[current][matched.group(2)] = Instruction(
+                    matched.group(2), shape, opcode, operands, attributes, bool(matched.group(1)), index
                 )
     return Module(computations, entry, _frames(tables))
 
@@ -267,7 +273,38 @@ def _product_flops(module: Module, instruction: Instruction, is_conv: bool) -> t
     return 2.0 * math.prod(out_dims) * math.prod(lhs_dims[d] for d in dims), lhs_dtype
 
 
+_SLICES = ("slice", "dynamic-slice")
+
+
+def _users(computation: dict[str, Instruction]) -> dict[str, list[Instruction]]:
+    users: dict[str, list[Instruction]] = collections.defaultdict(list)
+    for instruction in computation.values():
+        for operand in instruction.operands:
+            users[operand].append(instruction)
+    return users
+
+
+def _read_through_views(name: str, users, depth: int = 0) -> list[Instruction] | None:
+    """The slices that read parameter `name` (through bitcasts), or None if anything else reads
+    it whole."""
+    found = []
+    for user in users.get(name, []):
+        if user.opcode in _SLICES and user.operands[0] == name:
+            found.append(user)
+        elif user.opcode == "bitcast" and depth < 3:
+            inner = _read_through_views(user.name, users, depth + 1)
+            if inner is None:
+                return None
+            found.extend(inner)
+        else:
+            return None
+    return found or None
+
+
 def _io_bytes(module: Module, computation: dict[str, Instruction], instruction: Instruction) -> int:
+    """Bytes a kernel reads and writes. A fusion that reads a buffer only through slices is charged
+    the slices; one that updates a buffer in place (dynamic-update-slice, e.g. a loop writing its
+    iteration's rows) is charged the update, not the buffer."""
     result = instruction.shape
     if instruction.opcode == "custom-call":
         # Library calls return (output, scratch workspace): the workspace is not traffic.
@@ -275,10 +312,49 @@ def _io_bytes(module: Module, computation: dict[str, Instruction], instruction: 
         result_bytes = sum(_DTYPE_BYTES[t] * math.prod(d) for t, d in arrays if t != "s8" or len(arrays) == 1)
     else:
         result_bytes = shape_bytes(result)
-    operand_bytes = sum(
-        shape_bytes(module.operand_shape(computation, name)) for name in set(instruction.operands)
+    operands = list(dict.fromkeys(instruction.operands))
+    operand_bytes = {name: shape_bytes(module.operand_shape(computation, name)) for name in operands}
+    if instruction.opcode == "dynamic-update-slice":
+        update = shape_bytes(module.operand_shape(computation, instruction.operands[1]))
+        return int(2 * update)
+    if instruction.opcode in _SLICES:
+        return int(2 * result_bytes)
+    fused = (
+        module.computations.get(instruction.attribute("calls") or "", {})
+        if instruction.opcode == "fusion"
+        else {}
     )
-    return int(result_bytes + operand_bytes)
+    if fused:
+        users = _users(fused)
+        root = next((i for i in fused.values() if i.is_root), None)
+        roots = (
+            [fused[n] for n in root.operands if n in fused]
+            if root is not None and root.opcode == "tuple"
+            else [root]
+        )
+        for position, operand in enumerate(instruction.operands):
+            parameter = next(
+                (p for p in fused.values() if p.opcode == "parameter" and p.parameter_index == position), None
+            )
+            if parameter is None or operand not in operand_bytes:
+                continue
+            updated = [
+                r
+                for r in roots
+                if r is not None and r.opcode == "dynamic-update-slice" and r.operands[0] == parameter.name
+            ]
+            if updated:  # in place: the output aliases it; the update is charged on the output side
+                operand_bytes[operand] = 0
+                result_bytes -= shape_bytes(updated[0].shape) - shape_bytes(
+                    module.operand_shape(fused, updated[0].operands[1])
+                )
+                continue
+            slices = _read_through_views(parameter.name, users)
+            if slices is not None:
+                operand_bytes[operand] = min(
+                    operand_bytes[operand], sum(shape_bytes(s.shape) for s in slices)
+                )
+    return int(result_bytes + sum(operand_bytes.values()))
 
 
 def _trip_count(instruction: Instruction) -> int:
@@ -420,6 +496,10 @@ def summarise(kernels: list[Kernel], chip: Chip, top: int = 12) -> dict:
         by_source[k.source][0] += k.bytes * k.launches
         by_source[k.source][1] += k.launches
     largest = sorted(kernels, key=lambda k: k.bytes * k.launches, reverse=True)[:top]
+    tiny_by_source = collections.Counter()
+    for k in kernels:
+        if k.threads is not None and k.threads <= TINY_THREADS:
+            tiny_by_source[k.source] += k.launches
     return {
         "kernels": launches,
         "copies": sum(k.launches for k in kernels if k.kind == "copy"),
@@ -443,9 +523,35 @@ def summarise(kernels: list[Kernel], chip: Chip, top: int = 12) -> dict:
             }
             for k in largest
         ],
+        "tiny_by_source": dict(tiny_by_source.most_common(top)),
         "by_source": sorted(
             ({"source": s, "bytes": b, "kernels": n} for s, (b, n) in by_source.items()),
             key=lambda row: row["bytes"],
             reverse=True,
         )[:top],
     }
+
+
+def from_dump(dump: str, module: str = "jit_train_step") -> tuple[Module, list[Kernel]]:
+    """The module and kernels of an XLA GPU dump folder (`--xla_dump_to`), for a second look
+    without compiling again (`bench/gpu_aot.py --keep-dump`)."""
+    import glob
+    import os
+
+    (metadata,) = glob.glob(os.path.join(dump, f"*{module}*.thunk_metadata.txt"))
+    prefix = metadata[: -len(".thunk_metadata.txt")]
+    (optimised,) = glob.glob(prefix + "*gpu_after_optimizations.txt")
+    sequence = prefix + ".thunk_sequence_after_thunk_passes.txt"
+    if not os.path.exists(sequence):
+        sequence = prefix + ".thunk_sequence.txt"
+    with open(optimised) as f, open(sequence) as g, open(metadata) as h:
+        parsed = parse_module(f.read())
+        return parsed, kernels_from_thunks(parsed, g.read(), thunk_annotations(h.read()))
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    _, found = from_dump(sys.argv[1])
+    print(json.dumps(summarise(found, Chip(3.35e12, 989e12, 494.7e12, 2e-6), top=40), indent=1))

@@ -117,6 +117,17 @@ def test_installed_package_is_imported_from_the_venv(installed, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith(str(installed.parent)), out.stdout
     assert "['cifar100', 'digits', 'tiny_imagenet']" in out.stdout
+    # The data files of the package come with it: the GPU description dino_jax.aot compiles for.
+    out = outside_the_repository(
+        [
+            str(installed / "python"),
+            "-c",
+            "import os, dino_jax.aot as a; t = a.target('h100'); "
+            "print(os.path.getsize(os.path.join(a.TARGETS_DIR, t.target_config_file)))",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0 and int(out.stdout) > 500, out.stderr[-2000:]
 
 
 def test_dino_jax_command_lists_its_flags(installed, tmp_path):
