@@ -142,6 +142,9 @@ def devices(spec: Target) -> list:
                     f"{LIBTPU_CACHE_DIR} libtpu=={LIBTPU_VERSION}` (what `bash install.sh dev` runs)"
                 )
             os.environ["TPU_LIBRARY_PATH"] = path
+        # libtpu takes a lock file so that one process owns a TPU; compiling for a described one
+        # owns nothing, and a second compiling process (a bench beside the tests) must not fail.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         # libtpu reads these only to describe the machine it runs on; set, it stops warning.
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

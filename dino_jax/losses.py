@@ -29,12 +29,17 @@ def dino_loss(
     num_crops: int,
     teacher_temperature: jax.Array | float,
     student_temperature: float = 0.1,
+    shards: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy between centred/sharpened teacher views and every *other* student view.
 
     Pairs where the student and the teacher see the same global view are skipped; the sum of the
     remaining `2 * (num_crops - 1)` batch-mean terms is divided by their count. Returns the loss and
     monitors of the teacher's output distribution (entropies in nats).
+
+    Rows are view-major (`[view 0 of every image, view 1, ...]`), or with `shards` > 1 (the batch
+    split over that many devices) view-major device by device, as `train_step.crop_major` orders
+    the crops so that no image leaves its device.
     """
     num_rows = student_logits_VBxK.shape[0]
     if num_rows % num_crops:
@@ -54,15 +59,22 @@ def dino_loss(
     teacher_probs_2BxK, teacher_entropy_2Bx1 = jax.lax.platform_dependent(
         teacher_centred_2BxK, cuda=_teacher_softmax_one_pass, default=_teacher_softmax
     )
-    student_scaled_VxBxK = (student_logits_VBxK.astype(jnp.float32) / student_temperature).reshape(
-        num_crops, batch, -1
+    student_scaled_VxBxK = _views_major(
+        student_logits_VBxK.astype(jnp.float32) / student_temperature, num_crops, shards
     )
-    loss = _cross_entropy_other_views(student_scaled_VxBxK, teacher_probs_2BxK.reshape(2, batch, -1))
+    loss = _cross_entropy_other_views(student_scaled_VxBxK, _views_major(teacher_probs_2BxK, 2, shards))
     monitors = {
         "teacher_entropy": jnp.mean(teacher_entropy_2Bx1),
         "teacher_batch_entropy": _batch_entropy(teacher_probs_2BxK),
     }
     return loss, monitors
+
+
+def _views_major(rows_NxK: jax.Array, num_views: int, shards: int) -> jax.Array:
+    """(V*B, K) rows, view-major device by device -> (V, B, K), images in batch order. The device
+    axis stays the outer part of the batch axis, so the rows stay on their devices."""
+    per_device = rows_NxK.reshape(shards, num_views, -1, rows_NxK.shape[-1])
+    return jnp.swapaxes(per_device, 0, 1).reshape(num_views, -1, rows_NxK.shape[-1])
 
 
 def _teacher_softmax(teacher_centred_NxK):

@@ -125,6 +125,7 @@ def build_training(
         center_momentum=t.center_momentum,
         device_augment=device_augment,
         freeze_last_layer_steps=plan.freeze_last_layer_steps,
+        data_shards=mesh.shape[sharding.DATA_AXIS],
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))

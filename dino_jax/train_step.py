@@ -25,11 +25,17 @@ from dino_jax.data import normalize
 from dino_jax.state import TrainState
 
 
-def crop_major(crops_BxVxHxWxC: jax.Array) -> jax.Array:
+def crop_major(crops_BxVxHxWxC: jax.Array, shards: int = 1) -> jax.Array:
     """(B, V, H, W, C) -> (V*B, H, W, C) ordered [view 0 of every image, view 1, ...], the
-    reference's row order."""
+    reference's row order; with the batch split over `shards` devices, that order device by
+    device (device s's views of its own images), so that no image leaves its device.
+
+    Merging (V, B) with the device-split B inside it is a layout XLA cannot keep split: it gathered
+    every crop onto every device, and each of a TPU v2-8's cores ran the whole batch (compiled for
+    it, tests/test_aot_tpu.py)."""
     b, v = crops_BxVxHxWxC.shape[:2]
-    return jnp.swapaxes(crops_BxVxHxWxC, 0, 1).reshape(v * b, *crops_BxVxHxWxC.shape[2:])
+    per_device = crops_BxVxHxWxC.reshape(shards, b // shards, v, *crops_BxVxHxWxC.shape[2:])
+    return jnp.swapaxes(per_device, 1, 2).reshape(v * b, *crops_BxVxHxWxC.shape[2:])
 
 
 def global_norm(tree) -> jax.Array:
@@ -40,18 +46,19 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(norm)) for norm in norms))
 
 
-def normalized_crop_groups(global_crops, local_crops, mean, std) -> list[jax.Array]:
-    """uint8 crops (B, V, H, W, C) -> one normalised crop-major group per resolution, globals first
-    (the local group is left out when there are no local crops)."""
-    groups = [normalize.normalize_images(crop_major(global_crops), mean, std)]
+def normalized_crop_groups(global_crops, local_crops, mean, std, shards: int = 1) -> list[jax.Array]:
+    """uint8 crops (B, V, H, W, C) -> one normalised crop-major group per resolution (device by
+    device with `shards`), globals first (the local group is left out without local crops)."""
+    groups = [normalize.normalize_images(crop_major(global_crops, shards), mean, std)]
     if local_crops.shape[1]:
-        groups.append(normalize.normalize_images(crop_major(local_crops), mean, std))
+        groups.append(normalize.normalize_images(crop_major(local_crops, shards), mean, std))
     return groups
 
 
-def teacher_forward(graphdef, teacher_params, global_group: jax.Array) -> jax.Array:
-    """The teacher's logits (2B, K) of the global crops; no gradient flows into them."""
-    return jax.lax.stop_gradient(nnx.merge(graphdef, teacher_params)([global_group]))
+def teacher_forward(graphdef, teacher_params, global_group: jax.Array, shards: int = 1) -> jax.Array:
+    """The teacher's logits (2B, K) of the global crops (view-major device by device, as the crops
+    are); no gradient flows into them."""
+    return jax.lax.stop_gradient(nnx.merge(graphdef, teacher_params)([global_group], shards=shards))
 
 
 def student_loss(
@@ -65,10 +72,11 @@ def student_loss(
     teacher_temperature: jax.Array,
     student_temperature: float,
     drop_path_rng: jax.Array | None,
+    shards: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The student's forward over all crops and the DINO loss: `(loss, teacher monitors)`."""
     student = nnx.merge(graphdef, student_params)
-    student_logits = student(crop_groups, drop_path_rng=drop_path_rng)
+    student_logits = student(crop_groups, drop_path_rng=drop_path_rng, shards=shards)
     return losses.dino_loss(
         student_logits,
         teacher_logits_2BxK,
@@ -76,6 +84,7 @@ def student_loss(
         num_crops=num_crops,
         teacher_temperature=teacher_temperature,
         student_temperature=student_temperature,
+        shards=shards,
     )
 
 
@@ -99,12 +108,15 @@ def make_train_step(
     center_momentum: float,
     device_augment: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
     freeze_last_layer_steps: int = 0,
+    data_shards: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, not yet jitted.
 
     `batch` holds either `global_crops (B,2,G,G,C)` and `local_crops (B,L,l,l,C)` made on the host,
     or `image (B,H,W,C)` that `device_augment(images, key) -> (globals, locals)` crops here.
     `freeze_last_layer_steps` is the optimiser's (its schedules' position after a skipped step).
+    `data_shards`: the devices the batch is split over (the mesh's `data` axis); the networks keep
+    each device's crops on it (`crop_major`).
     """
 
     def train_step(state: TrainState, batch: dict[str, Any]):
@@ -117,11 +129,11 @@ def make_train_step(
         else:
             global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         num_crops = global_crops.shape[1] + local_crops.shape[1]
-        crop_groups = normalized_crop_groups(global_crops, local_crops, mean, std)
+        crop_groups = normalized_crop_groups(global_crops, local_crops, mean, std, data_shards)
 
         epoch = state.step // schedules.steps_per_epoch
         teacher_temperature = schedules_lib.lookup(schedules.teacher_temperature, epoch)
-        teacher_logits = teacher_forward(graphdef, state.teacher, crop_groups[0])
+        teacher_logits = teacher_forward(graphdef, state.teacher, crop_groups[0], data_shards)
 
         def loss_fn(student_params):
             return student_loss(
@@ -134,6 +146,7 @@ def make_train_step(
                 teacher_temperature=teacher_temperature,
                 student_temperature=student_temp,
                 drop_path_rng=drop_path_key,
+                shards=data_shards,
             )
 
         scaling = state.loss_scale

@@ -11,7 +11,7 @@ from flax import nnx
 from dino_jax.models import fused_grads, layers, stacking
 from dino_jax.models import vit as vit_lib
 from dino_jax.models import block as block_lib
-from dino_jax.models.block import GroupLayout
+from dino_jax.models.block import GroupLayout, TokenLayout
 from dino_jax.models.dino import DINO
 from dino_jax.models.head import BatchNorm, DINOHead, HeadConfig, weight_norm_linear
 from dino_jax.models.vit import VisionTransformer, ViTConfig
@@ -135,7 +135,7 @@ def test_gelu_and_its_gradient_match_the_exact_gelu_in_float64():
 
 def test_drop_path_is_per_image_across_groups_and_rescaled():
     # Two groups: 3 images of 2 tokens, then 2 images of 3 tokens; images 1 and 3 are dropped.
-    layout = (GroupLayout(batch=3, tokens=2, valid=2), GroupLayout(batch=2, tokens=3, valid=3))
+    layout = TokenLayout((GroupLayout(batch=3, tokens=2, valid=2), GroupLayout(batch=2, tokens=3, valid=3)))
     x = jnp.ones((12, 4))
     keep = jnp.asarray([True, False, True, False, True])
     out = np.asarray(block_lib.drop_path_rows(x, layout, 0.5, keep))
@@ -163,7 +163,7 @@ def test_stochastic_depth_only_with_a_key():
     # Per sample: a row whose two branches are both dropped leaves the block unchanged.
     block = model.block(2)
     tokens = jax.random.normal(jax.random.key(6), (32 * 5, 32))
-    layout = (GroupLayout(batch=32, tokens=5, valid=5),)
+    layout = TokenLayout((GroupLayout(batch=32, tokens=5, valid=5),))
     masks = block_lib.draw_drop_path_masks(jax.random.key(3), [0.5], 32)[0]
     out = np.asarray(block(tokens, layout, drop_path_rate=0.5, keep_branches=masks))
     untouched = np.all((out == np.asarray(tokens)).reshape(32, 5 * 32), axis=1)
@@ -401,3 +401,31 @@ def test_dino_wrapper_groups_and_param_paths():
     assert not np.allclose(twice[:4], twice[4:], atol=1e-5)
     with pytest.raises(ValueError, match="does not match the backbone's embed_dim 32"):
         DINO(config, head_config(in_dim=16), rngs=nnx.Rngs(0))
+
+
+def test_token_layout_keeps_each_devices_rows_together_and_split_inverts_join():
+    # Two groups over 2 devices: 4 images of 3 tokens and 8 images of 1 token.
+    layout = TokenLayout((GroupLayout(4, 3, 3), GroupLayout(8, 1, 1)), shards=2)
+    first = jnp.arange(12.0).reshape(12, 1)  # group 0's rows, images 0-1 on device 0, 2-3 on 1
+    second = 100 + jnp.arange(8.0).reshape(8, 1)
+    rows = np.asarray(layout.join([first, second]))[:, 0]
+    # Device 0's half: its 6 rows of group 0, then its 4 of group 1; then device 1's.
+    np.testing.assert_array_equal(
+        rows, [0, 1, 2, 3, 4, 5, 100, 101, 102, 103, 6, 7, 8, 9, 10, 11, 104, 105, 106, 107]
+    )
+    split = layout.split(jnp.asarray(rows)[:, None])
+    np.testing.assert_array_equal(np.asarray(split[0]).ravel(), np.arange(12.0))
+    np.testing.assert_array_equal(np.asarray(split[1]).ravel(), 100 + np.arange(8.0))
+    assert split[0].shape == (4, 3, 1) and split[1].shape == (8, 1, 1)
+    with pytest.raises(ValueError, match="do not split over 3 devices"):
+        TokenLayout((GroupLayout(4, 3, 3),), shards=3)
+
+
+def test_features_of_a_batch_split_over_devices_are_those_of_one_device():
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    model = VisionTransformer(config, rngs=nnx.Rngs(0))
+    groups = [images(1, batch=4), images(2, batch=8, size=8)]
+    one = model.forward_groups(groups)
+    two = model.forward_groups(groups, shards=2)
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

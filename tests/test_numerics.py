@@ -15,7 +15,7 @@ from dino_jax.configs import base
 from dino_jax.data import normalize
 from dino_jax.data.multicrop import spec
 from dino_jax.models import block
-from dino_jax.models.block import GroupLayout
+from dino_jax.models.block import GroupLayout, TokenLayout
 from dino_jax.train_step import crop_major
 from tests import train_helpers as th
 from tests.test_losses import reference_loss
@@ -136,7 +136,7 @@ def test_drop_path_keeps_an_image_with_probability_one_minus_its_blocks_rate():
     both = (~masks[2, 0] & ~masks[2, 1]).mean()
     assert both == pytest.approx(0.25, abs=0.011)
     x = jnp.ones((20000, 1))
-    layout = (GroupLayout(batch=20000, tokens=1, valid=1),)
+    layout = TokenLayout((GroupLayout(batch=20000, tokens=1, valid=1),))
     out = np.asarray(block.drop_path_rows(x, layout, 0.2, jnp.asarray(masks[1, 0])))[:, 0]
     kept = out != 0
     np.testing.assert_array_equal(kept, masks[1, 0])

@@ -118,6 +118,10 @@ from tests import train_helpers as th
 config = th.tiny_config()
 parts, mesh = th.build(config)
 assert len(mesh.devices.flat) == jax.device_count(), "the mesh must span every device"
+from dino_jax import sharding as sharding_lib
+compiled = parts.step_fn.lower(parts.state, sharding_lib.to_global_batch(th.fixed_batch(config), mesh)).compile()
+temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+gathers = compiled.as_text().count(" all-gather(") + compiled.as_text().count(" all-gather-start(")
 state, history = th.run_steps(parts, mesh, [th.fixed_batch(config, seed=i) for i in range(2)])
 # Compared through outputs, not raw parameters: with BatchNorm in the head several parameters
 # (pre-BN biases, the final-norm bias, the key bias) have an exactly-zero true gradient, and Adam
@@ -128,7 +132,7 @@ probe = th.fixed_batch(config, seed=99)
 crops = [train_step.crop_major(jax.numpy.asarray(probe["global_crops"])).astype("float32") / 255.0]
 student_logits = np.asarray(jax.jit(lambda p, c: nnx.merge(parts.graphdef, p)(c))(state.student, crops))
 teacher_logits = np.asarray(jax.jit(lambda p, c: nnx.merge(parts.graphdef, p)(c))(state.teacher, crops))
-print("RESULT" + json.dumps({"devices": jax.device_count(), "history": history, "student": student_logits[:8].tolist(), "teacher": teacher_logits[:8].tolist(),
+print("RESULT" + json.dumps({"devices": jax.device_count(), "temp_bytes": temp_bytes, "gathers": gathers, "history": history, "student": student_logits[:8].tolist(), "teacher": teacher_logits[:8].tolist(),
       "center": np.asarray(state.center).ravel()[:50].tolist()}))
 """
 
@@ -161,3 +165,7 @@ def test_one_device_and_eight_devices_take_the_same_step():
     np.testing.assert_allclose(one["student"], eight["student"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(one["teacher"], eight["teacher"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(one["center"], eight["center"], rtol=1e-5, atol=1e-6)
+    # Data parallel: each device works on its eighth of the batch. When the crops were reordered
+    # across the device split, XLA gathered the whole batch onto every device (each one then held
+    # the temporaries of all of it).
+    assert eight["temp_bytes"] < one["temp_bytes"] / 3, (one["temp_bytes"], eight["temp_bytes"])

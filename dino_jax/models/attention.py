@@ -95,18 +95,14 @@ class Attention(nnx.Module):
     def __call__(
         self, x_RxD: jax.Array, layout, *, fused: bool = False, record_attention: bool = False
     ) -> jax.Array:
-        """Token rows (R, D) of the groups in `layout` (block.GroupLayout) -> (R, D); each group
+        """Token rows (R, D) of the groups in `layout` (block.TokenLayout) -> (R, D); each group
         attends within its images. `fused`: cuDNN's kernel (a CUDA program in 16-bit); else the
         written-out heads-major form, whose probabilities `record_attention` sows."""
         dim = x_RxD.shape[-1]
         head_dim = dim // self.num_heads
-        qkv_Rx3D = self.qkv(x_RxD)
-        outputs, start = [], 0
-        for group in layout:
-            qkv = qkv_Rx3D[start : start + group.rows].reshape(
-                group.batch, group.tokens, 3, self.num_heads, head_dim
-            )
-            start += group.rows
+        outputs = []
+        for group, qkv_BxNx3D in zip(layout.groups, layout.split(self.qkv(x_RxD))):
+            qkv = qkv_BxNx3D.reshape(group.batch, group.tokens, 3, self.num_heads, head_dim)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if record_attention:
                 out_BxNxHxK, probs_BxHxNxN = heads_major_attention(q, k, v, self.scale)
@@ -117,4 +113,4 @@ class Attention(nnx.Module):
                 out_BxNxHxK = heads_major_attention(q, k, v, self.scale)[0]
             outputs.append(out_BxNxHxK.reshape(group.rows, dim))
         # One projection over every group's rows (XLA reads the pieces in place).
-        return self.proj(jnp.concatenate(outputs) if len(outputs) > 1 else outputs[0])
+        return self.proj(layout.join(outputs))

@@ -37,13 +37,46 @@ class GroupLayout:
         return self.batch * self.tokens
 
 
-def group_rows(x_RxD: jax.Array, layout: Sequence[GroupLayout]) -> list[jax.Array]:
-    """The rows of each group as (B, N, D)."""
-    out, start = [], 0
-    for group in layout:
-        out.append(x_RxD[start : start + group.rows].reshape(group.batch, group.tokens, -1))
-        start += group.rows
-    return out
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where each crop group's token rows sit in the (rows, D) matrix the blocks run on.
+
+    With the batch split over `shards` devices, each device's rows stay its own: the matrix is
+    `shards` equal pieces, piece s holding every group's rows of device s, group after group. A
+    plain concatenation of the groups would put device s's local-crop rows far from its global-crop
+    rows, and XLA would gather the whole batch onto every device to build it.
+    """
+
+    groups: tuple[GroupLayout, ...]
+    shards: int = 1
+
+    def __post_init__(self):
+        for group in self.groups:
+            if group.batch % self.shards:
+                raise ValueError(f"{group.batch} images of a group do not split over {self.shards} devices")
+
+    @property
+    def images(self) -> int:
+        return sum(group.batch for group in self.groups)
+
+    def split(self, x_Rx_: jax.Array) -> list[jax.Array]:
+        """The rows of each group, (B, N, ...), in the group's own order."""
+        per_shard = x_Rx_.reshape(self.shards, -1, *x_Rx_.shape[1:])
+        out, start = [], 0
+        for group in self.groups:
+            rows = group.rows // self.shards
+            piece = per_shard[:, start : start + rows]
+            out.append(piece.reshape(group.batch, group.tokens, *x_Rx_.shape[1:]))
+            start += rows
+        return out
+
+    def join(self, pieces: Sequence[jax.Array]) -> jax.Array:
+        """The inverse of `split`: each group's rows, (rows_g, ...), -> (rows, ...)."""
+        if len(pieces) == 1:
+            return pieces[0]
+        tail = pieces[0].shape[1:]
+        per_shard = [piece.reshape(self.shards, -1, *tail) for piece in pieces]
+        return jnp.concatenate(per_shard, axis=1).reshape(-1, *tail)
 
 
 def draw_drop_path_masks(rng: jax.Array, rates: Sequence[float], num_images: int) -> jax.Array:
@@ -59,12 +92,10 @@ def draw_drop_path_masks(rng: jax.Array, rates: Sequence[float], num_images: int
     return jax.random.uniform(rng, (len(rates), 2, num_images)) < keep_Dx1x1
 
 
-def drop_path_rows(
-    x_RxD: jax.Array, layout: Sequence[GroupLayout], rate, keep_images: jax.Array | None
-) -> jax.Array:
-    """Per-image stochastic depth on token rows: the rows of image i (images numbered across the
-    groups of `layout`) are kept where `keep_images[i]` and rescaled by 1 / (1 - rate), the
-    reference's `x / keep * mask`; all zero where dropped."""
+def drop_path_rows(x_RxD: jax.Array, layout: TokenLayout, rate, keep_images: jax.Array | None) -> jax.Array:
+    """Per-image stochastic depth on token rows: the rows of image i (images numbered group after
+    group, each group in its own order) are kept where `keep_images[i]` and rescaled by
+    1 / (1 - rate), the reference's `x / keep * mask`; all zero where dropped."""
     if keep_images is None or (isinstance(rate, (int, float)) and rate == 0.0):
         return x_RxD
     keep = 1.0 - rate
@@ -72,12 +103,11 @@ def drop_path_rows(
     # emitter failed on a fusion that broadcast the boolean mask itself).
     factors = keep_images.astype(x_RxD.dtype)
     masks, first = [], 0
-    for group in layout:
+    for group in layout.groups:
         per_image = factors[first : first + group.batch, None]
         masks.append(jnp.broadcast_to(per_image, (group.batch, group.tokens)).reshape(group.rows, 1))
         first += group.batch
-    mask_Rx1 = jnp.concatenate(masks) if len(masks) > 1 else masks[0]
-    return x_RxD / jnp.asarray(keep, x_RxD.dtype) * mask_Rx1
+    return x_RxD / jnp.asarray(keep, x_RxD.dtype) * layout.join(masks)
 
 
 class Mlp(nnx.Module):
@@ -108,7 +138,7 @@ class Block(nnx.Module):
     def __call__(
         self,
         x_RxD: jax.Array,
-        layout: Sequence[GroupLayout],
+        layout: TokenLayout,
         *,
         fused_attention: bool = False,
         drop_path_rate: float | jax.Array = 0.0,

@@ -25,9 +25,10 @@ class DINO(nnx.Module):
         self.head = DINOHead(head_config, rngs=rngs)
 
     def __call__(
-        self, crop_groups: Sequence[jax.Array], *, drop_path_rng: jax.Array | None = None
+        self, crop_groups: Sequence[jax.Array], *, drop_path_rng: jax.Array | None = None, shards: int = 1
     ) -> jax.Array:
-        """Logits (sum of rows of all groups, out_dim), rows in group order.
+        """Logits (sum of rows of all groups, out_dim), rows in group order, or with `shards` > 1
+        (the batch split over that many devices) device by device, each device's rows in group order.
 
         Each group is (V_i*B, H_i, W_i, C) of one resolution; the backbone runs all groups' tokens
         together (models/block.py), and the head runs once on all feature rows, so a BatchNorm head
@@ -35,8 +36,13 @@ class DINO(nnx.Module):
         """
         if not crop_groups:
             raise ValueError("crop_groups is empty; expected at least one (rows, H, W, C) array")
-        features = self.backbone.forward_groups(crop_groups, drop_path_rng)
-        return self.head(jnp.concatenate(features, axis=0))
+        features = self.backbone.forward_groups(crop_groups, drop_path_rng, shards=shards)
+        if len(features) > 1:  # device by device: each device's rows stay its own (block.TokenLayout)
+            dim = features[0].shape[-1]
+            features = [
+                jnp.concatenate([f.reshape(shards, -1, dim) for f in features], axis=1).reshape(-1, dim)
+            ]
+        return self.head(features[0])
 
 
 def split_backbone(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:

@@ -19,7 +19,7 @@ from flax import nnx
 
 from dino_jax.models import stacking
 from dino_jax.models.attention import cudnn_attention_available
-from dino_jax.models.block import Block, GroupLayout, Mlp, draw_drop_path_masks, group_rows
+from dino_jax.models.block import Block, GroupLayout, Mlp, TokenLayout, draw_drop_path_masks
 from dino_jax.models.layers import layer_norm, normal_init, torch_default_uniform_init
 from dino_jax.models.pos_embed import interpolate_pos_embed
 
@@ -141,23 +141,27 @@ class VisionTransformer(nnx.Module):
             pos_embed = interpolate_pos_embed(pos_embed, grid_h, grid_w)
         return tokens + pos_embed.astype(self.dtype)
 
-    def _rows(self, tokens: Sequence[jax.Array], *, pad: bool) -> tuple[jax.Array, tuple[GroupLayout, ...]]:
-        """Groups of tokens (B, N, D) -> one (rows, D) matrix and its layout; with `pad`, an odd
-        token count gets one zero token (cuDNN's attention needs even counts, block.py), masked out
-        of attention and never read back (its row only goes through per-token layers)."""
-        rows, layout = [], []
+    def _rows(
+        self, tokens: Sequence[jax.Array], *, pad: bool, shards: int = 1
+    ) -> tuple[jax.Array, TokenLayout]:
+        """Groups of tokens (B, N, D) -> one (rows, D) matrix and its layout (block.TokenLayout:
+        with the batch split over `shards` devices, each device's rows together). With `pad`, an
+        odd token count gets one zero token (cuDNN's attention needs even counts, attention.py),
+        masked out of attention and never read back (its row only goes through per-token layers)."""
+        rows, groups = [], []
         for tokens_BxNxD in tokens:
             batch, count, dim = tokens_BxNxD.shape
             if pad and count % 2:
                 tokens_BxNxD = jnp.pad(tokens_BxNxD, ((0, 0), (0, 1), (0, 0)))
-            layout.append(GroupLayout(batch, tokens_BxNxD.shape[1], count))
+            groups.append(GroupLayout(batch, tokens_BxNxD.shape[1], count))
             rows.append(tokens_BxNxD.reshape(-1, dim))
-        return (jnp.concatenate(rows) if len(rows) > 1 else rows[0]), tuple(layout)
+        layout = TokenLayout(tuple(groups), shards)
+        return layout.join(rows), layout
 
     def run_blocks(
         self,
         x_RxD: jax.Array,
-        layout: Sequence[GroupLayout],
+        layout: TokenLayout,
         *,
         fused_attention: bool = False,
         keep_masks: jax.Array | None = None,
@@ -200,33 +204,32 @@ class VisionTransformer(nnx.Module):
         x_RxD, _ = jax.lax.scan(body, x_RxD, (state, rates, masks))
         return x_RxD
 
-    def _features(self, *tokens, fused_attention: bool, drop_path_rng) -> list[jax.Array]:
-        x_RxD, layout = self._rows(tokens, pad=fused_attention)
+    def _features(self, *tokens, fused_attention: bool, drop_path_rng, shards: int) -> list[jax.Array]:
+        x_RxD, layout = self._rows(tokens, pad=fused_attention, shards=shards)
         keep_masks = None
         if drop_path_rng is not None:
-            keep_masks = draw_drop_path_masks(
-                drop_path_rng, self.drop_path_rates, sum(g.batch for g in layout)
-            )
+            keep_masks = draw_drop_path_masks(drop_path_rng, self.drop_path_rates, layout.images)
         x_RxD = self.run_blocks(x_RxD, layout, fused_attention=fused_attention, keep_masks=keep_masks)
         # The final norm of the CLS tokens only: it works token by token, so norm(x)[:, 0] of the
         # reference is norm(x[:, 0]), without a pass over every token.
-        return [self.norm(group[:, 0]) for group in group_rows(x_RxD, layout)]
+        return [self.norm(group[:, 0]) for group in layout.split(x_RxD)]
 
     def forward_groups(
-        self, groups: Sequence[jax.Array], drop_path_rng: jax.Array | None = None
+        self, groups: Sequence[jax.Array], drop_path_rng: jax.Array | None = None, *, shards: int = 1
     ) -> list[jax.Array]:
         """Final-norm CLS features (B_i, D), float32, of several groups of images (each group one
         image size), their tokens run through the blocks together (block.py). Stochastic depth
-        only with a key.
+        only with a key. `shards`: the devices the batch is split over (each keeps its rows).
 
         A CUDA program in bfloat16/float16 takes cuDNN's fused attention, on tokens padded to an
         even count; any other takes the written-out attention. The choice is made where the step is
         lowered, so the same traced step serves every backend."""
         tokens = [self.prepare_tokens(images) for images in groups]
-        written_out = functools.partial(self._features, fused_attention=False, drop_path_rng=drop_path_rng)
+        features = functools.partial(self._features, drop_path_rng=drop_path_rng, shards=shards)
+        written_out = functools.partial(features, fused_attention=False)
         if not cudnn_attention_available(self.dtype.name):
             return written_out(*tokens)
-        fused = functools.partial(self._features, fused_attention=True, drop_path_rng=drop_path_rng)
+        fused = functools.partial(features, fused_attention=True)
         return jax.lax.platform_dependent(*tokens, cuda=fused, default=written_out)
 
     def __call__(self, images_BxHxWxC: jax.Array, *, drop_path_rng: jax.Array | None = None) -> jax.Array:
@@ -243,7 +246,7 @@ class VisionTransformer(nnx.Module):
         outputs = []
         for index in range(depth - n, depth):
             x_RxD = self.block(index)(x_RxD, layout)
-            outputs.append(group_rows(self.norm(x_RxD), layout)[0])
+            outputs.append(layout.split(self.norm(x_RxD))[0])
         return outputs
 
     def last_self_attention(self, images_BxHxWxC: jax.Array) -> jax.Array:
