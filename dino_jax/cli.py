@@ -176,7 +176,7 @@ def run_mode():
 
     try:
         mode.run(f, config, checkpoint)
-    except errors.USER_ERRORS as error:
+    except errors.user_errors() as error:
         sys.exit(f"error: {error}")
 
 
@@ -205,7 +205,7 @@ def parse_flags(argv):
         cause = error
         while cause.__cause__ or cause.__context__:
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, errors.USER_ERRORS):
+        if isinstance(cause, errors.user_errors()):
             sys.exit(f"error: {cause}")
         sys.exit(f"error: {error}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError) as error:

@@ -14,17 +14,17 @@ import os
 
 import ml_collections
 
+from dino_jax.errors import ConfigError
+
 CONFIG_FILE = "config.json"
 LOG_DESTINATIONS = ("jsonl", "tensorboard")  # train.log_to
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names every bad key."""
+# model.dtype's default: resolved to a concrete dtype for the devices at the start of a run
+# (precision.py), which imports this module, so the name lives here.
+AUTO_DTYPE = "auto"
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError listing every problem found in `config`."""
-    from dino_jax import precision
     from dino_jax.data import pipeline, sources
     from dino_jax.eval import fewshot, suite
     from dino_jax.models import vit
@@ -62,10 +62,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "a rate in [0, 1)")
     check(isinstance(m.scan_blocks, bool), "model.scan_blocks", m.scan_blocks, "True or False")
     check(
-        m.dtype == precision.AUTO or m.dtype in vit.COMPUTE_DTYPES,
+        m.dtype == AUTO_DTYPE or m.dtype in vit.COMPUTE_DTYPES,
         "model.dtype",
         m.dtype,
-        f"{precision.AUTO!r} (by device) or one of {vit.COMPUTE_DTYPES}",
+        f"{AUTO_DTYPE!r} (by device) or one of {vit.COMPUTE_DTYPES}",
     )
 
     check(h.out_dim > 0, "head.out_dim", h.out_dim, "a positive integer")
@@ -251,11 +251,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def vit_config(config: ml_collections.ConfigDict, *, drop_path: bool):
     """The backbone's typed config; `drop_path=False` for the teacher and evaluation. Raises
     ConfigError for `model.dtype="auto"`, which only a run resolves (`precision.resolved_config`)."""
-    from dino_jax import precision
     from dino_jax.models import vit
 
     m = config.model
-    if m.dtype == precision.AUTO:
+    if m.dtype == AUTO_DTYPE:
         raise ConfigError(
             "config.model.dtype = 'auto': a model needs a concrete compute dtype; resolve it for the "
             "devices first (dino_jax.precision.resolved_config, as train.Trainer does) or set float32, "

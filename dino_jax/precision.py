@@ -31,7 +31,6 @@ import ml_collections
 
 from dino_jax import config as config_lib
 
-AUTO = "auto"
 # The best dtype of a device, from the safest to the fastest: devices of several kinds in one run
 # get the safest of their choices (a float32-only device rules out the others).
 SAFEST_FIRST = ("float32", "float16", "bfloat16")
@@ -101,9 +100,9 @@ def resolve(requested: str, devices: Sequence, recorded: str | None = None) -> R
     """The compute dtype for `config.model.dtype = requested` on `devices`, where the workdir's
     config.json records `recorded` (None: no config.json, a new run). An explicit dtype is used as
     given; "auto" is `recorded` where there is one, else `auto_dtype(devices)`."""
-    if recorded == AUTO:  # not written by a run (runs record the resolved dtype): no record
+    if recorded == config_lib.AUTO_DTYPE:  # not written by a run (runs record the resolved dtype): no record
         recorded = None
-    if requested != AUTO:
+    if requested != config_lib.AUTO_DTYPE:
         reason = f"model.dtype={requested}"
         if recorded is not None and recorded != requested:
             reason += f"; this workdir's run started in {recorded}"

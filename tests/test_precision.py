@@ -109,7 +109,7 @@ def test_only_a_change_into_or_out_of_float16_cannot_resume():
 
 def test_auto_is_a_valid_setting_but_never_reaches_a_model():
     config = th.tiny_config(**{"model.dtype": "auto"})  # validates
-    assert base.get_config().model.dtype == precision.AUTO == "auto"  # the default
+    assert base.get_config().model.dtype == config_lib.AUTO_DTYPE == "auto"  # the default
     with pytest.raises(config_lib.ConfigError, match="model.dtype = 'auto': a model needs a concrete"):
         config_lib.vit_config(config, drop_path=False)
     config.model.dtype = "float64"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from dino_jax.config import ConfigError
 from dino_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from dino_jax.errors import ConfigError
 
 
 def parse_arg(arg: str | None, allowed: tuple[str, ...] = ("smoke",)) -> dict[str, bool]:
