@@ -1,6 +1,6 @@
 """The PyTorch reference's training, end to end, as the baseline of bench/gpu_check.py.
 
-    python bench/torch_baseline.py --config cifar100 --precision amp --batch 256 --json-out r.json
+    python -m bench.torch_baseline --config cifar100 --precision amp --batch 256 --json-out r.json
 
 What runs is what the reference's `main_dino.py` runs per iteration: its `DataAugmentationDINO`
 (torchvision transforms on PIL images: RandomResizedCrop bicubic, flip, colour jitter, grayscale,

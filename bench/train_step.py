@@ -65,9 +65,6 @@ import time
 
 import numpy as np
 
-if not __package__:  # run as `python bench/train_step.py`: import the checkout as `-m bench.train_step` does
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 CONFIG_NAMES = ("digits", "cifar")
 RECIPE_CIFAR_OUT_DIM = 65536  # the row named plain `cifar`; other out_dims are `cifar_k<out_dim>`
 NUM_TRAIN_EXAMPLES = {"digits": 1437, "cifar": 50000}  # sets steps per epoch, hence the schedules
