@@ -429,3 +429,34 @@ def test_features_of_a_batch_split_over_devices_are_those_of_one_device():
     two = model.forward_groups(groups, shards=2)
     for a, b in zip(one, two):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_joint_token_rows_and_group_after_group_give_the_same_features_and_gradients(shards):
+    # The CPU runs the groups one after another, GPUs and TPUs as one matrix of rows
+    # (vit.forward_groups): the same arithmetic per token, the same stochastic depth per image.
+    config = ViTConfig(image_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.5)
+    model = VisionTransformer(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    groups = [images(1, batch=4), images(2, batch=8, size=8)]
+    weights = [jax.random.normal(jax.random.key(3 + i), (g.shape[0], 32)) for i, g in enumerate(groups)]
+
+    def loss(params, joint_rows):
+        tokens = [nnx.merge(graphdef, params).prepare_tokens(g) for g in groups]
+        features = nnx.merge(graphdef, params)._features(
+            *tokens, fused_attention=False, joint_rows=joint_rows, drop_path_rng=jax.random.key(7), shards=shards
+        )
+        return sum(jnp.sum(f * w) for f, w in zip(features, weights)), features
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (joint_loss, joint_features), joint_grads = grad(params, True)
+    (split_loss, split_features), split_grads = grad(params, False)
+    assert float(split_loss) == pytest.approx(float(joint_loss), rel=1e-6)
+    for a, b in zip(joint_features, split_features):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(joint_grads), nnx.to_flat_state(split_grads)):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), path
+    # Stochastic depth dropped some images' branches (rate 0.5 at the last block): not all kept.
+    kept = block_lib.draw_drop_path_masks(jax.random.key(7), model.drop_path_rates, 12)
+    assert not bool(kept.all())

@@ -40,7 +40,7 @@ def test_a_scan_over_the_stack_gives_the_features_and_gradients_of_the_blocks_on
 
         results.append(jax.device_get(loss_and_grads(params, jax.random.key(1))))
     (loop_loss, loop_grads), (scan_loss, scan_grads) = results
-    # Stochastic depth drops the same rows in both (block i's key is fold_in(key, i) either way).
+    # Stochastic depth drops the same rows in both (one draw for the whole network either way).
     assert scan_loss == pytest.approx(loop_loss, rel=1e-6)
     for (path, a), (_, b) in zip(nnx.to_flat_state(loop_grads), nnx.to_flat_state(scan_grads)):
         a, b = np.asarray(a[...]), np.asarray(b[...])

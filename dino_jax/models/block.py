@@ -2,11 +2,12 @@
 
 A DINO student sees crops of two sizes (CIFAR: 2 x 65 tokens and 8 x 17 tokens per image). Only
 attention needs each image's tokens together; everything else in a block (LayerNorm, the linear
-layers, GELU, stochastic depth, the residual adds) works token by token. So the tokens of all groups
-travel through the blocks as one (rows, D) matrix, and attention takes each group's rows back out
-as (B, N, D). Per block that is one kernel per token-wise operation instead of one per group: the
-CIFAR step's student block went from 101 to 61 kernels and from 4.22 to 3.84 GB moved, compiled for
-an H100 (docs/benchmarks.md). The arithmetic of every token is the same either way.
+layers, GELU, stochastic depth, the residual adds) works token by token. So on a GPU or TPU the
+tokens of all groups travel through the blocks as one (rows, D) matrix, and attention takes each
+group's rows back out as (B, N, D). Per block that is one kernel per token-wise operation instead
+of one per group: the CIFAR step's student block went from 101 to 61 kernels and from 4.22 to
+3.84 GB moved, compiled for an H100 (docs/benchmarks.md). The CPU runs the groups one after
+another (`vit.forward_groups` says why). The arithmetic of every token is the same either way.
 """
 
 from __future__ import annotations

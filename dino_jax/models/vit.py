@@ -204,33 +204,55 @@ class VisionTransformer(nnx.Module):
         x_RxD, _ = jax.lax.scan(body, x_RxD, (state, rates, masks))
         return x_RxD
 
-    def _features(self, *tokens, fused_attention: bool, drop_path_rng, shards: int) -> list[jax.Array]:
-        x_RxD, layout = self._rows(tokens, pad=fused_attention, shards=shards)
+    def _features(
+        self, *tokens, fused_attention: bool, joint_rows: bool, drop_path_rng, shards: int
+    ) -> list[jax.Array]:
+        """Final-norm CLS features of each group of tokens. `joint_rows`: every group's tokens
+        through the blocks as one matrix of rows (block.py); else group after group, each its own
+        rows. The arithmetic of every token, and its stochastic depth, is the same either way."""
         keep_masks = None
         if drop_path_rng is not None:
-            keep_masks = draw_drop_path_masks(drop_path_rng, self.drop_path_rates, layout.images)
-        x_RxD = self.run_blocks(x_RxD, layout, fused_attention=fused_attention, keep_masks=keep_masks)
-        # The final norm of the CLS tokens only: it works token by token, so norm(x)[:, 0] of the
-        # reference is norm(x[:, 0]), without a pass over every token.
-        return [self.norm(group[:, 0]) for group in layout.split(x_RxD)]
+            images = sum(tokens_BxNxD.shape[0] for tokens_BxNxD in tokens)
+            keep_masks = draw_drop_path_masks(drop_path_rng, self.drop_path_rates, images)
+        runs = [tokens] if joint_rows else [[tokens_BxNxD] for tokens_BxNxD in tokens]
+        features, first = [], 0
+        for run in runs:
+            x_RxD, layout = self._rows(run, pad=fused_attention, shards=shards)
+            # Images are numbered group after group (draw_drop_path_masks): this run's slice.
+            masks = None if keep_masks is None else keep_masks[:, :, first : first + layout.images]
+            first += layout.images
+            x_RxD = self.run_blocks(x_RxD, layout, fused_attention=fused_attention, keep_masks=masks)
+            # The final norm of the CLS tokens only: it works token by token, so norm(x)[:, 0] of
+            # the reference is norm(x[:, 0]), without a pass over every token.
+            features += [self.norm(group[:, 0]) for group in layout.split(x_RxD)]
+        return features
 
     def forward_groups(
         self, groups: Sequence[jax.Array], drop_path_rng: jax.Array | None = None, *, shards: int = 1
     ) -> list[jax.Array]:
         """Final-norm CLS features (B_i, D), float32, of several groups of images (each group one
-        image size), their tokens run through the blocks together (block.py). Stochastic depth
-        only with a key. `shards`: the devices the batch is split over (each keeps its rows).
+        image size). Stochastic depth only with a key. `shards`: the devices the batch is split
+        over (each keeps its rows).
 
-        A CUDA program in bfloat16/float16 takes cuDNN's fused attention, on tokens padded to an
-        even count; any other takes the written-out attention. The choice is made where the step is
-        lowered, so the same traced step serves every backend."""
+        The form is chosen where the step is lowered (`lax.platform_dependent`), so one traced step
+        serves every backend:
+        - CUDA in bfloat16/float16: the groups' tokens through the blocks as one matrix of rows
+          (one kernel per token-wise operation for all groups), cuDNN's fused attention on tokens
+          padded to an even count;
+        - TPU, and CUDA in float32: joint rows, the written-out attention;
+        - CPU: group after group. XLA:CPU copies the rows to join and split them where a GPU
+          compiler reads them in place, and has no launch cost to save: the CIFAR student's forward
+          and backward took ~5% longer with joint rows (docs/benchmarks.md)."""
         tokens = [self.prepare_tokens(images) for images in groups]
         features = functools.partial(self._features, drop_path_rng=drop_path_rng, shards=shards)
-        written_out = functools.partial(features, fused_attention=False)
-        if not cudnn_attention_available(self.dtype.name):
-            return written_out(*tokens)
-        fused = functools.partial(features, fused_attention=True)
-        return jax.lax.platform_dependent(*tokens, cuda=fused, default=written_out)
+        branches = {"default": functools.partial(features, fused_attention=False, joint_rows=True)}
+        if len(tokens) > 1:  # (one group: the two forms are one program)
+            branches["cpu"] = functools.partial(features, fused_attention=False, joint_rows=False)
+        if cudnn_attention_available(self.dtype.name):
+            branches["cuda"] = functools.partial(features, fused_attention=True, joint_rows=True)
+        if len(branches) == 1:
+            return branches["default"](*tokens)
+        return jax.lax.platform_dependent(*tokens, **branches)
 
     def __call__(self, images_BxHxWxC: jax.Array, *, drop_path_rng: jax.Array | None = None) -> jax.Array:
         """Final-norm CLS features (B, D), float32. Stochastic depth only when a key is given."""
