@@ -30,7 +30,7 @@ import json
 import numpy as np
 
 from dino_jax import config as config_lib
-from dino_jax import hooks
+from dino_jax.hooks import metrics_log
 from dino_jax.data import sources
 
 
@@ -45,7 +45,7 @@ def monitor_images(config) -> int:
 def monitor_cost(workdir: str, every_epochs: list[float], recipe: str | None = None) -> dict[str, float]:
     config = config_lib.load_run_config(workdir)
     plan = config_lib.plan_steps(config, sources.DATASETS[config.dataset.name].num_train)
-    rows = hooks.read_metrics(workdir)
+    rows = metrics_log.read_metrics(workdir)
     train_rows = [row for row in rows if "loss" in row]
     calls = [row for row in rows if "monitor_seconds" in row]
     if not train_rows or not calls:

@@ -24,7 +24,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dino_jax.data.image_files import ImageFileError
     from dino_jax.data.sources import DatasetUnavailableError
     from dino_jax.eval.fewshot import EpisodeError
-    from dino_jax.hooks import NonFiniteLossError
+    from dino_jax.hooks.guards import NonFiniteLossError
     from dino_jax.interop.torch_io import CheckpointFormatError
 
     return (

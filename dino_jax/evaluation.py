@@ -7,7 +7,7 @@ Two jobs, one entry point each:
   run at the end of training and by `launch.py --mode=eval`.
 - `knn`: weighted kNN on the run's dataset, nothing written; the untrained network's baseline, the
   checkpoints of `bench/knn_curve.py`, and, on the fixed subsets of `monitor_data`, the kNN
-  monitor of training (`hooks.KnnMonitor`).
+  monitor of training (`hooks.monitors.KnnMonitor`).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def test_features(
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:
     """A fixed set of test images (the first `count`) for the attention panel logged in training."""
     source = config_lib.open_split(config, "eval")
-    # The same images in every process: the panel is computed by all of them (hooks.AttentionPanel).
+    # The same images in every process: they all compute the panel (hooks.monitors.AttentionPanel).
     batches = pipeline.eval_batches(
         source,
         batch_size=min(count, len(source)),

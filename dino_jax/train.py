@@ -1,7 +1,9 @@
 """A training run. `Trainer.train` is the loop: dispatch step t, hand step t-1's metrics to the
-hooks (`hooks.py`: progress, JSON lines, NaN guard, collapse warning, attention panel), checkpoint
-every N steps. `run` puts the untrained network's kNN before it and the evaluation of the trained
-teacher after it, and returns the results (tests read them). No numerics live here.
+hooks (`hooks/`: progress, JSON lines, NaN guard, collapse warning, kNN monitor, attention panel),
+checkpoint every N steps; SIGTERM/SIGINT end it at a step boundary (`stop_signals.py`). `run` puts
+the untrained network's kNN before it and the evaluation of the trained teacher after it, and
+returns the results (tests read them). `build_training` makes the parts of the step from a config
+(also for `aot.py` and the benches). No numerics live here.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -24,7 +24,6 @@ from dino_jax import (
     checkpointing,
     config as config_lib,
     evaluation,
-    hooks as hooks_lib,
     host_memory,
     optim,
     precision,
@@ -32,7 +31,10 @@ from dino_jax import (
 from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
 from dino_jax.data import pipeline
 from dino_jax.eval import report
+from dino_jax.hooks import guards, metrics_log, monitors
+from dino_jax.hooks.base import DelayedMetrics, Hook, fetch
 from dino_jax.models import dino
+from dino_jax.stop_signals import StopSignals
 
 
 def _print(*args):
@@ -207,17 +209,17 @@ class Trainer:
     def next_batch(self):
         return sharding.to_global_batch(next(self.data_iterator), self.mesh)
 
-    def make_hooks(self, start_step: int) -> list[hooks_lib.Hook]:
+    def make_hooks(self, start_step: int) -> list[Hook]:
         """The work between steps, in the order it runs."""
         config, plan = self.config, self.plan
         log_to = tuple(config.train.log_to)
         # Every process stops at the same non-finite loss and runs the collective monitor and
         # attention panel; only process 0 logs, warns and writes files.
         lead = jax.process_index() == 0
-        made: list[hooks_lib.Hook] = []
+        made: list[Hook] = []
         if lead:
             made.append(
-                hooks_lib.LogMetrics(
+                metrics_log.LogMetrics(
                     self.workdir,
                     total_steps=plan.train_steps,
                     images_per_step=config.train.batch_size,
@@ -226,8 +228,8 @@ class Trainer:
                 )
             )
             if "tensorboard" in log_to:
-                made.append(hooks_lib.TensorBoardLog(self.workdir, start_step=start_step))
-        made.append(hooks_lib.NonFiniteGuard())
+                made.append(metrics_log.TensorBoardLog(self.workdir, start_step=start_step))
+        made.append(guards.NonFiniteGuard())
         after_step = plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2
         monitor_steps = config_lib.monitor_every_steps(config, plan.steps_per_epoch)
         if monitor_steps > plan.train_steps:
@@ -240,7 +242,7 @@ class Trainer:
         monitor = self.make_knn_monitor(monitor_steps, start_step) if monitor_steps else None
         if lead:
             made.append(
-                hooks_lib.CollapseWarning(
+                guards.CollapseWarning(
                     config.head.out_dim,
                     after_step=after_step,
                     knn_key=monitor and monitor.key("teacher"),
@@ -260,7 +262,7 @@ class Trainer:
         if attention_steps:
             vit_graphdef, _ = dino.split_backbone(self.graphdef, self.state.teacher)
             made.append(
-                hooks_lib.AttentionPanel(
+                monitors.AttentionPanel(
                     self.workdir,
                     self.graphdef,
                     vit_graphdef,
@@ -273,7 +275,7 @@ class Trainer:
             )
         return made
 
-    def make_knn_monitor(self, every_steps: int, start_step: int) -> hooks_lib.KnnMonitor:
+    def make_knn_monitor(self, every_steps: int, start_step: int) -> monitors.KnnMonitor:
         """The kNN monitor on the fixed subsets of `evaluation.monitor_data`, read once here."""
         config = self.config
         monitored = evaluation.monitor_data(config, config.augment.global_crop_size)
@@ -289,7 +291,7 @@ class Trainer:
         )
         k = config.eval.monitor_knn_k
         earlier = self.logged_points(f"monitor_teacher_knn_k{k}_top1", start_step)
-        return hooks_lib.KnnMonitor(
+        return monitors.KnnMonitor(
             self.graphdef,
             knn_fn,
             every_steps=every_steps,
@@ -305,7 +307,7 @@ class Trainer:
         history)."""
         if key is None or not up_to_step:
             return []
-        rows = hooks_lib.read_metrics(self.workdir, up_to_step=up_to_step)
+        rows = metrics_log.read_metrics(self.workdir, up_to_step=up_to_step)
         return [(row["step"], row[key]) for row in rows if key in row]
 
     def train(self, start_step: int | None = None) -> dict[str, float]:
@@ -323,7 +325,7 @@ class Trainer:
             f"the first step compiles"
         )
         hooks = self.make_hooks(start)
-        logged = hooks_lib.DelayedMetrics(hooks)
+        logged = DelayedMetrics(hooks)
         done = saved = start
         try:
             if start == 0:  # the untrained network's kNN and attention: where the curves start
@@ -340,7 +342,7 @@ class Trainer:
                     if periodic or stop.received:
                         # A checkpoint is written only for a finite state.
                         if not logged.flush():
-                            hooks_lib.check_finite(done, hooks_lib.fetch(metrics))
+                            guards.check_finite(done, fetch(metrics))
                         self.checkpointer.save(
                             done, self.state, self.data_iterator, force=stop.received is not None
                         )
@@ -356,40 +358,6 @@ class Trainer:
                 hook.close()
         self.interrupted_by = stop.received
         return logged.last
-
-
-class StopSignals:
-    """Within `with StopSignals() as stop:`, SIGTERM (a TPU preemption notice, `kill`) and SIGINT
-    (Ctrl-C, Colab's interrupt) only set `stop.received` to the signal's name, for the loop to
-    stop at a step boundary. A second signal gets the handler that was there before (stop at
-    once). Signals are left alone outside the main thread, in a run of several processes (they
-    would stop at different steps and wait for each other's checkpoint forever) and where they were
-    ignored."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-            for signum in self.SIGNALS:
-                if signal.getsignal(signum) is not signal.SIG_IGN:
-                    self._previous[signum] = signal.signal(signum, self._receive)
-        return self
-
-    def _receive(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc_info) -> None:
-        self._restore()
 
 
 def interrupted_message(trainer: Trainer) -> str:

@@ -20,7 +20,7 @@ import time
 
 import grain
 
-from dino_jax import hooks
+from dino_jax.hooks import metrics_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def wait_for_checkpoint_writes(directory: str, timeout_s: float = 120.0) -> None
 
 
 def signal_after_row(step: int, signum: int) -> None:
-    write = hooks.MetricsWriter.write
+    write = metrics_log.MetricsWriter.write
 
     def write_then_signal(self, row_step, metrics):
         write(self, row_step, metrics)
@@ -49,7 +49,7 @@ def signal_after_row(step: int, signum: int) -> None:
             wait_for_checkpoint_writes(os.path.join(os.path.dirname(self.path), "checkpoints"))
             send(signum)
 
-    hooks.MetricsWriter.write = write_then_signal
+    metrics_log.MetricsWriter.write = write_then_signal
 
 
 def signal_during_write(step: int, signum: int) -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import hooks
+from dino_jax.hooks import guards, metrics_log, monitors
+from dino_jax.hooks.base import StateResults, with_derived_metrics
 
 
 def read_events(logdir):
@@ -40,13 +41,13 @@ def read_events(logdir):
 
 
 def test_tensorboard_events_hold_the_step_metrics_the_knn_rows_and_the_attention_image(tmp_path):
-    writer = hooks.TensorBoardLog(str(tmp_path), start_step=0)
+    writer = metrics_log.TensorBoardLog(str(tmp_path), start_step=0)
     writer.on_metrics(2, {"loss": 6.5, "lr": 1e-4})
     writer.on_metrics(4, {"loss": 6.25, "lr": 2e-4})
     panel = np.zeros((8, 12, 3), np.uint8)
     panel[:, :6, 0] = 255
     writer.on_results(
-        4, hooks.StateResults({"monitor_teacher_knn_k20_top1": 71.5}, {"attention/teacher": panel})
+        4, StateResults({"monitor_teacher_knn_k20_top1": 71.5}, {"attention/teacher": panel})
     )
     writer.close()
     scalars, images = read_events(str(tmp_path))
@@ -58,24 +59,24 @@ def test_tensorboard_events_hold_the_step_metrics_the_knn_rows_and_the_attention
 
 
 def test_log_to_without_jsonl_writes_no_metrics_file(tmp_path):
-    log = hooks.LogMetrics(str(tmp_path), total_steps=4, images_per_step=2, start_step=0, jsonl=False)
+    log = metrics_log.LogMetrics(str(tmp_path), total_steps=4, images_per_step=2, start_step=0, jsonl=False)
     log.on_metrics(2, {"loss": 1.0, "lr": 0.1})
-    log.on_results(2, hooks.StateResults({"monitor_seconds": 1.0}))
+    log.on_results(2, StateResults({"monitor_seconds": 1.0}))
     log.close()
     assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
 def test_results_of_a_hook_are_a_row_of_their_own_and_read_back(tmp_path):
-    log = hooks.LogMetrics(str(tmp_path), total_steps=4, images_per_step=2, start_step=0)
-    log.on_results(0, hooks.StateResults({"monitor_teacher_knn_k20_top1": 50.0}))
+    log = metrics_log.LogMetrics(str(tmp_path), total_steps=4, images_per_step=2, start_step=0)
+    log.on_results(0, StateResults({"monitor_teacher_knn_k20_top1": 50.0}))
     log.on_metrics(2, {"loss": 1.0, "lr": 0.1})
     log.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss"')  # a run writing its next line right now
-    rows = hooks.read_metrics(str(tmp_path))
+    rows = metrics_log.read_metrics(str(tmp_path))
     assert [row["step"] for row in rows] == [0, 2]
     assert rows[0] == {"step": 0, "monitor_teacher_knn_k20_top1": 50.0}
-    assert hooks.read_metrics(str(tmp_path), up_to_step=1) == rows[:1]
+    assert metrics_log.read_metrics(str(tmp_path), up_to_step=1) == rows[:1]
 
 
 def test_the_kl_is_the_loss_less_the_teacher_entropy():
@@ -85,12 +86,12 @@ def test_the_kl_is_the_loss_less_the_teacher_entropy():
     cross_entropy = float(np.mean(-np.sum(q * np.log(p), axis=1)))
     entropy = float(np.mean(-np.sum(q * np.log(q), axis=1)))
     kl = float(np.mean(np.sum(q * np.log(q / p), axis=1)))
-    metrics = hooks.with_derived_metrics({"loss": cross_entropy, "teacher_entropy": entropy})
+    metrics = with_derived_metrics({"loss": cross_entropy, "teacher_entropy": entropy})
     assert metrics["teacher_student_kl"] == pytest.approx(kl)
 
 
 def warn(values, every=10, falling_after=20, no_better_after=20, num_test=360):
-    return hooks.knn_collapse_warning(
+    return guards.knn_collapse_warning(
         [(i * every, v) for i, v in enumerate(values)],
         num_test=num_test,
         falling_after=falling_after,
@@ -131,7 +132,7 @@ def test_the_knn_monitor_measures_teacher_and_student_and_logs_a_row(capsys):
         calls.append(params)
         return {"knn_k20_top1": 40.0 + len(calls), "knn_k20_top5": 90.0}
 
-    monitor = hooks.KnnMonitor(
+    monitor = monitors.KnnMonitor(
         parts.graphdef,
         knn_fn,
         every_steps=5,
@@ -161,15 +162,15 @@ def test_the_knn_monitor_times_itself_only_once_the_queued_steps_have_finished(m
 
     parts, _ = train_helpers.build(train_helpers.tiny_config())
     events = []
-    monkeypatch.setattr(hooks.jax, "block_until_ready", lambda tree: events.append(("ready", len(tree))))
+    monkeypatch.setattr(monitors.jax, "block_until_ready", lambda tree: events.append(("ready", len(tree))))
     clock = iter(range(100))
-    monkeypatch.setattr(hooks.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
+    monkeypatch.setattr(monitors.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
 
     def knn_fn(vit_graphdef, params):
         events.append("knn")
         return {"knn_k20_top1": 40.0, "knn_k20_top5": 90.0}
 
-    monitor = hooks.KnnMonitor(
+    monitor = monitors.KnnMonitor(
         parts.graphdef, knn_fn, every_steps=5, k=20, num_train=10, num_test=5, networks=("teacher", "student")
     )
     results = monitor.on_state(5, parts.state)

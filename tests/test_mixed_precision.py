@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax import checkpointing, hooks, loss_scale, optim
+from dino_jax import checkpointing, loss_scale, optim
+from dino_jax.hooks import guards
 from tests import train_helpers as th
 
 
@@ -108,11 +109,11 @@ def test_scale_rule_is_gradscalers():
 
 
 def test_the_guard_lets_a_skipped_float16_step_pass_until_the_scale_is_at_its_minimum():
-    hooks.check_finite(7, {"loss": float("inf"), "loss_scale": 1024.0, "skipped_step": 1.0})
-    with pytest.raises(hooks.NonFiniteLossError, match="forward pass itself overflows float16"):
-        hooks.check_finite(7, {"loss": float("nan"), "loss_scale": 1.0, "skipped_step": 1.0})
-    with pytest.raises(hooks.NonFiniteLossError, match="loss is nan at step 7"):
-        hooks.check_finite(7, {"loss": float("nan")})
+    guards.check_finite(7, {"loss": float("inf"), "loss_scale": 1024.0, "skipped_step": 1.0})
+    with pytest.raises(guards.NonFiniteLossError, match="forward pass itself overflows float16"):
+        guards.check_finite(7, {"loss": float("nan"), "loss_scale": 1.0, "skipped_step": 1.0})
+    with pytest.raises(guards.NonFiniteLossError, match="loss is nan at step 7"):
+        guards.check_finite(7, {"loss": float("nan")})
 
 
 def test_the_loss_scale_is_checkpointed_with_the_state(tmp_path):

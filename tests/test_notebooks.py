@@ -9,7 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dino_jax import hooks, host_memory
+from dino_jax import host_memory
+from dino_jax.hooks import metrics_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
@@ -90,7 +91,7 @@ def test_quickstart_trains_shows_curves_and_attention_and_evaluates(quickstart):
     assert ("host memory: freed memory kept for reuse" in text) == kept
     assert images_shown(notebook) == 2  # the curves, the first and last attention panels
     # The kNN monitor every 3 steps (the smoke run's 6 steps are less than an epoch) and its panels.
-    monitor_steps = [row["step"] for row in hooks.read_metrics(workdir) if "monitor_seconds" in row]
+    monitor_steps = [row["step"] for row in metrics_log.read_metrics(workdir) if "monitor_seconds" in row]
     assert monitor_steps == [0, 3, 6]
     panels = ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
     assert sorted(os.listdir(os.path.join(workdir, "attention"))) == panels

@@ -1,7 +1,8 @@
 """A run's progress from the files it writes, also while it is still writing them: the training
 curves of `metrics.jsonl` (one JSON object per logged step, and one per call of the kNN monitor:
-`dino_jax.hooks`) and the attention panels of `attention/step_<step>.png` (`hooks.AttentionPanel`).
-The notebooks show these inline; `dino_jax.viz.run_report` draws the same files into report.html."""
+`dino_jax.hooks.metrics_log`) and the attention panels of `attention/step_<step>.png`
+(`hooks.monitors.AttentionPanel`). The notebooks show these inline; `dino_jax.viz.run_report` draws
+the same files into report.html."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dino_jax import hooks
+from dino_jax.hooks import metrics_log
 
 # What a first look at a run needs, in this order; `plot_curves` draws these of them that exist,
 # then the kNN monitor's top-1 curves (`knn_curves`).
@@ -24,7 +25,7 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
     row, each a float64 array with one entry per row (NaN where a row lacks it: the kNN monitor's
     rows hold only its own metrics). A line cut short (a run killed or still writing) is skipped.
     Empty when the run has logged nothing yet."""
-    rows = hooks.read_metrics(workdir)
+    rows = metrics_log.read_metrics(workdir)
     names = sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float))})
     columns = {name: np.array([row.get(name, math.nan) for row in rows], np.float64) for name in names}
     return {"step": columns.pop("step"), **columns} if rows else {}

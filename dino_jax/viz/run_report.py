@@ -29,9 +29,9 @@ import ml_collections
 import numpy as np
 
 from dino_jax import config as config_lib
-from dino_jax import hooks
 from dino_jax.data import sources
 from dino_jax.eval import report as results_report
+from dino_jax.hooks import metrics_log
 from dino_jax.viz.attention import agg_figure
 
 REPORT_HTML = "report.html"
@@ -100,7 +100,7 @@ def write_report(
     now; returns the page's path. `notes` are shown at the top (e.g. why there is no feature map)."""
     figures_dir = os.path.join(workdir, FIGURES_DIR)
     os.makedirs(figures_dir, exist_ok=True)
-    rows = hooks.read_metrics(workdir)
+    rows = metrics_log.read_metrics(workdir)
     train_rows = [row for row in rows if "loss" in row]
     monitor_rows = [row for row in rows if any(key.startswith("monitor_") for key in row)]
     results = results_report.read_results(workdir)
@@ -458,7 +458,7 @@ def _page(
         ["lr (per 256), teacher momentum", f"{config.train.lr:g}, {config.train.momentum_teacher:g}"],
     ]
     if "train_wall_s" in results:
-        summary.append(["training wall time", hooks.format_duration(results["train_wall_s"])])
+        summary.append(["training wall time", metrics_log.format_duration(results["train_wall_s"])])
     if train_rows and "images_per_s" in train_rows[-1]:
         summary.append(["images/s (last logged)", f"{train_rows[-1]['images_per_s']:.0f}"])
     made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
