@@ -1,16 +1,43 @@
-"""dino_jax/viz/run_report.py's figures."""
+"""The figures of a run's report (dino_jax/viz/report_figures.py), and the end-of-run report."""
 
 import numpy as np
 
-from dino_jax.viz import run_report
+from dino_jax.viz import report_figures
 
 
 def test_the_whole_split_knn_points_are_drawn_beside_the_monitor_curve():
-    curve = run_report.Series(
+    curve = report_figures.Series(
         "teacher (monitor subsets)", np.array([0.0, 22.0, 44.0]), np.array([60.0, 65, 70])
     )
-    point = run_report.Series("trained teacher, whole splits", np.array([44.0]), np.array([72.0]), "s")
-    figure = run_report.panel_figure([run_report.Panel("kNN", [curve, point], "%")])
+    point = report_figures.Series("trained teacher, whole splits", np.array([44.0]), np.array([72.0]), "s")
+    figure = report_figures.panel_figure([report_figures.Panel("kNN", [curve, point], "%")])
     line, square = figure.axes[0].lines[:2]
     assert line.get_marker() == "o" and line.get_linestyle() == "-"
     assert square.get_marker() == "s" and square.get_linestyle() == "None"  # visible: a square, no line
+
+
+def test_the_end_of_run_report_maps_the_trainers_teacher_without_reading_a_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    # The workdir holds no checkpoint, and the loader that --mode=report reads one with fails: a
+    # feature map at the step given can only come from the parameters handed over in memory.
+    from dino_jax import train
+    from dino_jax.interop import load
+    from dino_jax.models import dino
+    from tests import train_helpers as th
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the end-of-run report read a checkpoint back from disk")
+
+    monkeypatch.setattr(load, "load_checkpoint", refuse)
+    config = th.tiny_config(**{"dataset.synthetic": True, "eval.monitor_test_images": 64})
+    parts, mesh = th.build(config)
+    backbone = dino.split_backbone(parts.graphdef, parts.state.teacher)
+    workdir = tmp_path / "run"
+
+    train.write_run_report(config, str(workdir), backbone, 7, mesh)
+
+    assert (workdir / "report.html").exists(), capsys.readouterr().err  # its warning says why not
+    page = (workdir / "report.html").read_text()
+    assert "final-norm CLS features at step 7 of 64 fixed digits test images" in page
+    assert (workdir / "report" / "features_pca.png").exists()
