@@ -1,4 +1,4 @@
-"""PIL-exact kernels (dino_jax/data/multicrop/kernels.py) against PIL, op by op."""
+"""PIL-exact kernels (dino_jax/data/multicrop/: resize.py, color.py, box_blur.py) against PIL, op by op."""
 
 import colorsys
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dino_jax.data.multicrop import kernels, pil_reference, spec
+from dino_jax.data.multicrop import box_blur, color, pil_reference, resize, spec
 
 
 def _smooth_image(seed, size=40):
@@ -34,7 +34,7 @@ def _hwc(planar):
 )
 def test_resized_crop_matches_pil(box, flip, size):
     image = _smooth_image(1)
-    ours = _hwc(kernels.resized_crops(_planar(image), np.array([0]), np.array([box]), np.array([flip]), size))
+    ours = _hwc(resize.resized_crops(_planar(image), np.array([0]), np.array([box]), np.array([flip]), size))
     ref = pil_reference.resized_crop(Image.fromarray(image), box, size)
     if flip:
         ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
@@ -51,7 +51,7 @@ def test_blend_ops_match_pil_exactly(op, factor):
     factors[op] = factor
     order = [op] + [o for o in range(4) if o != op]
     ours = _hwc(
-        kernels.color_jitter(_planar(image), np.array([True]), np.array([order]), np.array([factors]))
+        color.color_jitter(_planar(image), np.array([True]), np.array([order]), np.array([factors]))
     )
     ref = np.asarray(pil_reference.color_jitter(Image.fromarray(image), [op], factors), np.int64)
     np.testing.assert_array_equal(ours, ref)
@@ -70,7 +70,7 @@ def test_hue_matches_float_hsv_and_pil_within_its_quantisation(shift):
     image = _smooth_image(3, 24)
     factors = [1.0, 1.0, 1.0, shift]
     ours = _hwc(
-        kernels.color_jitter(
+        color.color_jitter(
             _planar(image), np.array([True]), np.array([[spec.HUE, 0, 1, 2]]), np.array([factors])
         )
     )
@@ -90,15 +90,15 @@ def test_zero_factors_are_identity_and_disabled_jitter_is_identity():
     image = _smooth_image(4)
     x = _planar(image)
     order = np.array([[3, 1, 0, 2]])
-    kept = kernels.color_jitter(x.copy(), np.array([True]), order, np.array([[1.0, 1.0, 1.0, 0.0]]))
+    kept = color.color_jitter(x.copy(), np.array([True]), order, np.array([[1.0, 1.0, 1.0, 0.0]]))
     np.testing.assert_array_equal(kept, x)
-    skipped = kernels.color_jitter(x.copy(), np.array([False]), order, np.array([[0.6, 1.4, 0.8, 0.1]]))
+    skipped = color.color_jitter(x.copy(), np.array([False]), order, np.array([[0.6, 1.4, 0.8, 0.1]]))
     np.testing.assert_array_equal(skipped, x)
 
 
 def test_grayscale_matches_pil():
     image = _smooth_image(5)
-    ours = kernels.luma(_planar(image))[0].astype(np.int64)
+    ours = color.luma(_planar(image))[0].astype(np.int64)
     ref = np.asarray(Image.fromarray(image).convert("L"), np.int64)
     np.testing.assert_array_equal(ours, ref)
 
@@ -106,7 +106,7 @@ def test_grayscale_matches_pil():
 @pytest.mark.parametrize("sigma", [0.1, 0.6, 1.3, 2.0])
 def test_blur_matches_pil_gaussian_blur(sigma):
     image = _smooth_image(6, 32)
-    ours = _hwc(kernels.gaussian_blur(_planar(image), np.array([sigma])))
+    ours = _hwc(box_blur.gaussian_blur(_planar(image), np.array([sigma])))
     ref = np.asarray(pil_reference.gaussian_blur(Image.fromarray(image), sigma), np.int64)
     # Pillow rounds to 8 bits after each of its 6 box passes, we once at the end: unbiased noise
     # of about one level (measured: mean |diff| 0.2-0.6, max 3 at sigma 0.1, max 1 from 1.3 up).

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from dino_jax.data.multicrop import host, kernels, spec
+from dino_jax.data.multicrop import host, resize, spec
 
 AUGMENT_PLACES = ("host", "device")
 
@@ -163,9 +163,9 @@ def resize_images(images_NxHxWx3: np.ndarray, size: int) -> np.ndarray:
     if (height, width) == (size, size):
         return images
     planar = images.transpose(0, 3, 1, 2).astype(np.float32)
-    rows = np.matmul(planar, kernels.resize_matrix(width, size).T)
+    rows = np.matmul(planar, resize.resize_matrix(width, size).T)
     rows = np.clip(np.floor(rows + 0.5), 0, 255)
-    out = np.matmul(kernels.resize_matrix(height, size), rows)
+    out = np.matmul(resize.resize_matrix(height, size), rows)
     out = np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
 
@@ -239,7 +239,7 @@ def linear_probe_views(
     )
     flips = uniforms[:, -1] < 0.5
     planar = images.transpose(0, 3, 1, 2).astype(np.float32)
-    crops = kernels.resized_crops(planar, np.arange(len(images)), boxes, flips, size)
+    crops = resize.resized_crops(planar, np.arange(len(images)), boxes, flips, size)
     return np.ascontiguousarray(crops.transpose(0, 2, 3, 1)).astype(np.uint8)
 
 

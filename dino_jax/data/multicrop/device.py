@@ -30,14 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.data.multicrop import kernels, spec
+from dino_jax.data.multicrop import box_blur, resize, spec
 from dino_jax.data.multicrop.spec import CONTRAST, HUE, SATURATION, MultiCropConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # Resampling must not run in bf16/TF32 on GPUs and TPUs.
 
 
 def _round_to_uint8_range(x):
-    # The kernels' rounding (kernels.py), written as a pure function: theirs work in place.
+    # The host kernels' rounding (resize.round_to_uint8_range), written as a pure function: theirs
+    # work in place.
     return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
 
 
@@ -46,10 +47,10 @@ def resized_crops(images_BxHxWx3, boxes_BxNx4, flips_BxN, size: int):
     batch, num_crops = boxes_BxNx4.shape[:2]
     _, height, width, _ = images_BxHxWx3.shape
     boxes = boxes_BxNx4.reshape(batch * num_crops, 4)
-    # The host's coefficients (kernels.resize_weights) in float32, each box's placed in the image.
-    rows = kernels.resize_weights(boxes[:, 0], boxes[:, 2], height, size, xp=jnp, dtype=jnp.float32)
+    # The host's coefficients (resize.resize_weights) in float32, each box's placed in the image.
+    rows = resize.resize_weights(boxes[:, 0], boxes[:, 2], height, size, xp=jnp, dtype=jnp.float32)
     flips = flips_BxN.reshape(-1)
-    cols = kernels.resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips, xp=jnp, dtype=jnp.float32)
+    cols = resize.resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips, xp=jnp, dtype=jnp.float32)
     rows = rows.reshape(batch, num_crops, size, height)
     cols = cols.reshape(batch, num_crops, size, width)
     images = images_BxHxWx3.astype(jnp.float32)
@@ -71,7 +72,7 @@ def _hue(x_NxSxSx3, shift):
 
 
 def color_jitter(x_NxSxSx3, apply, order, factors):
-    """torchvision ColorJitter with given parameters per crop (see kernels.color_jitter).
+    """torchvision ColorJitter with given parameters per crop (see the host's `color.color_jitter`).
 
     Every op is computed for every crop and selected, as one blend whose degenerate image and
     factor depend on the op: shape-static, unlike the kernels' in-place runs of crops that share
@@ -97,13 +98,13 @@ def color_jitter(x_NxSxSx3, apply, order, factors):
 def blur_operators(sigma, size: int, max_sigma: float):
     """(n, size, size) operators of PIL's GaussianBlur(radius=sigma) along one axis.
 
-    The taps of one box pass are the kernels' (`kernels.box_pass_weights`), for a reach fixed by
+    The taps of one box pass are the kernels' (`box_blur.box_pass_weights`), for a reach fixed by
     `max_sigma` so the shapes are static; the one-pass matrices are built from one-hot rows and
     composed by float32 products, where the kernels build only a corner and compose in float64.
     """
-    radius = kernels.pil_box_radius(jnp.maximum(sigma, 1e-6), jnp)
-    reach = int(np.floor(kernels.pil_box_radius(np.array([max_sigma]))[0])) + 1
-    weights = kernels.box_pass_weights(radius, reach, jnp)
+    radius = box_blur.pil_box_radius(jnp.maximum(sigma, 1e-6), jnp)
+    reach = int(np.floor(box_blur.pil_box_radius(np.array([max_sigma]))[0])) + 1
+    weights = box_blur.box_pass_weights(radius, reach, jnp)
     source = np.clip(np.arange(size)[:, None] + np.arange(-reach, reach + 1)[None], 0, size - 1)
     taps = np.eye(size, dtype=np.float32)[source]  # (size, taps, size) one-hot of the source row.
     one_pass = jnp.einsum("nt,ytx->nyx", weights, taps, precision=_HIGHEST)

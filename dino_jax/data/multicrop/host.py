@@ -1,4 +1,5 @@
-"""DINO's multi-crop on the host, in numpy: the recipe of `spec.py` with the kernels of `kernels.py`.
+"""DINO's multi-crop on the host, in numpy: the recipe of `spec.py` with the PIL-exact kernels of
+`resize.py`, `color.py` and `box_blur.py`.
 
 The reference runs the recipe through PIL one image at a time; here the crops of one resolution
 are processed together in float32, which is what makes this path several times faster than PIL on
@@ -19,7 +20,7 @@ import threading
 
 import numpy as np
 
-from dino_jax.data.multicrop import kernels, spec
+from dino_jax.data.multicrop import box_blur, color, resize, spec
 from dino_jax.data.multicrop.spec import NUM_UNIFORMS, MultiCropConfig
 
 _CHUNK_PIXELS = 1 << 15  # Crops go through the recipe in chunks of about this many pixels.
@@ -84,7 +85,7 @@ def _crop_group(images_BxHx3xW, uniforms_BxNxU, config: MultiCropConfig, group: 
     # the jitter ops in the same order sit together, blurred ones first among them. The work
     # goes in chunks that stay in the CPU cache from the resize to the 8-bit output: the ~40
     # passes over the pixels then run several times faster than over the whole batch.
-    codes = kernels.op_order_codes(draws.jitter, order)
+    codes = color.op_order_codes(draws.jitter, order)
     work_order = np.lexsort((~blur, codes))
     codes, order, factors = codes[work_order], order[work_order], factors[work_order]
     gray, blur, solarize = gray[work_order], blur[work_order], solarize[work_order]
@@ -94,12 +95,12 @@ def _crop_group(images_BxHx3xW, uniforms_BxNxU, config: MultiCropConfig, group: 
     blur_sigma = sigma[work_order][blur]
     blur_operators = blur_operators_t = blur_band = None
     if blur_sigma.size:
-        blur_operators = kernels.blur_matrices(
+        blur_operators = box_blur.blur_matrices(
             blur_sigma, size, out=_scratch_array("blur", (len(blur_sigma), size, size))
         )
         blur_operators_t = _scratch_array("blur_t", blur_operators.shape)
         np.copyto(blur_operators_t, np.swapaxes(blur_operators, 1, 2))
-        blur_band = kernels.blur_band(blur_sigma)
+        blur_band = box_blur.blur_band(blur_sigma)
     blur_index = np.cumsum(blur) - 1  # A blurred crop's row in blur_operators.
 
     max_chunk = max(1, _CHUNK_PIXELS // (size * size))
@@ -109,24 +110,24 @@ def _crop_group(images_BxHx3xW, uniforms_BxNxU, config: MultiCropConfig, group: 
         x = x_buffer[: last - first]
         chunk_boxes = boxes[first:last]
         rows = _scratch_array("resize_rows", (3 * size * int(chunk_boxes[:, 2].sum()),))
-        kernels.resize_into(x, images_BxHx3xW, source_image[first:last], chunk_boxes, flips[first:last], rows)
+        resize.resize_into(x, images_BxHx3xW, source_image[first:last], chunk_boxes, flips[first:last], rows)
         for start, stop in _runs(codes[first:last]):
-            if codes[first + start] != kernels.NO_JITTER:
-                kernels.jitter_in_place(
+            if codes[first + start] != color.NO_JITTER:
+                color.jitter_in_place(
                     x[start:stop], order[first + start], factors[first + start : first + stop]
                 )
         gray_rows = np.flatnonzero(gray[first:last])
         if gray_rows.size:
-            x[gray_rows] = kernels.luma(x[gray_rows])[:, None]
+            x[gray_rows] = color.luma(x[gray_rows])[:, None]
         for start, stop in _runs(blur[first:last]):
             if blur[first + start]:
                 operators = slice(blur_index[first + start], blur_index[first + start] + stop - start)
-                kernels.blur_in_place(
+                box_blur.blur_in_place(
                     x[start:stop], blur_operators[operators], blur_operators_t[operators], blur_band
                 )
         solarize_rows = np.flatnonzero(solarize[first:last])
         if solarize_rows.size:
-            x[solarize_rows] = kernels.solarize_in_place(x[solarize_rows])
+            x[solarize_rows] = color.solarize_in_place(x[solarize_rows])
         # Back to the original order and to (H, W, 3) uint8, one channel at a time: one strided
         # copy each, several times faster than a transpose then a cast.
         original_rows = work_order[first:last]

@@ -1,9 +1,10 @@
 """The reference multi-crop recipe written with PIL, one crop at a time, as torchvision runs it.
 
-Not used for training. It is the yardstick: tests compare `kernels.py`, `host.py` and
-`device.py` with it op by op, and `bench/augment.py` times our paths against it. Each op takes
-its random parameters as arguments, so a test can fix them; `multicrop_pil` draws them the way
-the reference does (torchvision's sampling, Python's `random` for blur and solarisation).
+Not used for training. It is the yardstick: tests compare the kernels (`resize.py`, `color.py`,
+`box_blur.py`), `host.py` and `device.py` with it op by op, and `bench/augment.py` times our paths
+against it. Each op takes its random parameters as arguments, so a test can fix them;
+`multicrop_pil` draws them the way the reference does (torchvision's sampling, Python's `random`
+for blur and solarisation).
 """
 
 from __future__ import annotations
