@@ -73,6 +73,18 @@ def test_libtpu_has_one_version():
     assert aot.LIBTPU_VERSION in aot.LIBTPU_CACHE_DIR
 
 
+def test_what_pip_install_leaves_in_a_checkout_is_ignored_by_git():
+    # setuptools builds in the source tree: `pip install .` in a checkout leaves build/ and
+    # dino_jax.egg-info/ there, which must not show as untracked files.
+    if not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    left_behind = ["build/lib/dino_jax/train.py", "build/bdist.linux-x86_64/wheel", "dino_jax.egg-info/PKG-INFO"]
+    out = subprocess.run(
+        ["git", "check-ignore", "--no-index", *left_behind], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.stdout.split() == left_behind, out.stdout + out.stderr
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A fresh venv with `pip install .` of a copy of the package sources (setuptools builds in the
