@@ -78,7 +78,11 @@ def test_what_pip_install_leaves_in_a_checkout_is_ignored_by_git():
     # dino_jax.egg-info/ there, which must not show as untracked files.
     if not os.path.exists(os.path.join(ROOT, ".git")):
         pytest.skip("not a git checkout")
-    left_behind = ["build/lib/dino_jax/train.py", "build/bdist.linux-x86_64/wheel", "dino_jax.egg-info/PKG-INFO"]
+    left_behind = [
+        "build/lib/dino_jax/train.py",
+        "build/bdist.linux-x86_64/wheel",
+        "dino_jax.egg-info/PKG-INFO",
+    ]
     out = subprocess.run(
         ["git", "check-ignore", "--no-index", *left_behind], cwd=ROOT, capture_output=True, text=True
     )
