@@ -46,9 +46,7 @@ def test_tensorboard_events_hold_the_step_metrics_the_knn_rows_and_the_attention
     writer.on_metrics(4, {"loss": 6.25, "lr": 2e-4})
     panel = np.zeros((8, 12, 3), np.uint8)
     panel[:, :6, 0] = 255
-    writer.on_results(
-        4, StateResults({"monitor_teacher_knn_k20_top1": 71.5}, {"attention/teacher": panel})
-    )
+    writer.on_results(4, StateResults({"monitor_teacher_knn_k20_top1": 71.5}, {"attention/teacher": panel}))
     writer.close()
     scalars, images = read_events(str(tmp_path))
     assert scalars["train/loss"] == [(2, 6.5), (4, 6.25)]

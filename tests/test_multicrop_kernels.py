@@ -50,9 +50,7 @@ def test_blend_ops_match_pil_exactly(op, factor):
     factors = [1.0, 1.0, 1.0, 0.0]
     factors[op] = factor
     order = [op] + [o for o in range(4) if o != op]
-    ours = _hwc(
-        color.color_jitter(_planar(image), np.array([True]), np.array([order]), np.array([factors]))
-    )
+    ours = _hwc(color.color_jitter(_planar(image), np.array([True]), np.array([order]), np.array([factors])))
     ref = np.asarray(pil_reference.color_jitter(Image.fromarray(image), [op], factors), np.int64)
     np.testing.assert_array_equal(ours, ref)
 
