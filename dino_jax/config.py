@@ -42,6 +42,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(len(value) == 3, f"dataset.{key}", value, "3 numbers (R, G, B)")
     check(all(s > 0 for s in d.std), "dataset.std", d.std, "positive numbers")
     check(isinstance(d.synthetic, bool), "dataset.synthetic", d.synthetic, "True or False")
+    if d.name in sources.DATASETS:
+        num = sources.DATASETS[d.name].num_classes
+        labels = tuple(d.classes)
+        check(
+            all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num for c in labels)
+            and len(set(labels)) == len(labels)
+            and len(labels) != 1,
+            "dataset.classes",
+            d.classes,
+            f"() for every class, or at least 2 distinct labels of {d.name} in [0, {num - 1}]",
+        )
 
     check(m.variant in vit.VIT_VARIANTS, "model.variant", m.variant, f"one of {sorted(vit.VIT_VARIANTS)}")
     check(m.patch_size > 0, "model.patch_size", m.patch_size, "a positive integer")
@@ -349,8 +360,23 @@ def open_split(config: ml_collections.ConfigDict, which: str, dataset: str | Non
     spec = sources.DATASETS[name]
     split = {"train": spec.train_split, "eval": spec.eval_split}[which]
     return sources.open_split(
-        name, split, data_dir=config.dataset.data_dir or None, synthetic=config.dataset.synthetic
+        name,
+        split,
+        data_dir=config.dataset.data_dir or None,
+        synthetic=config.dataset.synthetic,
+        classes=tuple(config.dataset.classes) if name == config.dataset.name else (),
     )
+
+
+def num_classes(config: ml_collections.ConfigDict, dataset: str | None = None) -> int:
+    """The class count of `dataset` (default: the run's) as `open_split` serves it: the length of
+    `dataset.classes` for the run's dataset when that is set."""
+    from dino_jax.data import sources
+
+    name = dataset or config.dataset.name
+    if name == config.dataset.name and config.dataset.classes:
+        return len(config.dataset.classes)
+    return sources.DATASETS[name].num_classes
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -53,7 +53,7 @@ def eval_data(
     batch_size = config.eval.batch_size
     return suite.EvalData(
         name=name,
-        num_classes=sources.DATASETS[name].num_classes,
+        num_classes=config_lib.num_classes(config, name),
         train_batches=lambda: pipeline.eval_batches(train, batch_size=batch_size, image_size=image_size),
         test_batches=lambda: pipeline.eval_batches(test, batch_size=batch_size, image_size=image_size),
         augmented_train_batches=lambda seed, epoch: pipeline.linear_probe_batches(

@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     # True: random images shaped like the dataset (size, split lengths, classes) instead of its
     # files, to measure speed or try a recipe without the data. Losses and accuracies mean nothing.
     c.dataset.synthetic = False
+    # () = every class; else the labels to keep (e.g. `tuple(range(0, 200, 20))`): training and
+    # evaluation on the run's dataset see only their images, relabelled 0 .. len(classes) - 1 in
+    # this order. Transfer datasets are not subset.
+    c.dataset.classes = ()
     c.dataset.mean = IMAGENET_MEAN  # input normalisation, after scaling pixels to [0, 1]
     c.dataset.std = IMAGENET_STD
 

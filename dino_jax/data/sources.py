@@ -168,11 +168,19 @@ class SyntheticSource:
         index = int(index)
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self!r}")
-        key = np.array([index, self._split_key], np.uint64)
-        rng = np.random.Generator(np.random.Philox(key=key))
+        rng = self._rng(index)
         label = int(rng.integers(self.num_classes))
         image = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
         return {"image": image, "label": label}
+
+    def _rng(self, index: int) -> np.random.Generator:
+        key = np.array([index, self._split_key], np.uint64)
+        return np.random.Generator(np.random.Philox(key=key))
+
+    def labels(self) -> np.ndarray:
+        """Every example's label, in index order (the first draw of each example, no pixels)."""
+        return np.array([self._rng(i).integers(self.num_classes) for i in range(self.num_examples)], np.int64)
+
 
     def __getitems__(self, indices):
         return [self[i] for i in indices]
@@ -194,12 +202,91 @@ def synthetic_source(name: str, split: str) -> SyntheticSource:
     )
 
 
-def open_split(name: str, split: str, *, data_dir: str | None = None, synthetic: bool = False):
+class ClassSubset:
+    """The examples of `source` whose label is one of `classes`, in the source's order, each
+    relabelled to its class's position in `classes` (`classes=(7, 3)`: label 7 -> 0, 3 -> 1), so
+    the labels of the subset are `0 .. len(classes) - 1`. `labels`: the source's labels in index
+    order (`split_labels`). Picklable, so grain worker processes can hold it.
+    """
+
+    def __init__(self, source, classes, labels):
+        labels = np.asarray(labels, np.int64)
+        self.classes = tuple(int(c) for c in classes)
+        if not self.classes or len(set(self.classes)) != len(self.classes) or min(self.classes) < 0:
+            raise ValueError(f"ClassSubset: classes {self.classes} must be distinct labels >= 0, at least one")
+        if labels.shape != (len(source),):
+            raise ValueError(f"ClassSubset: {labels.shape[0]} labels for a source of {len(source)} examples")
+        new_label = np.full(max(max(self.classes), int(labels.max(initial=0))) + 1, -1, np.int64)
+        new_label[list(self.classes)] = np.arange(len(self.classes))
+        self._source = source
+        self._new_label = new_label
+        self._indices = np.flatnonzero(new_label[labels] >= 0)
+        self.name = getattr(source, "name", None)
+        self.split = getattr(source, "split", None)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def _relabel(self, record) -> dict[str, Any]:
+        return {**record, "label": int(self._new_label[record["label"]])}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self!r}")
+        return self._relabel(self._source[int(self._indices[index])])
+
+    def __getitems__(self, indices):
+        positions = [int(self._indices[int(i)]) for i in indices]
+        if hasattr(self._source, "__getitems__"):
+            return [self._relabel(record) for record in self._source.__getitems__(positions)]
+        return [self._relabel(self._source[i]) for i in positions]
+
+    def __repr__(self) -> str:
+        return f"ClassSubset({self._source!r}, classes={self.classes}, size={len(self)})"
+
+
+_LABELS_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def split_labels(name: str, split: str, *, data_dir: str | None = None, synthetic: bool = False) -> np.ndarray:
+    """Every label of split `split` of `name`, in index order, read without decoding an image (the
+    JPEG bytes are skipped: Tiny-ImageNet's 100,000 train labels take seconds, not a decode of
+    every image). Read once per process."""
+    key = (name, split, os.path.expanduser(data_dir or default_data_dir()), synthetic)
+    if key not in _LABELS_CACHE:
+        if synthetic:
+            labels = synthetic_source(name, split).labels()
+        else:
+            import tensorflow_datasets as tfds
+
+            raw = prepare(name, data_dir).as_data_source(
+                split=split, decoders={"image": tfds.decode.SkipDecoding()}
+            )
+            labels = np.empty(len(raw), np.int64)
+            chunk = 4096
+            for start in range(0, len(raw), chunk):
+                records = raw.__getitems__(list(range(start, min(start + chunk, len(raw)))))
+                labels[start : start + len(records)] = [int(record["label"]) for record in records]
+        _LABELS_CACHE[key] = labels
+    return _LABELS_CACHE[key]
+
+
+def open_split(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    synthetic: bool = False,
+    classes: tuple[int, ...] = (),
+):
     """Split `split` of dataset `name`: the prepared TFDS data (`load_source`), or with
-    `synthetic` a `SyntheticSource` of the same shape that reads no file."""
-    if synthetic:
-        return synthetic_source(name, split)
-    return load_source(name, split, data_dir)
+    `synthetic` a `SyntheticSource` of the same shape that reads no file; with `classes` (labels
+    of `name`), only their images, relabelled `0 .. len(classes) - 1` (`ClassSubset`)."""
+    source = synthetic_source(name, split) if synthetic else load_source(name, split, data_dir)
+    if not classes:
+        return source
+    return ClassSubset(source, classes, split_labels(name, split, data_dir=data_dir, synthetic=synthetic))
 
 
 def _builder(name: str, data_dir: str):
