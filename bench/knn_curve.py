@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("workdir")
     args = parser.parse_args()
     config = config_lib.load_run_config(args.workdir)
-    num_train = len(config_lib.open_split(config, "train"))
+    num_train = len(config_lib.open_split(config, "pretrain"))  # what the run trained on
     mesh = sharding.make_mesh()
     parts = train.build_training(config, num_train, mesh)
     checkpointer = checkpointing.Checkpointer(os.path.join(args.workdir, "checkpoints"))

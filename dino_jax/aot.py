@@ -159,12 +159,11 @@ def devices(spec: Target) -> list:
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the step takes, as shapes with the batch sharding (nothing is read)."""
-    from dino_jax import sharding
-    from dino_jax.data import sources
+    from dino_jax import config as config_lib, sharding
 
     a, b = config.augment, config.train.batch_size
     if a.on == "device":
-        size = sources.DATASETS[config.dataset.name].image_size
+        size = config_lib.stored_image_size(config)
         shapes = {"image": (b, size, size, 3)}
     else:
         shapes = {

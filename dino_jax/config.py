@@ -25,7 +25,7 @@ AUTO_DTYPE = "auto"
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError listing every problem found in `config`."""
-    from dino_jax.data import pipeline, sources
+    from dino_jax.data import image_folder, pipeline, sources
     from dino_jax.eval import fewshot, suite
     from dino_jax.models import vit
 
@@ -36,7 +36,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
             problems.append(f"config.{key} = {value!r}: expected {expected}")
 
     d, m, h, a, t, e = config.dataset, config.model, config.head, config.augment, config.train, config.eval
-    check(d.name in sources.DATASETS, "dataset.name", d.name, f"one of {sorted(sources.DATASETS)}")
+    names = sorted(sources.DATASETS) + [image_folder.FOLDER]
+    check(d.name in names, "dataset.name", d.name, f"one of {names}")
+    if d.name == image_folder.FOLDER:
+        check(
+            bool(d.train_dir) and os.path.isdir(os.path.expanduser(d.train_dir)),
+            "dataset.train_dir",
+            d.train_dir,
+            "a folder of images, or of class subfolders of images (dataset.name='folder')",
+        )
+        check(
+            not d.test_dir or os.path.isdir(os.path.expanduser(d.test_dir)),
+            "dataset.test_dir",
+            d.test_dir,
+            '"" (no test split) or a folder of class subfolders named as in dataset.train_dir',
+        )
+        check(
+            isinstance(d.image_size, int) and d.image_size >= 0,
+            "dataset.image_size",
+            d.image_size,
+            "0 (augment.global_crop_size) or the side in pixels the folder's images are stored at",
+        )
+        check(not d.synthetic, "dataset.synthetic", d.synthetic, "False: a folder has no shape to imitate")
+    else:
+        for key in ("train_dir", "test_dir", "image_size"):
+            check(not d[key], f"dataset.{key}", d[key], "unset: only dataset.name='folder' reads it")
     for key in ("mean", "std"):
         value = d[key]
         check(len(value) == 3, f"dataset.{key}", value, "3 numbers (R, G, B)")
@@ -351,29 +375,55 @@ def suite_settings(config: ml_collections.ConfigDict):
 
 
 def open_split(config: ml_collections.ConfigDict, which: str, dataset: str | None = None):
-    """The `which` ("train" or "eval") split of `dataset` (default: the run's) where the config says
-    the data is: in `dataset.data_dir`, or random images shaped like it (`dataset.synthetic`).
+    """The `which` split of `dataset` (default: the run's) where the config says the data is: in
+    `dataset.data_dir`, random images shaped like it (`dataset.synthetic`), or a folder of images
+    (`dataset.train_dir` / `test_dir`, decoded once into `<data_dir>/image_folders/`). `which`:
+    "pretrain" (what training reads), "train" or "eval" (what the evaluation fits and tests on).
     Raises DatasetUnavailableError when it is missing."""
-    from dino_jax.data import sources
+    from dino_jax.data import folder_cache, image_folder, sources
 
     name = dataset or config.dataset.name
+    if name == image_folder.FOLDER:
+        d = config.dataset
+        data_dir = os.path.expanduser(d.data_dir or sources.default_data_dir())
+        return folder_cache.open_split(
+            which,
+            train_dir=d.train_dir,
+            test_dir=d.test_dir,
+            image_size=stored_image_size(config),
+            cache_root=os.path.join(data_dir, folder_cache.CACHE_FOLDER),
+        )
     spec = sources.DATASETS[name]
-    split = {"train": spec.train_split, "eval": spec.eval_split}[which]
+    split = spec.split(which)
+    # An unlabelled pretraining split (every label -1) has no classes to pick from.
+    subset = name == config.dataset.name and split != spec.pretrain_split
     return sources.open_split(
         name,
         split,
         data_dir=config.dataset.data_dir or None,
         synthetic=config.dataset.synthetic,
-        classes=tuple(config.dataset.classes) if name == config.dataset.name else (),
+        classes=tuple(config.dataset.classes) if subset else (),
     )
+
+
+def stored_image_size(config: ml_collections.ConfigDict) -> int:
+    """Side of the run's stored square images: a folder's `dataset.image_size` (0: the global
+    crop size), a named dataset's own size otherwise."""
+    from dino_jax.data import image_folder, sources
+
+    if config.dataset.name == image_folder.FOLDER:
+        return config.dataset.image_size or config.augment.global_crop_size
+    return sources.DATASETS[config.dataset.name].image_size
 
 
 def num_classes(config: ml_collections.ConfigDict, dataset: str | None = None) -> int:
     """The class count of `dataset` (default: the run's) as `open_split` serves it: the length of
     `dataset.classes` for the run's dataset when that is set."""
-    from dino_jax.data import sources
+    from dino_jax.data import image_folder, sources
 
     name = dataset or config.dataset.name
+    if name == image_folder.FOLDER:  # the training folder's class subfolders; 0 when it has none
+        return len(image_folder.class_names(config.dataset.train_dir))
     if name == config.dataset.name and config.dataset.classes:
         return len(config.dataset.classes)
     return sources.DATASETS[name].num_classes

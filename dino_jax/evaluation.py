@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from dino_jax import config as config_lib
-from dino_jax.data import pipeline, sources
+from dino_jax.data import image_folder, pipeline, sources
 from dino_jax.eval import features as features_lib, report, suite
 
 
@@ -62,12 +62,54 @@ def eval_data(
     )
 
 
+def unlabelled_reason(config: ml_collections.ConfigDict) -> str | None:
+    """Why kNN, the linear probe and few-shot cannot run on the run's own dataset, or None when
+    they can. They need labelled train and test splits: a folder dataset (`dataset.name="folder"`)
+    without class subfolders, or without a `dataset.test_dir`, has none. Reads no image."""
+    d = config.dataset
+    if d.name != image_folder.FOLDER:
+        return None
+    if not image_folder.class_names(d.train_dir):
+        return f"the folder {d.train_dir} has no class subfolders (it is unlabelled)"
+    if not d.test_dir:
+        return "config.dataset.test_dir is empty (no test folder)"
+    if not image_folder.class_names(d.test_dir):
+        return f"the test folder {d.test_dir} has no class subfolders (it is unlabelled)"
+    return None
+
+
+def unlabelled_note(reason: str, *, training: bool) -> str:
+    """The one line a run (`training`) or `--mode=eval` prints when the data cannot be evaluated
+    (`unlabelled_reason`)."""
+    skipped = "kNN monitor, untrained kNN baseline, kNN, linear probe or few-shot" if training else (
+        "kNN, linear probe or few-shot"
+    )
+    return (
+        f"note: no {skipped} on this run's data: {reason}. They need labelled folders: class "
+        "subfolders in dataset.train_dir and a dataset.test_dir of the same classes. "
+        + ("Training runs as usual; " if training else "")
+        + "transfer datasets (eval.transfer) are still evaluated."
+    )
+
+
+def _same_evaluation_data(name: str, other: str) -> bool:
+    """Whether two named datasets are evaluated on the same splits (stl10 and stl10_unlabelled)."""
+    spec, other_spec = sources.DATASETS.get(name), sources.DATASETS.get(other)
+    if spec is None or other_spec is None:
+        return name == other
+    return (spec.tfds_name, spec.train_split, spec.eval_split) == (
+        other_spec.tfds_name,
+        other_spec.train_split,
+        other_spec.eval_split,
+    )
+
+
 def transfer_data(config: ml_collections.ConfigDict, image_size: int) -> list[suite.EvalData]:
     """The configured transfer datasets that are available; a missing one is skipped with a note,
     so a finished training run is never lost to a missing evaluation dataset."""
     available = []
     for name in config.eval.transfer:
-        if name == config.dataset.name:
+        if _same_evaluation_data(name, config.dataset.name):
             continue
         try:
             available.append(eval_data(name, config, image_size))
@@ -90,19 +132,24 @@ def evaluate(
 ) -> dict[str, float]:
     """The whole configured suite on the config's dataset and its transfer datasets; merges the
     metrics into `out_dir/results.json` and writes the tables as `out_dir/results.md` (headed by
-    `command`, default this process's command line). `graphdef/params`: a ViT backbone."""
-    main = eval_data(config.dataset.name, config, image_size)
+    `command`, default this process's command line). `graphdef/params`: a ViT backbone. A dataset
+    that cannot be evaluated (`unlabelled_reason`) is left out, and results.md says why."""
+    reason = unlabelled_reason(config)
+    main = None if reason else eval_data(config.dataset.name, config, image_size)
     transfer = transfer_data(config, image_size)
     settings = config_lib.suite_settings(config)
-    results, _ = suite.evaluate_backbone(
-        graphdef, params, main, transfer, mean=mean, std=std, settings=settings, mesh=mesh, log=_print
-    )
+    results = {}
+    if main or transfer:
+        results, _ = suite.evaluate_backbone(
+            graphdef, params, main, transfer, mean=mean, std=std, settings=settings, mesh=mesh, log=_print
+        )
     markdown = report.results_markdown(
         results,
-        main_name=main.name,
+        main_name=config.dataset.name,
         transfer_names=[data.name for data in transfer],
         settings=settings,
         command=command,
+        main_note=reason and f"Not evaluated: {reason}.",
     )
     json_path, md_path = report.write_results(out_dir, results, markdown)
     if jax.process_index() == 0:  # the one process that wrote them
@@ -180,7 +227,11 @@ def test_features(
     config: ml_collections.ConfigDict, graphdef, params, *, image_size: int, mean, std, mesh=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(features (N, D), labels (N,))`: the final-norm CLS of the kNN monitor's fixed test images
-    (`eval.monitor_test_images` of them), for the report's feature maps."""
+    (`eval.monitor_test_images` of them), for the report's feature maps. DatasetUnavailableError
+    when the run's data has no labelled train and test splits (`unlabelled_reason`)."""
+    reason = unlabelled_reason(config)
+    if reason:
+        raise sources.DatasetUnavailableError(reason)
     test = _fixed_subset(config_lib.open_split(config, "eval"), config.eval.monitor_test_images)
     batches = pipeline.eval_batches(test, batch_size=config.eval.batch_size, image_size=image_size)
     feature_fn = features_lib.make_feature_fn(graphdef, mean=mean, std=std)
@@ -188,8 +239,14 @@ def test_features(
 
 
 def test_panel_images(config: ml_collections.ConfigDict, count: int = 8) -> np.ndarray:
-    """A fixed set of test images (the first `count`) for the attention panel logged in training."""
-    source = config_lib.open_split(config, "eval")
+    """A fixed set of test images (the first `count`) for the attention panel logged in training;
+    the first training images for a folder dataset without a test folder."""
+    try:
+        source = config_lib.open_split(config, "eval")
+    except sources.DatasetUnavailableError:
+        if config.dataset.name != image_folder.FOLDER:
+            raise
+        source = config_lib.open_split(config, "train")
     # The same images in every process: they all compute the panel (hooks.monitors.AttentionPanel).
     batches = pipeline.eval_batches(
         source,

@@ -157,7 +157,12 @@ class Trainer:
 
         if config.dataset.synthetic:
             _print(SYNTHETIC_DATA_NOTE.format(name=config.dataset.name))
-        self.train_source = config_lib.open_split(config, "train")
+        self.train_source = config_lib.open_split(config, "pretrain")
+        # Data without labels (a flat folder) trains as any other but cannot be evaluated: said
+        # once here; the kNN monitor, the untrained baseline and the final evaluation skip it.
+        self.unlabelled_reason = evaluation.unlabelled_reason(config)
+        if self.unlabelled_reason and jax.process_index() == 0:
+            _print(evaluation.unlabelled_note(self.unlabelled_reason, training=True))
         parts = build_training(config, len(self.train_source), self.mesh)
         self.plan, self.schedules, self.graphdef = parts.plan, parts.schedules, parts.graphdef
         self.state, self.step_fn, self.crop_config = parts.state, parts.step_fn, parts.crop_config
@@ -232,6 +237,8 @@ class Trainer:
         made.append(guards.NonFiniteGuard())
         after_step = plan.steps_per_epoch * max(config.train.freeze_last_layer, 1) * 2
         monitor_steps = config_lib.monitor_every_steps(config, plan.steps_per_epoch)
+        if self.unlabelled_reason:  # said once, in __init__
+            monitor_steps = 0
         if monitor_steps > plan.train_steps:
             if lead:
                 _print(
@@ -399,6 +406,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     norm = dict(mean=config.dataset.mean, std=config.dataset.std)
     if (
         config.eval.random_init_knn
+        and not trainer.unlabelled_reason
         and "random_init_knn_k20_top1" not in report.read_results(workdir)
         and trainer.checkpointer.latest_step() is None
     ):

@@ -39,6 +39,32 @@ def test_every_bad_value_is_reported_at_once():
     assert "config.model.variant = 'huge'" in message
 
 
+def test_folder_dataset_keys_are_checked_together(tmp_path):
+    config = cifar100.get_config()
+    config.dataset.name = "folder"
+    config.dataset.test_dir = str(tmp_path / "missing")
+    config.dataset.image_size = -8
+    config.dataset.synthetic = True
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert "config.dataset.train_dir = '': expected a folder of images, or of class subfolders" in message
+    assert f"config.dataset.test_dir = '{tmp_path / 'missing'}'" in message
+    assert "config.dataset.image_size = -8" in message and "config.dataset.synthetic = True" in message
+
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    config.dataset.train_dir, config.dataset.test_dir = str(tmp_path / "photos"), ""
+    config.dataset.image_size, config.dataset.synthetic = 0, False
+    config_lib.validate(config)
+    assert config_lib.stored_image_size(config) == 32  # 0: the global crop size
+    assert config_lib.num_classes(config) == 1
+
+    named = cifar100.get_config()
+    named.dataset.train_dir = str(tmp_path / "photos")  # read only by a folder dataset: a mistake here
+    with pytest.raises(config_lib.ConfigError, match="train_dir = .*only dataset.name='folder' reads it"):
+        config_lib.validate(named)
+
+
 def test_linear_augment_must_be_a_bool():
     config = digits.get_config()
     assert config.eval.linear_augment is False

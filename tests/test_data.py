@@ -121,8 +121,8 @@ def test_internet_check_gives_up_within_its_timeout():
 
 
 def test_unknown_and_unsupported_datasets(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
-        sources.load_source("cifar10", "train", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet2012'"):
+        sources.load_source("imagenet2012", "train", str(tmp_path))
     assert sources.DATASETS["cifar100"].num_classes == 100
     assert sources.DATASETS["tiny_imagenet"].image_size == 64
 

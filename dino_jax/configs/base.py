@@ -35,8 +35,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "cifar100"
+    c.dataset.name = "cifar100"  # a named dataset (data/sources.py), or "folder": your own images
     c.dataset.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # dataset.name="folder": train_dir holds class subfolders of images (labelled: kNN, linear and
+    # few-shot can run with a test_dir) or the images themselves (unlabelled: training only);
+    # test_dir, optional, holds class subfolders named as in train_dir. Their images, of any size
+    # and format, are decoded once into squares of image_size px (the largest centred square,
+    # resized bicubic; 0 = augment.global_crop_size), kept in <data_dir>/image_folders/ and
+    # rebuilt when a file changes (dino_jax/data/folder_cache.py).
+    c.dataset.train_dir = ""
+    c.dataset.test_dir = ""
+    c.dataset.image_size = 0
     # True: random images shaped like the dataset (size, split lengths, classes) instead of its
     # files, to measure speed or try a recipe without the data. Losses and accuracies mean nothing.
     c.dataset.synthetic = False

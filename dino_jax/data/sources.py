@@ -41,10 +41,34 @@ class DatasetSpec:
     # code must read sizes from len(source); these are for messages and docs).
     num_train: int
     num_eval: int
+    # The split DINO trains on where it is not `train_split` (STL-10's 100,000 unlabelled images,
+    # whose labels are all -1), and its size; the evaluation's classifiers still fit `train_split`.
+    pretrain_split: str = ""
+    num_pretrain: int = 0
 
+    def split(self, which: str) -> str:
+        """The split read for `which`: "pretrain" (what training reads), "train" or "eval" (what
+        kNN, the linear probe and few-shot fit and are tested on)."""
+        splits = {"pretrain": self.pretrain_split or self.train_split, "train": self.train_split}
+        return {**splits, "eval": self.eval_split}[which]
+
+
+_STL10 = DatasetSpec(
+    "stl10", "train", "test", 10, 96, "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", 5000, 8000
+)
 
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", "train", "test", 10, 32, None, 1437, 360),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        "train",
+        "test",
+        10,
+        32,
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        50000,
+        10000,
+    ),
     "cifar100": DatasetSpec(
         "cifar100",
         "train",
@@ -55,16 +79,10 @@ DATASETS: dict[str, DatasetSpec] = {
         50000,
         10000,
     ),
-    "stl10": DatasetSpec(
-        "stl10",
-        "train",
-        "test",
-        10,
-        96,
-        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-        5000,
-        8000,
-    ),
+    "stl10": _STL10,
+    # The same TFDS dataset as "stl10", trained on the split STL-10 was made for: pretraining on
+    # its 100,000 unlabelled images, then kNN / linear / few-shot on its labelled train and test.
+    "stl10_unlabelled": dataclasses.replace(_STL10, pretrain_split="unlabelled", num_pretrain=100000),
     "tiny_imagenet": DatasetSpec(
         "tiny_imagenet",
         "train",
@@ -195,6 +213,8 @@ def synthetic_source(name: str, split: str) -> SyntheticSource:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     spec = DATASETS[name]
     sizes = {spec.train_split: spec.num_train, spec.eval_split: spec.num_eval}
+    if spec.pretrain_split:
+        sizes[spec.pretrain_split] = spec.num_pretrain
     if split not in sizes:
         raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {sorted(sizes)}")
     return SyntheticSource(
@@ -301,7 +321,7 @@ def _builder(name: str, data_dir: str):
         from dino_jax.data import tiny_imagenet
 
         return tiny_imagenet.TinyImagenet(data_dir=data_dir)
-    return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    return tfds.builder(DATASETS[name].tfds_name, data_dir=data_dir, try_gcs=False)
 
 
 def _manual_dir(data_dir: str, manual_dir: str | None) -> str:

@@ -37,9 +37,11 @@ def results_markdown(
     transfer_names: Sequence[str] = (),
     settings: SuiteSettings,
     command: str | None = None,
+    main_note: str | None = None,
 ) -> str:
     """Markdown tables of `results` (as `suite.evaluate_*` return them), each headed by `command`
-    (default: this process's command line)."""
+    (default: this process's command line); `main_note`, if given, under the main dataset's heading
+    (why it has no tables, say)."""
     command = command if command is not None else default_command()
     heading = f"Command: `{command}`\n"
     lines = ["# Evaluation results", ""]
@@ -63,6 +65,8 @@ def results_markdown(
         )
 
     lines += [f"## {main_name}", ""]
+    if main_note:
+        lines += [main_note, ""]
     if "linear_test_top1" in results:
         lines += [
             f"### Linear probe ({linear_setup})",

@@ -238,20 +238,22 @@ def extract_split_features(
 
 
 def evaluate_features(
-    main: SplitFeatures,
+    main: SplitFeatures | None,
     transfer: Sequence[SplitFeatures],
     settings: SuiteSettings,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Runs `settings.evaluators` on `main` and `settings.transfer_evaluators` on each transfer set.
+    """Runs `settings.evaluators` on `main` (None: a dataset without labels, left out) and
+    `settings.transfer_evaluators` on each transfer set.
 
     Returns the flat metric dict (percent; losses in nats; `*_best_epoch` an epoch number), plus
     `eval_{dataset}_{evaluator}_s` wall times.
     """
     results: dict[str, float] = {}
-    for data, names, prefix in [(main, settings.evaluators, "")] + [
-        (t, settings.transfer_evaluators, f"{t.name}_") for t in transfer
-    ]:
+    jobs = [(t, settings.transfer_evaluators, f"{t.name}_") for t in transfer]
+    if main is not None:
+        jobs.insert(0, (main, settings.evaluators, ""))
+    for data, names, prefix in jobs:
         for name in names:
             if log:
                 log(f"{name} on {data.name}...")
@@ -265,7 +267,7 @@ def evaluate_features(
 def evaluate_backbone(
     graphdef,
     params,
-    main: EvalData,
+    main: EvalData | None,
     transfer: Sequence[EvalData] = (),
     *,
     mean: Sequence[float],
@@ -277,13 +279,15 @@ def evaluate_backbone(
     """Extracts features of every split (one pass each) and runs `evaluate_features`.
 
     `graphdef, params` are a `VisionTransformer` split with `nnx.split`; `mean`/`std` are the
-    normalisation the backbone was trained with (used for transfer images too). Returns the metrics
-    and the features (for caching or plots).
+    normalisation the backbone was trained with (used for transfer images too); `main` None
+    evaluates the transfer sets only. Returns the metrics and the features (for caching or plots),
+    main's first.
     """
     extracted = []
-    for data, evaluators in [(main, settings.evaluators)] + [
-        (t, settings.transfer_evaluators) for t in transfer
-    ]:
+    jobs = [(t, settings.transfer_evaluators) for t in transfer]
+    if main is not None:
+        jobs.insert(0, (main, settings.evaluators))
+    for data, evaluators in jobs:
         if log:
             log(f"features of {data.name}...")
         started = time.perf_counter()
@@ -307,10 +311,11 @@ def evaluate_backbone(
                 f"features of {data.name}: {len(extracted[-1].train_labels)} train, "
                 f"{len(extracted[-1].test_labels)} test in {extracted_s:.1f} s"
             )
-    results = evaluate_features(extracted[0], extracted[1:], settings, log)
-    if "linear" in settings.evaluators:
+    main_features = extracted[0] if main is not None else None
+    transfer_features = extracted[1:] if main is not None else extracted
+    results = evaluate_features(main_features, transfer_features, settings, log)
+    if "linear" in settings.evaluators and main_features is not None:
         # The count actually used (capped at the depth), for the table heading.
-        main_features = extracted[0]
         results["linear_n_last_blocks"] = (
             1
             if settings.linear_avgpool

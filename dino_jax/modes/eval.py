@@ -39,6 +39,9 @@ def run(config: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str)
         file=sys.stderr,
         flush=True,
     )
+    reason = evaluation.unlabelled_reason(config)
+    if reason:
+        print(evaluation.unlabelled_note(reason, training=False), file=sys.stderr, flush=True)
     return evaluation.evaluate(
         config,
         graphdef,

@@ -70,7 +70,7 @@ def run(
             feature_map = run_report.FeatureMap(
                 features,
                 labels,
-                sources.DATASETS[config.dataset.name].num_classes,
+                config_lib.num_classes(config),
                 what=f"the teacher's final-norm CLS features{where} of {len(labels)} fixed "
                 f"{config.dataset.name} test images",
             )
