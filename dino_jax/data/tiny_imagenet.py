@@ -10,7 +10,10 @@ Where the zip comes from, in this order:
    `<data_dir>/downloads/manual/`), for a machine without internet; used as it is (a re-zipped
    copy is fine), its layout checked;
 2. a download from the official URL, whose size and md5 are then checked.
-Members are read from the zip directly, never extracted. JPEG bytes are stored as they are (no
+Members are read from the zip directly, never extracted. The folder that holds `wnids.txt` is the
+root, wherever it is in the zip (a copy zipped from inside `tiny-imagenet-200/`, or from a folder
+above it, as a GitHub download of a repository holding the files is); macOS's `__MACOSX/` and `._*`
+entries and `.DS_Store` files are ignored. JPEG bytes are stored as they are (no
 re-encoding); the few grayscale JPEGs in the zip are converted to RGB first.
 
 Labels index the wnids in sorted order (as an ImageFolder would); the label names are the
@@ -55,11 +58,32 @@ def verify_zip(path, expected_md5: str = ZIP_MD5, expected_bytes: int = ZIP_BYTE
         )
 
 
+def _is_macos_extra(name: str) -> bool:
+    return name.startswith("__MACOSX/") or os.path.basename(name).startswith("._")
+
+
+def archive_root(archive: zipfile.ZipFile) -> str:
+    """The folder of the zip that holds `wnids.txt` (the shallowest, if several), with a trailing
+    slash: `tiny-imagenet-200/` in the official zip, `` in one zipped from inside that folder."""
+    roots = [
+        name[: -len("wnids.txt")]
+        for name in archive.namelist()
+        if (name == "wnids.txt" or name.endswith("/wnids.txt")) and not _is_macos_extra(name)
+    ]
+    if not roots:
+        raise ValueError(
+            f"{archive.filename}: no wnids.txt in the zip; expected the Tiny-ImageNet-200 layout "
+            f"({_ROOT}wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/val_annotations.txt)"
+        )
+    return min(roots, key=lambda root: (root.count("/"), root))
+
+
 def read_class_names(archive: zipfile.ZipFile) -> tuple[list[str], list[str]]:
-    """(sorted wnids, their words.txt names), checked for the expected class count."""
-    wnids = sorted(archive.read(_ROOT + "wnids.txt").decode().split())
+    """(sorted wnids, their words.txt names)."""
+    root = archive_root(archive)
+    wnids = sorted(archive.read(root + "wnids.txt").decode().split())
     words = {}
-    for line in archive.read(_ROOT + "words.txt").decode().splitlines():
+    for line in archive.read(root + "words.txt").decode().splitlines():
         wnid, _, name = line.partition("\t")
         words[wnid.strip()] = name.strip()
     names = []
@@ -128,7 +152,11 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
         with zipfile.ZipFile(path) as archive:
             wnids, names = read_class_names(archive)
         if len(wnids) != NUM_CLASSES:
-            raise ValueError(f"{path}: wnids.txt lists {len(wnids)} classes; expected {NUM_CLASSES}")
+            raise ValueError(
+                f"{path}: wnids.txt lists {len(wnids)} classes; the official Tiny-ImageNet-200 has "
+                f"{NUM_CLASSES} (remove the added classes' lines from wnids.txt, their train/<wnid> "
+                "folders and their val_annotations.txt lines, then zip it again)"
+            )
         self.info.features["label"].names = names
         return {
             "train": self._generate_examples(path, "train", wnids),
@@ -138,20 +166,27 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, path, split, wnids):
         label_of = {wnid: index for index, wnid in enumerate(wnids)}
         with zipfile.ZipFile(path) as archive:
+            root = archive_root(archive)
             if split == "train":
-                members = [
-                    name
-                    for name in archive.namelist()
-                    if name.startswith(_ROOT + "train/") and name.endswith(".JPEG") and "/images/" in name
-                ]
-                labelled = [(name, name.split("/")[2]) for name in members]
+                labelled = []
+                for name in archive.namelist():
+                    parts = name[len(root) :].split("/") if name.startswith(root) else ()
+                    # train/<wnid>/images/<file>.JPEG
+                    if (
+                        len(parts) == 4
+                        and parts[0] == "train"
+                        and parts[2] == "images"
+                        and parts[3].endswith(".JPEG")
+                        and not _is_macos_extra(name)
+                    ):
+                        labelled.append((name, parts[1]))
             else:
-                annotations = archive.read(_ROOT + "val/val_annotations.txt").decode().splitlines()
+                annotations = archive.read(root + "val/val_annotations.txt").decode().splitlines()
                 labelled = []
                 for line in annotations:
                     if line.strip():
                         file_name, wnid = line.split("\t")[:2]
-                        labelled.append((_ROOT + "val/images/" + file_name, wnid))
+                        labelled.append((root + "val/images/" + file_name, wnid))
             for member, wnid in labelled:
                 if wnid not in label_of:
                     raise ValueError(f"{path}: {member} belongs to {wnid}, which is not in wnids.txt")
