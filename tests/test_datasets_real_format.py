@@ -1,7 +1,7 @@
-"""CIFAR-100, STL-10 and Tiny-ImageNet in their real on-disk formats, read by the real code.
+"""CIFAR-10, CIFAR-100, STL-10 and Tiny-ImageNet in their real on-disk formats, read by the real code.
 
-Each dataset starts as a small archive in its official layout, written here. CIFAR-100 and
-STL-10 go through the TFDS catalog's own builders with only the network fetch replaced (TFDS
+Each dataset starts as a small archive in its official layout, written here. CIFAR-10, CIFAR-100
+and STL-10 go through the TFDS catalog's own builders with only the network fetch replaced (TFDS
 still extracts the archive, parses the binary files and writes array_record); Tiny-ImageNet goes
 through our builder from a zip of real JPEGs, placed by hand or served over local HTTP.
 """
@@ -61,6 +61,25 @@ def _cifar100_archive(path, num_train, num_test):
     return images, labels
 
 
+def _cifar10_archive(path, num_train, num_test):
+    """cifar-10-binary.tar.gz: five train batches and a test batch of records (label, 3072 bytes
+    R, G, B planes), and batches.meta.txt with the 10 class names."""
+    images, labels = {}, {}
+    with tarfile.open(path, "w:gz") as tar:
+        batches = [(f"data_batch_{b}.bin", "train", range(b - 1, num_train, 5)) for b in range(1, 6)]
+        for file_name, split, indices in batches + [("test_batch.bin", "test", range(num_test))]:
+            records = []
+            for i in indices:
+                seed = i + (2000 if split == "test" else 3000)
+                image, label = _image(seed, 32), seed % 10
+                images[split, i], labels[split, i] = image, label
+                records.append(bytes([label]) + image.transpose(2, 0, 1).tobytes())
+            _add_bytes(tar, f"cifar-10-batches-bin/{file_name}", b"".join(records))
+        names = "\n".join(f"class_{i}" for i in range(10)).encode() + b"\n"
+        _add_bytes(tar, "cifar-10-batches-bin/batches.meta.txt", names)
+    return images, labels
+
+
 def _stl10_archive(path, num_train, num_test, num_unlabeled):
     """stl10_binary.tar.gz: uint8 images stored column-major (N, 3, 96, 96), labels 1..10."""
     images, labels = {}, {}
@@ -104,18 +123,22 @@ def _as_set(source):
     return {(bytes(source[i]["image"].data), int(source[i]["label"])) for i in range(len(source))}
 
 
-def test_cifar100_real_format_through_sources_and_pipelines(tmp_path, monkeypatch):
-    archive = tmp_path / "cifar-100-binary.tar.gz"
-    images, labels = _cifar100_archive(archive, num_train=24, num_test=10)
+@pytest.mark.parametrize(
+    "name,write_archive",
+    [("cifar100", _cifar100_archive), ("cifar10", _cifar10_archive)],
+)
+def test_cifar_real_format_through_sources_and_pipelines(tmp_path, monkeypatch, name, write_archive):
+    archive = tmp_path / os.path.basename(sources.DATASETS[name].download_url)
+    images, labels = write_archive(archive, num_train=24, num_test=10)
     data_dir = str(tmp_path / "tfds")
-    _build_catalog("cifar100", data_dir, str(archive), monkeypatch)
+    _build_catalog(name, data_dir, str(archive), monkeypatch)
 
     # Prepared: no internet needed, and the check must not even be asked.
     monkeypatch.setattr(sources, "has_internet", lambda *a, **k: pytest.fail("network probed"))
-    train = sources.load_source("cifar100", "train", data_dir)
-    test = sources.load_source("cifar100", "test", data_dir)
+    train = sources.load_source(name, "train", data_dir)
+    test = sources.load_source(name, "test", data_dir)
     assert (len(train), len(test)) == (24, 10)
-    assert set(train[0]) == {"image", "label"}  # coarse_label and id are dropped.
+    assert set(train[0]) == {"image", "label"}  # coarse_label (CIFAR-100) and id are dropped.
     assert _as_set(train) == {(bytes(images["train", i].data), labels["train", i]) for i in range(24)}
     assert _as_set(test) == {(bytes(images["test", i].data), labels["test", i]) for i in range(10)}
 
@@ -139,6 +162,32 @@ def test_cifar100_real_format_through_sources_and_pipelines(tmp_path, monkeypatc
             assert batch["image"].shape == (8, 32, 32, 3)
     batches = list(pipeline.eval_batches(test, batch_size=4, image_size=32))
     assert [b["mask"].sum() for b in batches] == [4, 4, 2]
+
+
+def test_stl10_unlabelled_pretrains_on_the_unlabelled_split_and_evaluates_on_train_and_test(
+    tmp_path, monkeypatch
+):
+    from configs import tiny_imagenet as recipe
+    from dino_jax import config as config_lib, evaluation
+
+    archive = tmp_path / "stl10_binary.tar.gz"
+    images, _ = _stl10_archive(archive, num_train=6, num_test=5, num_unlabeled=7)
+    data_dir = str(tmp_path / "tfds")
+    _build_catalog("stl10", data_dir, str(archive), monkeypatch)  # one build serves both names
+    config = recipe.get_config()
+    config.dataset.name, config.dataset.data_dir = "stl10_unlabelled", data_dir
+    config_lib.validate(config)
+    pretrain = config_lib.open_split(config, "pretrain")
+    assert {bytes(pretrain[i]["image"].data) for i in range(len(pretrain))} == {
+        bytes(images["unlabeled", i].data) for i in range(7)
+    }
+    assert {pretrain[i]["label"] for i in range(7)} == {-1}  # TFDS's label for the unlabelled split
+    train, test = config_lib.open_split(config, "train"), config_lib.open_split(config, "eval")
+    assert (len(train), len(test)) == (6, 5) and {train[i]["label"] for i in range(6)} <= set(range(10))
+    # The stl10 transfer evaluation would repeat the main one (the same splits): it is left out.
+    assert evaluation.transfer_data(config, image_size=64) == []
+    config.dataset.synthetic = True
+    assert len(config_lib.open_split(config, "pretrain")) == 100_000
 
 
 def test_stl10_real_format_resized_for_evaluation(tmp_path, monkeypatch):
