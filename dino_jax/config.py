@@ -58,6 +58,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "0 (augment.global_crop_size) or the side in pixels the folder's images are stored at",
         )
         check(not d.synthetic, "dataset.synthetic", d.synthetic, "False: a folder has no shape to imitate")
+        check(
+            not d.classes,
+            "dataset.classes",
+            d.classes,
+            "() with a folder: its class subfolders are its classes (a folder of the ones wanted)",
+        )
     else:
         for key in ("train_dir", "test_dir", "image_size"):
             check(not d[key], f"dataset.{key}", d[key], "unset: only dataset.name='folder' reads it")

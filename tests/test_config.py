@@ -45,16 +45,18 @@ def test_folder_dataset_keys_are_checked_together(tmp_path):
     config.dataset.test_dir = str(tmp_path / "missing")
     config.dataset.image_size = -8
     config.dataset.synthetic = True
+    config.dataset.classes = (0, 1)
     with pytest.raises(config_lib.ConfigError) as error:
         config_lib.validate(config)
     message = str(error.value)
     assert "config.dataset.train_dir = '': expected a folder of images, or of class subfolders" in message
     assert f"config.dataset.test_dir = '{tmp_path / 'missing'}'" in message
     assert "config.dataset.image_size = -8" in message and "config.dataset.synthetic = True" in message
+    assert "config.dataset.classes = (0, 1): expected () with a folder" in message
 
     (tmp_path / "photos" / "cat").mkdir(parents=True)
     config.dataset.train_dir, config.dataset.test_dir = str(tmp_path / "photos"), ""
-    config.dataset.image_size, config.dataset.synthetic = 0, False
+    config.dataset.image_size, config.dataset.synthetic, config.dataset.classes = 0, False, ()
     config_lib.validate(config)
     assert config_lib.stored_image_size(config) == 32  # 0: the global crop size
     assert config_lib.num_classes(config) == 1
