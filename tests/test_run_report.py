@@ -41,3 +41,23 @@ def test_the_end_of_run_report_maps_the_trainers_teacher_without_reading_a_check
     page = (workdir / "report.html").read_text()
     assert "final-norm CLS features at step 7 of 64 fixed digits test images" in page
     assert (workdir / "report" / "features_pca.png").exists()
+
+
+def test_the_page_counts_the_steps_of_what_the_run_trains_on(tmp_path):
+    from PIL import Image
+
+    from configs import cifar100, tiny_imagenet
+    from dino_jax.viz import report_html
+
+    stl10 = tiny_imagenet.get_config()
+    stl10.dataset.name = "stl10_unlabelled"  # 100,000 unlabelled images, not the 5,000 labelled
+    assert report_html.planned_steps(stl10) == 100 * (100_000 // 256)
+
+    for i in range(10):
+        Image.new("RGB", (8 + i, 8)).save(tmp_path / f"{i}.png")
+    folder = cifar100.get_config()
+    folder.dataset.name, folder.dataset.train_dir = "folder", str(tmp_path)
+    folder.train.batch_size, folder.train.epochs = 4, 3
+    assert report_html.planned_steps(folder) == 3 * (10 // 4)  # listed, nothing decoded
+    folder.dataset.train_dir = str(tmp_path / "gone")
+    assert report_html.planned_steps(folder) == "?"

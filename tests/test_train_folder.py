@@ -133,5 +133,7 @@ def test_an_unlabelled_folder_trains_through_launch_and_says_once_why_it_is_not_
     results = json.load(open(workdir / "results.json"))
     assert "final_loss" in results and not any(key.startswith(("knn_", "random_init")) for key in results)
     assert "Not evaluated: the folder" in (workdir / "results.md").read_text()
+    page = (workdir / "report.html").read_text()
+    assert "2 of 2 steps" in page and "has no class subfolders" in page  # why there is no feature map
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dino_jax import config as config_lib
-from dino_jax.data import sources
+from dino_jax.data import image_folder, sources
+from dino_jax.data.image_files import ImageFileError
 from dino_jax.hooks.metrics_log import format_duration
 
 # The PyTorch project this one replaces (ViT-Tiny, 100-300 epochs; docs/results.md): per training
@@ -145,6 +146,24 @@ def _figure_html(figures: Mapping[str, str], name: str, alt: str) -> str:
     return f'<p><img src="{html.escape(figures[name])}" alt="{html.escape(alt)}"></p>'
 
 
+def planned_steps(config) -> int | str:
+    """The steps the run was planned to take, from the size of what it trains on (a named
+    dataset's pretraining split, as `DATASETS` records it; a folder's files, listed, not read);
+    "?" where that is unknown (a folder no longer there)."""
+    d = config.dataset
+    if d.name == image_folder.FOLDER:
+        try:
+            count = len(image_folder.list_folder(d.train_dir).files)
+        except (ImageFileError, OSError):
+            return "?"
+    elif d.name in sources.DATASETS:
+        spec = sources.DATASETS[d.name]
+        count = spec.num_pretrain or spec.num_train
+    else:
+        return "?"
+    return config_lib.plan_steps(config, count).train_steps
+
+
 def page(
     workdir, config, *, train_rows, monitor_rows, results, figures, attention, feature_map_what, notes
 ) -> str:
@@ -152,8 +171,7 @@ def page(
     path relative to the workdir, `attention` lists `(step, path)` of the attention panels, and
     `feature_map_what` describes the features of the maps (None: no map)."""
     name = config.dataset.name
-    spec = sources.DATASETS.get(name)
-    total = config_lib.plan_steps(config, spec.num_train).train_steps if spec else None
+    total = planned_steps(config)
     last = train_rows[-1]["step"] if train_rows else 0
     evaluated = any(key.startswith(("knn_", "linear_", "fewshot_")) for key in results)
     status = (
