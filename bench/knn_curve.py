@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from dino_jax import checkpointing, config as config_lib, evaluation, sharding, train
+from dino_jax import checkpointing, config as config_lib, evaluation, sharding, training_parts
 from dino_jax.models import dino
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     config = config_lib.load_run_config(args.workdir)
     num_train = len(config_lib.open_split(config, "pretrain"))  # what the run trained on
     mesh = sharding.make_mesh()
-    parts = train.build_training(config, num_train, mesh)
+    parts = training_parts.build_training(config, num_train, mesh)
     checkpointer = checkpointing.Checkpointer(os.path.join(args.workdir, "checkpoints"))
     figures = {}
     for step in checkpointer.all_steps():

@@ -4,7 +4,7 @@
     python -m bench.train_step --only cifar      # the two CIFAR rows
     python -m bench.train_step --only digits --steps 5 --warmup 1 --phase-reps 0   # a smoke run
 
-Ours: `train.build_training(config, ...)`'s `step_fn` (jit, state donated) on uint8 crops already
+Ours: `training_parts.build_training(config, ...)`'s `step_fn` (jit, state donated) on uint8 crops already
 placed on the device, exactly what `Trainer.train` calls once per step. Baseline:
 `tests/torch_reference.train_iteration` (teacher and student forward, DINO loss with centering,
 backward, per-tensor gradient clipping, AdamW with the reference's two parameter groups and
@@ -423,13 +423,13 @@ def print_phase_table(row: str, timings: dict, ours_step: float, torch_step: flo
 def run_config(row: str, name: str, out_dim: int | None, args, report: dict) -> None:
     import jax
 
-    from dino_jax import config as config_lib, sharding, train
+    from dino_jax import config as config_lib, sharding, training_parts
     from dino_jax.interop import torch_convert
 
     config = make_config(name, args, out_dim)
     batch_size, total = config.train.batch_size, args.warmup + args.steps
     mesh = sharding.make_mesh()
-    parts = train.build_training(config, NUM_TRAIN_EXAMPLES[name], mesh)
+    parts = training_parts.build_training(config, NUM_TRAIN_EXAMPLES[name], mesh)
     vit_config = config_lib.vit_config(config, drop_path=True)
     head_config = config_lib.head_config(config, vit_config.embed_dim)
     weights = torch_convert.dino_to_torch(parts.state.student, vit_config, head_config)

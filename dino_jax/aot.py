@@ -203,17 +203,17 @@ class CompiledStep:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, spec: Target, num_train_examples: int):
-    """The step `train.build_training` makes for `config`, compiled for `spec`'s devices (all of
-    them in the `data` mesh): a `CompiledStep`. Raises what XLA raises, e.g. RESOURCE_EXHAUSTED when
-    it does not fit in the chip's memory."""
+    """The step `training_parts.build_training` makes for `config`, compiled for `spec`'s devices
+    (all of them in the `data` mesh): a `CompiledStep`. Raises what XLA raises, e.g.
+    RESOURCE_EXHAUSTED when it does not fit in the chip's memory."""
     from dino_jax import config as config_lib
-    from dino_jax import sharding, train
+    from dino_jax import sharding, training_parts
 
     config_lib.validate(config)
     described = devices(spec)
     config_lib.check_divisible(config.train.batch_size, len(described))
     mesh = sharding.make_mesh(described)
-    parts = train.build_training(config, num_train_examples, mesh, abstract_state=True)
+    parts = training_parts.build_training(config, num_train_examples, mesh, abstract_state=True)
     started = time.perf_counter()
     lowered = parts.step_fn.trace(parts.state, abstract_batch(config, mesh)).lower()
     lower_s = time.perf_counter() - started

@@ -2,19 +2,17 @@
 hooks (`hooks/`: progress, JSON lines, NaN guard, collapse warning, kNN monitor, attention panel),
 checkpoint every N steps; SIGTERM/SIGINT end it at a step boundary (`stop_signals.py`). `run` puts
 the untrained network's kNN before it and the evaluation of the trained teacher after it, and
-returns the results (tests read them). `build_training` makes the parts of the step from a config
-(also for `aot.py` and the benches). No numerics live here.
+returns the results (tests read them). The step itself and what it needs come from
+`training_parts.py`. No numerics live here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import os
 import sys
 import time
-from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -25,10 +23,10 @@ from dino_jax import (
     config as config_lib,
     evaluation,
     host_memory,
-    optim,
     precision,
+    sharding,
+    training_parts,
 )
-from dino_jax import schedules as schedules_lib, sharding, state as state_lib, train_step as step_lib
 from dino_jax.data import pipeline
 from dino_jax.eval import report
 from dino_jax.hooks import guards, metrics_log, monitors
@@ -52,86 +50,6 @@ def use_compilation_cache(directory: str) -> None:
     step takes ~60 s on an H200 and more on a 2-core CPU; a resumed run then pays it again."""
     if directory:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-
-
-def build_model_fn(config: ml_collections.ConfigDict):
-    """`rngs -> DINO` for this config. The one graphdef serves student and teacher: the teacher
-    runs it without a drop-path key, so stochastic depth stays off for it."""
-    vit_config = config_lib.vit_config(config, drop_path=True)
-    head_config = config_lib.head_config(config, vit_config.embed_dim)
-    return lambda rngs: dino.DINO(vit_config, head_config, rngs=rngs)
-
-
-@dataclasses.dataclass
-class TrainingParts:
-    plan: config_lib.StepPlan
-    schedules: schedules_lib.Schedules
-    graphdef: Any
-    state: state_lib.TrainState
-    step_fn: Callable  # jitted (state, global batch) -> (state, metrics), state donated
-    crop_config: Any
-    tx: Any  # the optax optimiser inside step_fn (benchmarks time its update alone)
-
-
-def build_training(
-    config: ml_collections.ConfigDict, num_train_examples: int, mesh, *, abstract_state: bool = False
-) -> TrainingParts:
-    """Schedules, optimiser, sharded initial state and the jitted step, from a validated config.
-
-    `abstract_state`: the state as shapes with their shardings, nothing computed (the mesh may then
-    be one of devices that are not here: `bench/gpu_aot.py` compiles the step for a GPU or TPU)."""
-    plan = config_lib.plan_steps(config, num_train_examples)
-    t = config.train
-    schedules = schedules_lib.build_schedules(
-        lr=plan.peak_lr,
-        min_lr=t.min_lr,
-        warmup_epochs=t.warmup_epochs,
-        weight_decay=t.weight_decay,
-        weight_decay_end=t.weight_decay_end,
-        momentum_teacher=t.momentum_teacher,
-        warmup_teacher_temp=t.warmup_teacher_temp,
-        teacher_temp=t.teacher_temp,
-        warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
-        epochs=t.epochs,
-        steps_per_epoch=plan.steps_per_epoch,
-    )
-    tx = optim.make_optimizer(
-        lr_fn=lambda count: schedules_lib.lookup(schedules.lr, count),
-        weight_decay_fn=lambda count: schedules_lib.lookup(schedules.weight_decay, count),
-        clip_grad=t.clip_grad,
-        freeze_last_layer_steps=plan.freeze_last_layer_steps,
-        norm_last_layer=config.head.norm_last_layer,
-    )
-    graphdef, state = state_lib.create_train_state(
-        build_model_fn(config),
-        tx,
-        out_dim=config.head.out_dim,
-        seed=config.seed,
-        mesh=mesh,
-        compute_dtype=config.model.dtype,
-        abstract=abstract_state,
-    )
-    crop_config = config_lib.crop_config(config)
-    device_augment = None
-    if config.augment.on == "device":
-        from dino_jax.data.multicrop import device as multicrop_device
-
-        device_augment = functools.partial(multicrop_device.multicrop_batch, config=crop_config)
-    step_fn = step_lib.make_train_step(
-        graphdef,
-        tx,
-        schedules,
-        mean=config.dataset.mean,
-        std=config.dataset.std,
-        student_temp=t.student_temp,
-        center_momentum=t.center_momentum,
-        device_augment=device_augment,
-        freeze_last_layer_steps=plan.freeze_last_layer_steps,
-        data_shards=mesh.shape[sharding.DATA_AXIS],
-    )
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    jitted = step_lib.jit_train_step(step_fn, state_sharding, sharding.batch_sharding(mesh))
-    return TrainingParts(plan, schedules, graphdef, state, jitted, crop_config, tx)
 
 
 class Trainer:
@@ -163,7 +81,7 @@ class Trainer:
         self.unlabelled_reason = evaluation.unlabelled_reason(config)
         if self.unlabelled_reason and jax.process_index() == 0:
             _print(evaluation.unlabelled_note(self.unlabelled_reason, training=True))
-        parts = build_training(config, len(self.train_source), self.mesh)
+        parts = training_parts.build_training(config, len(self.train_source), self.mesh)
         self.plan, self.schedules, self.graphdef = parts.plan, parts.schedules, parts.graphdef
         self.state, self.step_fn, self.crop_config = parts.state, parts.step_fn, parts.crop_config
         self.data_iterator = iter(

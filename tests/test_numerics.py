@@ -1,6 +1,6 @@
 """Numbers the reference fixes, pinned where a wrong one would otherwise pass: each value is written
 out here (not read from the config or a dataclass default the code also reads), and checked where it
-acts (the crops each group gets, the applied step of `train.build_training`), at values other than
+acts (the crops each group gets, the applied step of `training_parts.build_training`), at values other than
 the ones where a mix-up cancels (rate 0.5, batch 256, warm-up equal to the final temperature)."""
 
 import jax

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from dino_jax import checkpointing, sharding, train
+from dino_jax import checkpointing, sharding, training_parts
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
@@ -275,7 +275,7 @@ def test_a_workdir_of_another_model_size_is_refused_naming_the_parameters_that_d
 def state():
     config = digits.get_config("smoke")
     config.model.dtype = "float32"  # build_training takes a resolved dtype, not "auto"
-    return train.build_training(config, 1437, sharding.make_mesh()).state
+    return training_parts.build_training(config, 1437, sharding.make_mesh()).state
 
 
 def test_garbled_bytes_in_the_latest_checkpoint_fall_back_and_none_readable_is_an_error(

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from configs import digits
-from dino_jax import config as config_lib, sharding, train
+from dino_jax import config as config_lib, sharding, training_parts
 
 
 def tiny_config(**overrides):
@@ -32,7 +32,7 @@ def fixed_batch(config, batch_size=None, seed=0):
 
 def build(config, num_train_examples=64, devices=None):
     mesh = sharding.make_mesh(devices)
-    return train.build_training(config, num_train_examples, mesh), mesh
+    return training_parts.build_training(config, num_train_examples, mesh), mesh
 
 
 def run_steps(parts, mesh, batches):
