@@ -199,7 +199,6 @@ class SyntheticSource:
         """Every example's label, in index order (the first draw of each example, no pixels)."""
         return np.array([self._rng(i).integers(self.num_classes) for i in range(self.num_examples)], np.int64)
 
-
     def __getitems__(self, indices):
         return [self[i] for i in indices]
 
@@ -233,7 +232,9 @@ class ClassSubset:
         labels = np.asarray(labels, np.int64)
         self.classes = tuple(int(c) for c in classes)
         if not self.classes or len(set(self.classes)) != len(self.classes) or min(self.classes) < 0:
-            raise ValueError(f"ClassSubset: classes {self.classes} must be distinct labels >= 0, at least one")
+            raise ValueError(
+                f"ClassSubset: classes {self.classes} must be distinct labels >= 0, at least one"
+            )
         if labels.shape != (len(source),):
             raise ValueError(f"ClassSubset: {labels.shape[0]} labels for a source of {len(source)} examples")
         new_label = np.full(max(max(self.classes), int(labels.max(initial=0))) + 1, -1, np.int64)
@@ -269,7 +270,9 @@ class ClassSubset:
 _LABELS_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def split_labels(name: str, split: str, *, data_dir: str | None = None, synthetic: bool = False) -> np.ndarray:
+def split_labels(
+    name: str, split: str, *, data_dir: str | None = None, synthetic: bool = False
+) -> np.ndarray:
     """Every label of split `split` of `name`, in index order, read without decoding an image (the
     JPEG bytes are skipped: Tiny-ImageNet's 100,000 train labels take seconds, not a decode of
     every image). Read once per process."""
