@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar100, tiny_imagenet
-from dino_jax import config as config_lib
+from dino_jax import config as config_lib, config_validation
 from dino_jax.data import sources
 
 
@@ -47,7 +47,7 @@ def test_the_config_subsets_the_runs_dataset_only_and_counts_its_classes():
     config = tiny_imagenet.get_config()
     config.dataset.synthetic = True
     config.dataset.classes = classes = tuple(range(0, 200, 10))
-    config_lib.validate(config)
+    config_validation.validate(config)
     assert config_lib.num_classes(config) == 20
     assert config_lib.num_classes(config, "stl10") == 10  # a transfer dataset stays whole
     train = config_lib.open_split(config, "train")
@@ -62,4 +62,12 @@ def test_bad_class_lists_are_named(classes):
     config = cifar100.get_config()
     config.dataset.classes = classes
     with pytest.raises(config_lib.ConfigError, match=r"config\.dataset\.classes = .*in \[0, 99\]"):
-        config_lib.validate(config)
+        config_validation.validate(config)
+
+
+@pytest.mark.parametrize("arg", ["cpu", "cpu,smoke"])
+def test_the_cpu_recipe_is_valid_and_trains_on_twenty_classes(arg):
+    config = tiny_imagenet.get_config(arg)
+    config_validation.validate(config)
+    assert config_lib.num_classes(config) == 20 and tuple(config.dataset.classes) == tuple(range(0, 200, 10))
+    assert config.augment.global_crop_size // config.model.patch_size == 4  # 16 tokens a global crop
