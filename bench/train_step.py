@@ -134,7 +134,7 @@ def limit_threads(threads: int) -> int:
 
 def make_config(name: str, args, out_dim: int | None = None):
     from configs import cifar100, digits
-    from dino_jax import config as config_lib
+    from dino_jax import config_validation
 
     if name == "digits":
         config = digits.get_config()
@@ -148,7 +148,7 @@ def make_config(name: str, args, out_dim: int | None = None):
     config.model.dtype = "float32"  # beside the reference's float32 step, whatever model.dtype=auto picks
     if args.no_drop_path:
         config.model.drop_path_rate = 0.0
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config
 
 

@@ -206,10 +206,9 @@ def compile_train_step(config: ml_collections.ConfigDict, spec: Target, num_trai
     """The step `training_parts.build_training` makes for `config`, compiled for `spec`'s devices
     (all of them in the `data` mesh): a `CompiledStep`. Raises what XLA raises, e.g.
     RESOURCE_EXHAUSTED when it does not fit in the chip's memory."""
-    from dino_jax import config as config_lib
-    from dino_jax import sharding, training_parts
+    from dino_jax import config as config_lib, config_validation, sharding, training_parts
 
-    config_lib.validate(config)
+    config_validation.validate(config)
     described = devices(spec)
     config_lib.check_divisible(config.train.batch_size, len(described))
     mesh = sharding.make_mesh(described)

@@ -21,6 +21,7 @@ from dino_jax import (
     accelerator,
     checkpointing,
     config as config_lib,
+    config_validation,
     evaluation,
     host_memory,
     precision,
@@ -58,7 +59,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         # The one check of a training run's config: before any file, data or array, so a typo
         # costs nothing.
-        config_lib.validate(config)
+        config_validation.validate(config)
         if "tensorboard" in config.train.log_to and importlib.util.find_spec("tensorboardX") is None:
             raise config_lib.ConfigError(
                 "config.train.log_to includes 'tensorboard', but tensorboardX is not installed: run "

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from configs import cifar100, digits
-from dino_jax import cli, config as config_lib
+from dino_jax import cli, config as config_lib, config_validation
 from dino_jax.configs import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,14 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("get_config", [cifar100.get_config, digits.get_config])
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_shipped_configs_are_valid(get_config, arg):
-    config_lib.validate(get_config(arg))
+    config_validation.validate(get_config(arg))
 
 
 def test_crop_size_not_a_multiple_of_the_patch_size_is_named():
     config = cifar100.get_config()
     config.augment.local_crop_size = 18
     with pytest.raises(config_lib.ConfigError, match="crop size 18 is not a multiple of patch size 4"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_every_bad_value_is_reported_at_once():
@@ -32,7 +32,7 @@ def test_every_bad_value_is_reported_at_once():
     config.train.lr = -1.0
     config.model.variant = "huge"
     with pytest.raises(config_lib.ConfigError) as error:
-        config_lib.validate(config)
+        config_validation.validate(config)
     message = str(error.value)
     assert "config.augment.on = 'gpu'" in message and "'host'" in message
     assert "config.train.lr = -1.0" in message
@@ -47,7 +47,7 @@ def test_folder_dataset_keys_are_checked_together(tmp_path):
     config.dataset.synthetic = True
     config.dataset.classes = (0, 1)
     with pytest.raises(config_lib.ConfigError) as error:
-        config_lib.validate(config)
+        config_validation.validate(config)
     message = str(error.value)
     assert "config.dataset.train_dir = '': expected a folder of images, or of class subfolders" in message
     assert f"config.dataset.test_dir = '{tmp_path / 'missing'}'" in message
@@ -57,28 +57,28 @@ def test_folder_dataset_keys_are_checked_together(tmp_path):
     (tmp_path / "photos" / "cat").mkdir(parents=True)
     config.dataset.train_dir, config.dataset.test_dir = str(tmp_path / "photos"), ""
     config.dataset.image_size, config.dataset.synthetic, config.dataset.classes = 0, False, ()
-    config_lib.validate(config)
+    config_validation.validate(config)
     assert config_lib.stored_image_size(config) == 32  # 0: the global crop size
     assert config_lib.num_classes(config) == 1
 
     named = cifar100.get_config()
     named.dataset.train_dir = str(tmp_path / "photos")  # read only by a folder dataset: a mistake here
     with pytest.raises(config_lib.ConfigError, match="train_dir = .*only dataset.name='folder' reads it"):
-        config_lib.validate(named)
+        config_validation.validate(named)
 
 
 def test_linear_augment_must_be_a_bool():
     config = digits.get_config()
     assert config.eval.linear_augment is False
     config.eval.linear_augment = True
-    config_lib.validate(config)
+    config_validation.validate(config)
     # A config read back from JSON is not type-locked: the check catches what a hand edit leaves.
     as_dict = config.to_dict()
     as_dict["eval"]["linear_augment"] = "yes"
     with pytest.raises(
         config_lib.ConfigError, match="config.eval.linear_augment = 'yes': expected True or False"
     ):
-        config_lib.validate(ml_collections.ConfigDict(as_dict))
+        config_validation.validate(ml_collections.ConfigDict(as_dict))
 
 
 def test_batch_larger_than_the_dataset_is_explained():
@@ -171,6 +171,6 @@ def test_an_older_run_config_loads_onto_todays_defaults(tmp_path):
     config = config_lib.load_run_config(str(tmp_path))
     assert config.dataset.synthetic is False and config.eval.linear_avgpool is False
     assert config.dataset.name == "digits" and tuple(config.eval.knn_ks) == (5, 10, 20, 100, 200)
-    config_lib.validate(config)
+    config_validation.validate(config)
     with pytest.raises(FileNotFoundError, match="is .* the workdir of a training run"):
         config_lib.load_run_config(str(tmp_path / "elsewhere"))

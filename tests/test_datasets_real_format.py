@@ -168,7 +168,7 @@ def test_stl10_unlabelled_pretrains_on_the_unlabelled_split_and_evaluates_on_tra
     tmp_path, monkeypatch
 ):
     from configs import tiny_imagenet as recipe
-    from dino_jax import config as config_lib, evaluation
+    from dino_jax import config as config_lib, config_validation, evaluation
 
     archive = tmp_path / "stl10_binary.tar.gz"
     images, _ = _stl10_archive(archive, num_train=6, num_test=5, num_unlabeled=7)
@@ -176,7 +176,7 @@ def test_stl10_unlabelled_pretrains_on_the_unlabelled_split_and_evaluates_on_tra
     _build_catalog("stl10", data_dir, str(archive), monkeypatch)  # one build serves both names
     config = recipe.get_config()
     config.dataset.name, config.dataset.data_dir = "stl10_unlabelled", data_dir
-    config_lib.validate(config)
+    config_validation.validate(config)
     pretrain = config_lib.open_split(config, "pretrain")
     assert {bytes(pretrain[i]["image"].data) for i in range(len(pretrain))} == {
         bytes(images["unlabeled", i].data) for i in range(7)

@@ -8,7 +8,7 @@ import types
 import jax
 import pytest
 
-from dino_jax import config as config_lib
+from dino_jax import config as config_lib, config_validation
 from dino_jax import precision, train
 from dino_jax.configs import base
 from tests import train_helpers as th
@@ -114,7 +114,7 @@ def test_auto_is_a_valid_setting_but_never_reaches_a_model():
         config_lib.vit_config(config, drop_path=False)
     config.model.dtype = "float64"
     with pytest.raises(config_lib.ConfigError, match="config.model.dtype = 'float64': expected 'auto'"):
-        config_lib.validate(config)
+        config_validation.validate(config)
 
 
 def test_the_resolved_config_is_a_copy():

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from configs import digits
-from dino_jax import config as config_lib, sharding, training_parts
+from dino_jax import config_validation, sharding, training_parts
 
 
 def tiny_config(**overrides):
@@ -16,7 +16,7 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         section, name = key.split(".")
         config[section][name] = value
-    config_lib.validate(config)
+    config_validation.validate(config)
     return config
 
 

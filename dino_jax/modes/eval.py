@@ -7,7 +7,7 @@ import sys
 
 import ml_collections
 
-from dino_jax import config as config_lib, evaluation
+from dino_jax import config as config_lib, config_validation, evaluation
 from dino_jax.interop.load import load_checkpoint
 from dino_jax.modes.paths import check_output_folder
 
@@ -27,7 +27,7 @@ def run(config: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str)
     """Evaluates a training workdir's latest teacher, a converted checkpoint or a PyTorch file
     with `config` (default: the workdir's own); writes `out_dir/results.json` and `results.md`."""
     config = config_for(checkpoint, config)
-    config_lib.validate(config)
+    config_validation.validate(config)
     check_output_folder(out_dir, "the results")
     loaded = load_checkpoint(checkpoint)
     graphdef, params = loaded.backbone()
