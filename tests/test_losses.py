@@ -1,3 +1,4 @@
+import contextlib
 import itertools
 
 import jax
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from dino_jax import losses
+from tests.test_head_loss_gpu_forms import as_lowered_for
 
 
 def reference_loss(student, teacher, center, num_crops, teacher_temp, student_temp=0.1):
@@ -43,8 +45,10 @@ def test_matches_the_pairwise_loop_with_a_nonzero_center():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lowered_for", [None, "cuda"])
 @pytest.mark.parametrize("crops", [2, 3, 6])
-def test_the_written_out_gradient_matches_autodiff_of_the_pairwise_loop(crops):
+def test_the_written_out_gradient_matches_autodiff_of_the_pairwise_loop(crops, lowered_for):
+    # lowered_for="cuda": the GPU forms of the forward (test_head_loss_gpu_forms.py), same gradient.
     rng = np.random.default_rng(crops)
     batch, k = 3, 17
     student = jnp.asarray(rng.normal(size=(crops * batch, k)) * 3.0, jnp.float32)
@@ -58,7 +62,8 @@ def test_the_written_out_gradient_matches_autodiff_of_the_pairwise_loop(crops):
         return sum(terms) / len(terms)
 
     def ours(student):
-        return losses.dino_loss(student, teacher, center, num_crops=crops, teacher_temperature=0.04)[0]
+        with as_lowered_for(lowered_for) if lowered_for else contextlib.nullcontext():
+            return losses.dino_loss(student, teacher, center, num_crops=crops, teacher_temperature=0.04)[0]
 
     expected_loss, expected_grad = jax.value_and_grad(pairwise_loop)(student)
     loss, grad = jax.value_and_grad(ours)(student)
