@@ -129,6 +129,7 @@ def test_every_unusable_image_path_is_named_before_the_checkpoint_is_read(tmp_pa
     (tmp_path / "photos").mkdir()
     notes = tmp_path / "photos" / "notes.jpg"
     notes.write_text("not pixels")
+    (tmp_path / "photos" / "._photo.jpg").write_text("a Mac's resource file: hidden, not an image")
     inputs = [
         save(tmp_path / "fine.png", np.zeros((8, 8, 3), np.uint8)),
         str(tmp_path / "missing.png"),

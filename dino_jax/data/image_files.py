@@ -27,24 +27,38 @@ class ImageFileError(ValueError):
     """Files given as images that cannot be read as images; one line per file."""
 
 
+def is_image_name(name: str) -> bool:
+    """An image file by its name: an image suffix, not hidden (a Mac's `._x.JPEG` resource files
+    and `.ipynb_checkpoints` copies are not images)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def images_below(folder: str, problems: list[str]) -> list[str]:
+    """Image files at any depth below `folder` (hidden folders skipped), relative to it,
+    "/"-separated, sorted; a subfolder that cannot be read goes into `problems`."""
+    found = []
+    unreadable: list[OSError] = []
+    for current, subfolders, names in os.walk(folder, onerror=unreadable.append):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = os.path.relpath(current, folder)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        found += [prefix + name for name in names if is_image_name(name)]
+    problems += [f"{error.filename}: cannot read this folder ({error.strerror})" for error in unreadable]
+    return sorted(found)
+
+
 def image_files(image_paths: str | Sequence[str]) -> list[str]:
-    """Files as given, and the image files of any folder (recursively, sorted), each checked
-    (`check_image_file`). Raises ImageFileError listing every path that cannot be used."""
+    """Files as given, and the image files of any folder (recursively, sorted, hidden ones
+    skipped), each checked (`check_image_file`). Raises ImageFileError listing every path that
+    cannot be used."""
     if isinstance(image_paths, str):
         image_paths = [image_paths]
     files, problems = [], []
     for path in image_paths:
         if os.path.isdir(path):
-            unreadable = []
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(path, onerror=unreadable.append)
-                for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES)
-            )
-            problems += [
-                f"{error.filename}: cannot read this folder ({error.strerror})" for error in unreadable
-            ]
+            unreadable: list[str] = []
+            found = [os.path.join(path, name) for name in images_below(path, unreadable)]
+            problems += unreadable
             if not found and not unreadable:
                 problems.append(f"{path}: a folder with no image files ({', '.join(IMAGE_SUFFIXES)})")
             files += found

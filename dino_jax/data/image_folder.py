@@ -22,14 +22,10 @@ import hashlib
 import json
 import os
 
-from dino_jax.data.image_files import IMAGE_SUFFIXES, ImageFileError
+from dino_jax.data.image_files import IMAGE_SUFFIXES, ImageFileError, images_below, is_image_name
 
 FOLDER = "folder"  # the dataset name that selects a folder of images (config.dataset.name)
 UNLABELLED = -1  # the label of every image of an unlabelled folder
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _visible_subfolders(root: str) -> list[str]:
@@ -42,7 +38,7 @@ def class_names(directory: str) -> tuple[str, ...]:
     Reads only the top level of the folder: no file is listed or opened."""
     root = os.path.abspath(os.path.expanduser(directory))
     with os.scandir(root) as entries:
-        if any(_is_image(e.name) and e.is_file() for e in entries):
+        if any(is_image_name(e.name) and e.is_file() for e in entries):
             return ()
     return tuple(_visible_subfolders(root))
 
@@ -89,7 +85,7 @@ def list_folder(directory: str, classes: tuple[str, ...] | None = None) -> Folde
         raise ImageFileError(f"{directory}: {what}; expected a folder of images or of class subfolders")
     try:
         with os.scandir(root) as entries:
-            top_images = sorted(e.name for e in entries if _is_image(e.name) and e.is_file())
+            top_images = sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
         subfolders = _visible_subfolders(root)
     except OSError as error:
         raise ImageFileError(f"{directory}: cannot read this folder ({error.strerror or error})") from error
@@ -98,7 +94,7 @@ def list_folder(directory: str, classes: tuple[str, ...] | None = None) -> Folde
     found: list[tuple[str, int]] = []  # (relative path, label)
     if top_images:
         found = [(name, UNLABELLED) for name in top_images]
-        mixed = [name for name in subfolders if _images_below(os.path.join(root, name), problems)]
+        mixed = [name for name in subfolders if images_below(os.path.join(root, name), problems)]
         if mixed:
             problems.append(
                 f"{directory}: holds {len(top_images)} images at its top level and images in the "
@@ -116,7 +112,7 @@ def list_folder(directory: str, classes: tuple[str, ...] | None = None) -> Folde
                     f"the training folder ({len(names)} classes: {list(names[:5])}{' ...' if len(names) > 5 else ''})"
                 )
                 continue
-            images = _images_below(os.path.join(root, name), problems)
+            images = images_below(os.path.join(root, name), problems)
             if not images:
                 problems.append(f"{os.path.join(directory, name)}: a class folder with no image files")
             found += [(f"{name}/{relative}", label_of[name]) for relative in images]
@@ -146,17 +142,3 @@ def list_folder(directory: str, classes: tuple[str, ...] | None = None) -> Folde
         sizes=tuple(sizes),
         mtimes_ns=tuple(mtimes),
     )
-
-
-def _images_below(folder: str, problems: list[str]) -> list[str]:
-    """Image files at any depth below `folder`, relative to it, "/"-separated, sorted; a subfolder
-    that cannot be read goes into `problems`."""
-    found = []
-    unreadable: list[OSError] = []
-    for current, subfolders, names in os.walk(folder, onerror=unreadable.append):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        relative = os.path.relpath(current, folder)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-        found += [prefix + name for name in names if _is_image(name)]
-    problems += [f"{error.filename}: cannot read this folder ({error.strerror})" for error in unreadable]
-    return sorted(found)
