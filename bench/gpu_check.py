@@ -155,27 +155,6 @@ def variant_config(variant: Variant, *, smoke: bool, steps: int, log_every: int,
 # Workers: each variant runs in its own process (fresh memory statistics, no cross-talk).
 
 
-def abstract_batch(config, mesh):
-    """The global batch the step takes, as shapes with the batch sharding (nothing is read)."""
-    import jax
-    import jax.numpy as jnp
-
-    from dino_jax import sharding
-    from dino_jax.data import sources
-
-    a, b = config.augment, config.train.batch_size
-    batch_sharding = sharding.batch_sharding(mesh)
-    if a.on == "device":
-        size = sources.DATASETS[config.dataset.name].image_size
-        shapes = {"image": (b, size, size, 3)}
-    else:
-        shapes = {
-            "global_crops": (b, 2, a.global_crop_size, a.global_crop_size, 3),
-            "local_crops": (b, a.num_local_crops, a.local_crop_size, a.local_crop_size, 3),
-        }
-    return {k: jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=batch_sharding) for k, shape in shapes.items()}
-
-
 def cost_flops(lowered) -> float | None:
     try:
         analysis = lowered.cost_analysis()
@@ -190,7 +169,7 @@ def run_worker(variant: Variant, args) -> dict:
     """Trains `args.warmup + args.steps` steps with the real trainer; reads its own figures."""
     import jax
 
-    from dino_jax import config as config_lib, train
+    from dino_jax import aot, config as config_lib, train
     from dino_jax.data import sources
 
     steps = args.warmup + args.steps
@@ -202,7 +181,7 @@ def run_worker(variant: Variant, args) -> dict:
         trainer = train.Trainer(config, workdir)
         built_s = time.perf_counter() - started
         # Compiled here, timed; jit keeps the executable, so the trainer's first step reuses it.
-        lowered = trainer.step_fn.lower(trainer.state, abstract_batch(config, trainer.mesh))
+        lowered = trainer.step_fn.lower(trainer.state, aot.abstract_batch(config, trainer.mesh))
         started = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - started
