@@ -50,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="0: the recipe's")
     parser.add_argument("--smoke", action="store_true", help="the recipes' :smoke shrink (a quick check)")
     parser.add_argument("--scan-blocks", action="store_true", help="model.scan_blocks=True (compile time)")
+    parser.add_argument("--pallas", action="store_true", help="model.pallas_kernels=True (Pallas MLP and norms)")
     parser.add_argument("--top", type=int, default=10, help="largest kernels and sources to list")
     parser.add_argument("--launch-floor-us", type=float, default=LAUNCH_FLOOR_S * 1e6)
     parser.add_argument("--timeout-s", type=float, default=1800, help="per compilation")
@@ -59,7 +60,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def row_config(recipe: str, dtype: str, *, batch: int, smoke: bool, scan_blocks: bool = False):
+def row_config(
+    recipe: str, dtype: str, *, batch: int, smoke: bool, scan_blocks: bool = False, pallas: bool = False
+):
     from dino_jax.configs import cifar100, tiny_imagenet
 
     config = {"cifar100": cifar100, "tiny_imagenet": tiny_imagenet}[recipe].get_config(
@@ -68,6 +71,7 @@ def row_config(recipe: str, dtype: str, *, batch: int, smoke: bool, scan_blocks:
     config.model.dtype = dtype
     if scan_blocks:
         config.model.scan_blocks = True
+    config.model.pallas_kernels = pallas
     config.augment.on = "device"
     if batch:
         config.train.batch_size = batch
@@ -83,7 +87,9 @@ def measure_row(target_name: str, recipe: str, dtype: str, args) -> dict:
     from dino_jax.data import sources
 
     spec = aot.target(target_name)
-    config = row_config(recipe, dtype, batch=args.batch, smoke=args.smoke, scan_blocks=args.scan_blocks)
+    config = row_config(
+        recipe, dtype, batch=args.batch, smoke=args.smoke, scan_blocks=args.scan_blocks, pallas=args.pallas
+    )
     step = aot.compile_train_step(config, spec, sources.DATASETS[recipe].num_train)
     memory = step.memory
     text = step.compiled.as_text()
@@ -102,6 +108,7 @@ def measure_row(target_name: str, recipe: str, dtype: str, args) -> dict:
         "dtype": dtype,
         "batch": config.train.batch_size,
         "scan_blocks": bool(config.model.get("scan_blocks", False)),
+        "pallas": bool(config.model.get("pallas_kernels", False)),
         "devices": step.num_devices,
         "compile_s": round(step.compile_s, 1),
         "lower_s": round(step.lower_s, 1),
@@ -144,6 +151,7 @@ def run_child(target: str, recipe: str, dtype: str, args) -> dict:
         argv += [f"--batch={args.batch}", f"--top={args.top}", f"--launch-floor-us={args.launch_floor_us}"]
         argv += ["--smoke"] if args.smoke else []
         argv += ["--scan-blocks"] if args.scan_blocks else []
+        argv += ["--pallas"] if args.pallas else []
         started = time.perf_counter()
         try:
             done = subprocess.run(
@@ -195,7 +203,7 @@ def markdown(rows: list[dict], command: str) -> str:
         ]
         for r in gpu:
             out.append(
-                f"| {r['recipe']} {r['dtype']}{' (scan)' if r.get('scan_blocks') else ''} | {r['batch']} | {r['kernels']:,} | {r['tiny_kernels']} | {r['copies']} | "
+                f"| {r['recipe']} {r['dtype']}{_variant(r)} | {r['batch']} | {r['kernels']:,} | {r['tiny_kernels']} | {r['copies']} | "
                 f"{r['library_calls']} | {_gb(r['bytes'])} GB | {r['matrix_flops'] / 1e12:.2f} | "
                 f"{r['bound_s'] * 1e3:.1f} ms | {r['bytes_bound_s'] * 1e3:.1f} ms | {r['launch_floor_s'] * 1e3:.1f} ms | "
                 f"{r['temp_gib']:.2f} GiB | {r['compile_s']:.0f} s |"
@@ -228,6 +236,10 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(out)
 
 
+def _variant(row: dict) -> str:
+    return (" (scan)" if row.get("scan_blocks") else "") + (" (Pallas)" if row.get("pallas") else "")
+
+
 def flat_figures(rows: list[dict]) -> dict:
     figures = {}
     for r in rows:
@@ -235,6 +247,7 @@ def flat_figures(rows: list[dict]) -> dict:
             continue
         key = f"{r['target'].replace('-', '')}_{r['recipe']}_{'bf16' if r['dtype'] == 'bfloat16' else 'fp32'}"
         key += "_scan" if r.get("scan_blocks") else ""
+        key += "_pallas" if r.get("pallas") else ""
         figures[f"{key}_kernels"] = r["kernels"]
         figures[f"{key}_tiny_kernels"] = r["tiny_kernels"]
         figures[f"{key}_gb_moved"] = round(r["bytes"] / 1e9, 2)

@@ -73,16 +73,18 @@ class Variant:
     augment: str  # device | host
     dtype: str  # float32 | bfloat16
     batch: int  # 0: the recipe's
+    pallas: bool = False  # model.pallas_kernels (the MLP and norms' Pallas kernels)
 
     @property
     def name(self) -> str:
         dtype = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
-        return f"{self.recipe}_{self.augment}_{dtype}_b{self.batch}"
+        return f"{self.recipe}_{self.augment}_{dtype}_b{self.batch}" + ("_pallas" if self.pallas else "")
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        recipe, augment, dtype, batch = name.rsplit("_", 3)
-        return cls(recipe, augment, {"fp32": "float32", "bf16": "bfloat16"}[dtype], int(batch[1:]))
+        pallas = name.endswith("_pallas")
+        recipe, augment, dtype, batch = name.removesuffix("_pallas").rsplit("_", 3)
+        return cls(recipe, augment, {"fp32": "float32", "bf16": "bfloat16"}[dtype], int(batch[1:]), pallas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,7 @@ def default_plan(cpu: bool) -> list[Variant | TorchVariant]:
     return [
         Variant("cifar100", "device", "bfloat16", 256),
         TorchVariant("cifar100", "amp", 256),
+        Variant("cifar100", "device", "bfloat16", 256, pallas=True),
         TorchVariant("cifar100", "fp32", 256),
         Variant("cifar100", "device", "float32", 256),
         Variant("tiny_imagenet", "device", "bfloat16", 256),
@@ -142,6 +145,7 @@ def recipe(name: str, *, smoke: bool = False, batch: int = 0):
 def variant_config(variant: Variant, *, smoke: bool, steps: int, log_every: int, workers: int):
     config = recipe(variant.recipe, smoke=smoke, batch=variant.batch)
     config.model.dtype = variant.dtype
+    config.model.pallas_kernels = variant.pallas
     config.augment.on = variant.augment
     config.augment.num_workers = workers if variant.augment == "host" else 0
     config.train.max_steps = steps

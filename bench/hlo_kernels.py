@@ -243,12 +243,34 @@ def _matrix_flops(module: Module, instruction: Instruction, depth: int = 0) -> t
     )
     if instruction.opcode == "dot" or is_conv:
         return _product_flops(module, instruction, is_conv)
+    if instruction.opcode == "custom-call" and "triton" in (instruction.attribute("custom_call_target") or ""):
+        return _pallas_flops(module, instruction)
     for called in _called(instruction):
         for inner in module.computations.get(called, {}).values():
             inner_flops, inner_dtype = _matrix_flops(module, inner, depth + 1)
             flops += inner_flops
             dtype = dtype or inner_dtype
     return flops, dtype
+
+
+# A Pallas kernel's products are inside its Triton IR (bytecode in the HLO): counted here from its
+# name (the pallas_call's op_name) and operands, x (R, D) first and W1 (D, H) among them. The MLP's
+# forward is two products of R x D x H, its backward three (fc1 recomputed, fc2's and fc1's input
+# gradients); counted at the true D, not the tile's padded width.
+PALLAS_PRODUCTS = {"mlp_forward_kernel": (2, 1), "mlp_backward_kernel": (3, 2)}  # name: (products, W1's operand)
+
+
+def _pallas_flops(module: Module, instruction: Instruction) -> tuple[float, str]:
+    op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
+    names = op_name.group(1).split("/") if op_name else []
+    known = [name for name in names if name in PALLAS_PRODUCTS]
+    if not known:
+        return 0.0, ""
+    products, weight_operand = PALLAS_PRODUCTS[known[-1]]
+    computation = next((c for c in module.computations.values() if instruction.name in c), {})
+    shapes = [array_shapes(module.operand_shape(computation, name)) for name in instruction.operands]
+    (dtype, (rows, dim)), (_, (_, hidden)) = shapes[0][0], shapes[weight_operand][0]
+    return 2.0 * products * rows * dim * hidden, dtype
 
 
 def _product_flops(module: Module, instruction: Instruction, is_conv: bool) -> tuple[float, str]:

@@ -40,6 +40,7 @@ def vit_config(config: ml_collections.ConfigDict, *, drop_path: bool):
         drop_path_rate=m.drop_path_rate if drop_path else 0.0,
         dtype=m.dtype,
         scan_blocks=m.scan_blocks,
+        pallas_kernels=m.pallas_kernels,
     )
     if m.embed_dim:
         overrides.update(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads)

@@ -94,6 +94,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", m.drop_path_rate, "a rate in [0, 1)")
     check(isinstance(m.scan_blocks, bool), "model.scan_blocks", m.scan_blocks, "True or False")
+    check(isinstance(m.pallas_kernels, bool), "model.pallas_kernels", m.pallas_kernels, "True or False")
     check(
         m.dtype == AUTO_DTYPE or m.dtype in vit.COMPUTE_DTYPES,
         "model.dtype",

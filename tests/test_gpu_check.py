@@ -16,6 +16,9 @@ def test_variant_names_round_trip():
     variant = gpu_check.Variant("tiny_imagenet", "host", "bfloat16", 1024)
     assert variant.name == "tiny_imagenet_host_bf16_b1024"
     assert gpu_check.Variant.parse(variant.name) == variant
+    pallas = gpu_check.Variant("cifar100", "device", "bfloat16", 256, pallas=True)
+    assert pallas.name == "cifar100_device_bf16_b256_pallas"
+    assert gpu_check.Variant.parse(pallas.name) == pallas
 
 
 @pytest.mark.parametrize(

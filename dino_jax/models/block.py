@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dino_jax.models import fused_mlp, fused_norm
 from dino_jax.models.attention import Attention
 from dino_jax.models.fused_grads import gelu
 from dino_jax.models.layers import layer_norm, linear
@@ -113,11 +114,18 @@ def drop_path_rows(x_RxD: jax.Array, layout: TokenLayout, rate, keep_images: jax
 
 class Mlp(nnx.Module):
     def __init__(self, embed_dim: int, hidden_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
         self.fc1 = linear(embed_dim, hidden_dim, dtype=dtype, rngs=rngs)
         self.fc2 = linear(hidden_dim, embed_dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
+    def __call__(self, x_RxD: jax.Array, *, pallas: bool = False, interpret: bool = False) -> jax.Array:
+        """`pallas`: the Pallas kernels of `fused_mlp.py` on (rows, D) (a CUDA program, or any with
+        `interpret`, Pallas' interpreter); the same parameters and result."""
+        if not pallas:
+            return self.fc2(gelu(self.fc1(x_RxD)))
+        params = (self.fc1.kernel, self.fc1.bias, self.fc2.kernel, self.fc2.bias)
+        w1_DxH, b1_H, w2_HxD, b2_D = (p[...].astype(self.dtype) for p in params)
+        return fused_mlp.fused_mlp(x_RxD.astype(self.dtype), w1_DxH, b1_H, w2_HxD, b2_D, interpret)
 
 
 class Block(nnx.Module):
@@ -142,15 +150,30 @@ class Block(nnx.Module):
         layout: TokenLayout,
         *,
         fused_attention: bool = False,
+        pallas: bool = False,
         drop_path_rate: float | jax.Array = 0.0,
         keep_branches: jax.Array | None = None,
+        interpret: bool = False,
     ) -> jax.Array:
         """Token rows (R, D) laid out as `layout` -> the block's output rows. `keep_branches`
         (2, images): which images keep the attention and the MLP branch (this block's entry of
-        `draw_drop_path_masks`; None: no stochastic depth)."""
+        `draw_drop_path_masks`; None: no stochastic depth). `fused_attention`: cuDNN's attention;
+        `pallas`: the Pallas kernels of `fused_mlp.py` and `fused_norm.py`; both forms of a CUDA
+        program (`interpret`: the kernels in Pallas' interpreter, any backend)."""
         keep_attn = keep_mlp = None
         if keep_branches is not None:
             keep_attn, keep_mlp = keep_branches[0], keep_branches[1]
-        attended = self.attn(self.norm1(x_RxD), layout, fused=fused_attention)
+        x_RxD, normed = self._pre_norm(self.norm1, x_RxD, pallas, interpret)
+        attended = self.attn(normed, layout, fused=fused_attention)
         x_RxD = x_RxD + drop_path_rows(attended, layout, drop_path_rate, keep_attn)
-        return x_RxD + drop_path_rows(self.mlp(self.norm2(x_RxD)), layout, drop_path_rate, keep_mlp)
+        x_RxD, normed = self._pre_norm(self.norm2, x_RxD, pallas, interpret)
+        mlp_out = self.mlp(normed, pallas=pallas, interpret=interpret)
+        return x_RxD + drop_path_rows(mlp_out, layout, drop_path_rate, keep_mlp)
+
+    @staticmethod
+    def _pre_norm(norm, x_RxD, pallas: bool, interpret: bool):
+        """`(residual path, norm(x))`; with `pallas`, one kernel differentiates the two together."""
+        if not pallas:
+            return x_RxD, norm(x_RxD)
+        x_RxD = x_RxD.astype(norm.dtype or x_RxD.dtype)
+        return fused_norm.residual_and_norm(x_RxD, norm.scale[...], norm.bias[...], norm.epsilon, interpret)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax.models import stacking
+from dino_jax.models import fused_mlp, fused_norm, stacking, triton_tiles
 from dino_jax.models.attention import cudnn_attention_available
 from dino_jax.models.block import Block, GroupLayout, Mlp, TokenLayout, draw_drop_path_masks
 from dino_jax.models.layers import layer_norm, normal_init, torch_default_uniform_init
@@ -53,6 +53,10 @@ class ViTConfig:
     # holds one block instead of `depth` (compile time), at the cost of a loop (bench/gpu_aot.py,
     # docs/benchmarks.md). Parameters and results are the same either way.
     scan_blocks: bool = False
+    # Each block's MLP and its norms' backward as Pallas kernels where the program runs on CUDA in
+    # 16 bits (`fused_mlp.py`, `fused_norm.py`): fewer passes over the token rows. Off by default
+    # until timed on a GPU (docs/benchmarks.md).
+    pallas_kernels: bool = False
 
     def __post_init__(self):
         if self.patch_size <= 0 or self.image_size % self.patch_size:
@@ -164,6 +168,7 @@ class VisionTransformer(nnx.Module):
         layout: TokenLayout,
         *,
         fused_attention: bool = False,
+        pallas: bool = False,
         keep_masks: jax.Array | None = None,
         stop: int | None = None,
     ) -> jax.Array:
@@ -171,18 +176,19 @@ class VisionTransformer(nnx.Module):
         `block.draw_drop_path_masks` (None: no stochastic depth)."""
         stop = self.config.depth if stop is None else stop
         if self.config.scan_blocks and stop > 1:
-            return self._scan_blocks(x_RxD, layout, fused_attention, keep_masks, stop)
+            return self._scan_blocks(x_RxD, layout, fused_attention, pallas, keep_masks, stop)
         for index in range(stop):
             x_RxD = self.block(index)(
                 x_RxD,
                 layout,
                 fused_attention=fused_attention,
+                pallas=pallas,
                 drop_path_rate=self.drop_path_rates[index],
                 keep_branches=None if keep_masks is None else keep_masks[index],
             )
         return x_RxD
 
-    def _scan_blocks(self, x_RxD, layout, fused_attention, keep_masks, stop: int) -> jax.Array:
+    def _scan_blocks(self, x_RxD, layout, fused_attention, pallas, keep_masks, stop: int) -> jax.Array:
         """`run_blocks` as one `lax.scan` over the stack: the program holds one block, not `stop`."""
         graphdef, state = nnx.split(self.blocks)
         state = jax.tree.map(lambda array: array[:stop], state)
@@ -196,6 +202,7 @@ class VisionTransformer(nnx.Module):
                 x_RxD,
                 layout,
                 fused_attention=fused_attention,
+                pallas=pallas,
                 drop_path_rate=rate,
                 keep_branches=keep_branches,
             )
@@ -204,12 +211,26 @@ class VisionTransformer(nnx.Module):
         x_RxD, _ = jax.lax.scan(body, x_RxD, (state, rates, masks))
         return x_RxD
 
+    def pallas_kernels_available(self) -> bool:
+        """`config.pallas_kernels`, and the Pallas kernels take this block's widths and lower here."""
+        config = self.config
+        return bool(
+            config.pallas_kernels
+            and fused_mlp.supported(config.embed_dim, config.mlp_hidden_dim)
+            and fused_norm.supported(config.embed_dim)
+            and triton_tiles.triton_available()
+        )
+
     def _features(
         self, *tokens, fused_attention: bool, joint_rows: bool, drop_path_rng, shards: int
     ) -> list[jax.Array]:
         """Final-norm CLS features of each group of tokens. `joint_rows`: every group's tokens
         through the blocks as one matrix of rows (block.py); else group after group, each its own
         rows. The arithmetic of every token, and its stochastic depth, is the same either way."""
+        # The Pallas kernels go with the CUDA 16-bit form (the one that takes cuDNN's attention),
+        # on one device: XLA does not partition a Pallas call, it would gather every device's rows
+        # onto each (splitting it needs a shard_map, not written yet).
+        pallas = fused_attention and shards == 1 and self.pallas_kernels_available()
         keep_masks = None
         if drop_path_rng is not None:
             images = sum(tokens_BxNxD.shape[0] for tokens_BxNxD in tokens)
@@ -221,7 +242,9 @@ class VisionTransformer(nnx.Module):
             # Images are numbered group after group (draw_drop_path_masks): this run's slice.
             masks = None if keep_masks is None else keep_masks[:, :, first : first + layout.images]
             first += layout.images
-            x_RxD = self.run_blocks(x_RxD, layout, fused_attention=fused_attention, keep_masks=masks)
+            x_RxD = self.run_blocks(
+                x_RxD, layout, fused_attention=fused_attention, pallas=pallas, keep_masks=masks
+            )
             # The final norm of the CLS tokens only: it works token by token, so norm(x)[:, 0] of
             # the reference is norm(x[:, 0]), without a pass over every token.
             features += [self.norm(group[:, 0]) for group in layout.split(x_RxD)]

@@ -1,0 +1,82 @@
+"""What the Pallas (Triton) kernels of `fused_mlp.py` and `fused_norm.py` share: row blocks, padded
+widths, masks, and the check that Pallas' Triton lowering is here.
+
+Each kernel's program takes `BLOCK_ROWS` token rows whole. Triton's tiles have power-of-two sides,
+so a width such as D = 192 is read as 256 columns with the rest masked (loaded as zeros, never
+stored), and rows past the end of the last block are masked the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+BLOCK_ROWS = 64  # token rows per program
+NUM_WARPS = 4
+
+
+def pallas():
+    """`(pl, plgpu)`: Pallas and its Triton module, imported when a kernel is built."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    return pl, plgpu
+
+
+def padded(width: int) -> int:
+    """The power-of-two tile side (at least 16, Triton's smallest product) that holds `width`."""
+    return max(16, 1 << (width - 1).bit_length())
+
+
+def row_mask(rows: int):
+    """(BLOCK_ROWS, 1): which rows of this program's block exist."""
+    pl, _ = pallas()
+    first = pl.program_id(0) * BLOCK_ROWS
+    return (first + jnp.arange(BLOCK_ROWS) < rows)[:, None]
+
+
+def column_mask(tile: int, width: int):
+    """(1, tile): which columns of a padded tile exist."""
+    return (jnp.arange(tile) < width)[None, :]
+
+
+def row_block(width: int):
+    """BlockSpec of a (rows, width) array read BLOCK_ROWS rows at a time, padded columns."""
+    pl, _ = pallas()
+    return pl.BlockSpec((BLOCK_ROWS, padded(width)), lambda i: (i, 0))
+
+
+def partial_sums(width: int):
+    """BlockSpec of a (blocks, width) array of per-program partial column sums."""
+    pl, _ = pallas()
+    return pl.BlockSpec((None, padded(width)), lambda i: (i, 0))
+
+
+def blocks(rows: int) -> int:
+    return -(-rows // BLOCK_ROWS)
+
+
+def call(kernel, out_shape, in_specs, out_specs, rows: int, interpret: bool, **params):
+    """`pallas_call` of `kernel` over the row blocks of `rows` rows, Triton's compiler settings."""
+    pl, plgpu = pallas()
+    return pl.pallas_call(
+        functools.partial(kernel, rows=rows, **params),
+        out_shape=out_shape,
+        grid=(blocks(rows),),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
+        interpret=interpret,
+        name=kernel.__name__.strip("_"),
+    )
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Pallas' Triton lowering imports here (it ships with jaxlib; lowering needs no GPU)."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration  # noqa: F401
+    except ImportError:
+        return False
+    return True

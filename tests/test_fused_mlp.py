@@ -1,0 +1,130 @@
+"""The MLP's Pallas kernels (dino_jax/models/fused_mlp.py): their arithmetic, run in Pallas'
+interpreter on the CPU against the XLA form, and their lowering to Triton for a GPU that is not here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from dino_jax import config_validation
+from dino_jax.config import ConfigError
+from dino_jax.configs import digits
+from dino_jax.models import fused_mlp
+from dino_jax.models.block import Block, GroupLayout, Mlp, TokenLayout
+from dino_jax.models.fused_grads import gelu
+from dino_jax.models.vit import ViTConfig, VisionTransformer
+
+# Rows not a multiple of the kernels' row block, D not a power of two (read as 64 columns, the rest
+# masked), two chunks of the hidden layer: every edge the kernels mask.
+ROWS, DIM, HIDDEN = 100, 48, 2 * fused_mlp.HIDDEN_CHUNK
+NAMES = ("x", "w1", "b1", "w2", "b2")
+
+
+def _arrays(dtype, rows=ROWS, dim=DIM, hidden=HIDDEN):
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (rows, dim))
+    w1 = jax.random.normal(keys[1], (dim, hidden)) * dim**-0.5
+    b1 = jax.random.normal(keys[2], (hidden,)) * 0.1
+    w2 = jax.random.normal(keys[3], (hidden, dim)) * hidden**-0.5
+    b2 = jax.random.normal(keys[4], (dim,)) * 0.1
+    dy = jax.random.normal(keys[5], (rows, dim))
+    return tuple(a.astype(dtype) for a in (x, w1, b1, w2, b2)), dy.astype(dtype)
+
+
+def _value_and_grads(function, args, dy):
+    y, vjp = jax.vjp(function, *args)
+    return (y, *vjp(dy))
+
+
+def _kernels(*args):
+    return fused_mlp.fused_mlp(*args, True)
+
+
+def test_gelu_without_erf_matches_the_erf_form_and_its_slope():
+    h = jnp.linspace(-12.0, 12.0, 48001, dtype=jnp.float32)
+    value, slope = fused_mlp._gelu_and_slope(h)
+    np.testing.assert_allclose(value, gelu(h), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(slope, jax.vmap(jax.grad(gelu))(h), atol=1e-6, rtol=0)
+
+
+def test_kernels_match_the_xla_form_in_float32():
+    args, dy = _arrays(jnp.float32)
+    ours = _value_and_grads(_kernels, args, dy)
+    xla = _value_and_grads(fused_mlp.xla_mlp, args, dy)
+    for name, a, b in zip(("y",) + tuple("d" + n for n in NAMES), ours, xla):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))), err_msg=name)
+
+
+def test_kernels_in_bfloat16_are_as_close_to_float32_as_the_xla_form():
+    """In 16 bits both forms round; the kernels' values and gradients must be as close to the
+    float32 truth as XLA's (within a unit in the last place of the largest value)."""
+    args, dy = _arrays(jnp.bfloat16)
+    truth = _value_and_grads(fused_mlp.xla_mlp, [a.astype(jnp.float32) for a in args], dy.astype(jnp.float32))
+    ours = _value_and_grads(_kernels, args, dy)
+    xla = _value_and_grads(fused_mlp.xla_mlp, args, dy)
+    for name, t, a, b in zip(("y",) + tuple("d" + n for n in NAMES), truth, ours, xla):
+        assert a.dtype == jnp.bfloat16, name
+        ulp = float(jnp.max(jnp.abs(t))) * 2.0**-7
+        our_error = float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
+        xla_error = float(jnp.max(jnp.abs(b.astype(jnp.float32) - t)))
+        assert our_error <= xla_error + ulp, (name, our_error, xla_error)
+
+
+def test_kernels_lower_to_triton_without_a_gpu():
+    """Triton takes power-of-two tiles only and has no erf: lowering the forward and backward for
+    CUDA (which needs no GPU) catches a kernel it cannot take."""
+    args, dy = _arrays(jnp.bfloat16, rows=70, dim=192, hidden=768)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, dy)]
+
+    def step(x, w1, b1, w2, b2, dy):
+        return _value_and_grads(fused_mlp.fused_mlp, (x, w1, b1, w2, b2), dy)
+
+    text = jax.jit(step).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward kernel and the backward one
+
+
+def test_mlp_module_takes_the_kernels_with_its_own_parameters():
+    mlp = Mlp(DIM, HIDDEN, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (ROWS, DIM))
+    plain = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(mlp)
+    kernels = nnx.grad(lambda m: jnp.sum(m(x, pallas=True, interpret=True) ** 2))(mlp)
+    np.testing.assert_allclose(mlp(x, pallas=True, interpret=True), mlp(x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(kernels), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+VIT = ViTConfig(image_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2, dtype="bfloat16")
+
+
+def test_a_block_lowered_for_cuda_runs_its_mlp_and_norms_as_pallas_kernels():
+    block = Block(VIT, rngs=nnx.Rngs(0))
+    layout = TokenLayout((GroupLayout(batch=2, tokens=5, valid=5),))
+    x = jnp.zeros((layout.groups[0].rows, VIT.embed_dim), jnp.bfloat16)
+    # With the kernels: the MLP's forward and backward, and the backward of the two pre-norms.
+    for pallas, calls in ((True, 4), (False, 0)):
+        loss = lambda rows, p=pallas: jnp.sum(block(rows, layout, pallas=p).astype(jnp.float32))
+        lowered = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("__gpu$xla.gpu.triton") == calls
+
+
+def test_the_vit_takes_the_kernels_only_when_asked_and_able():
+    assert not VisionTransformer(VIT, rngs=nnx.Rngs(0)).pallas_kernels_available()  # off by default
+    assert VisionTransformer(dataclasses.replace(VIT, pallas_kernels=True), rngs=nnx.Rngs(0)).pallas_kernels_available()
+    odd_width = dataclasses.replace(VIT, pallas_kernels=True, mlp_ratio=3.0)  # 96 hidden: not whole chunks
+    assert not VisionTransformer(odd_width, rngs=nnx.Rngs(0)).pallas_kernels_available()
+
+
+def test_pallas_kernels_config_must_be_a_bool():
+    config = digits.get_config()
+    assert config.model.pallas_kernels is False
+    as_dict = config.to_dict()
+    as_dict["model"]["pallas_kernels"] = "yes"
+    with pytest.raises(ConfigError, match="config.model.pallas_kernels = 'yes': expected True or False"):
+        config_validation.validate(ml_collections.ConfigDict(as_dict))
