@@ -254,10 +254,18 @@ def _matrix_flops(module: Module, instruction: Instruction, depth: int = 0) -> t
 
 
 # A Pallas kernel's products are inside its Triton IR (bytecode in the HLO): counted here from its
-# name (the pallas_call's op_name) and operands, x (R, D) first and W1 (D, H) among them. The MLP's
-# forward is two products of R x D x H, its backward three (fc1 recomputed, fc2's and fc1's input
-# gradients); counted at the true D, not the tile's padded width.
-PALLAS_PRODUCTS = {"mlp_forward_kernel": (2, 1), "mlp_backward_kernel": (3, 2)}  # name: (products, W1's operand)
+# name (the pallas_call's op_name) and operands: the rows (R, D) first, a weight (D, W) among them.
+# The MLP branch's forward is two products of R x D x H, its backward three (fc1 recomputed, fc2's
+# and fc1's input gradients); the qkv and output projections one each way. Counted at the true D,
+# not the tile's padded width.
+PALLAS_PRODUCTS = {  # name: (products of R x D x W's columns, W's place among the operands)
+    "mlp_branch_forward_kernel": (2, 3),
+    "mlp_branch_backward_kernel": (3, 4),
+    "norm_qkv_forward_kernel": (1, 3),
+    "norm_qkv_backward_kernel": (1, 4),
+    "proj_forward_kernel": (1, 1),
+    "proj_backward_kernel": (1, 1),
+}
 
 
 def _pallas_flops(module: Module, instruction: Instruction) -> tuple[float, str]:

@@ -98,12 +98,23 @@ class Attention(nnx.Module):
         """Token rows (R, D) of the groups in `layout` (block.TokenLayout) -> (R, D); each group
         attends within its images. `fused`: cuDNN's kernel (a CUDA program in 16-bit); else the
         written-out heads-major form, whose probabilities `record_attention` sows."""
-        dim = x_RxD.shape[-1]
-        head_dim = dim // self.num_heads
-        outputs = []
+        head_dim = x_RxD.shape[-1] // self.num_heads
+        groups = []
         for group, qkv_BxNx3D in zip(layout.groups, layout.split(self.qkv(x_RxD))):
             qkv = qkv_BxNx3D.reshape(group.batch, group.tokens, 3, self.num_heads, head_dim)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            groups.append((qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]))
+        return self.attend(groups, layout, fused=fused, record_attention=record_attention)
+
+    def attend(self, groups_qkv, layout, *, fused: bool = False, record_attention: bool = False) -> jax.Array:
+        """Each group's `(q, k, v)`, (B, N, H, K) -> the projected attention output rows (R, D)."""
+        outputs = self.group_outputs(groups_qkv, layout, fused=fused, record_attention=record_attention)
+        # One projection over every group's rows (XLA reads the pieces in place).
+        return self.proj(layout.join(outputs))
+
+    def group_outputs(self, groups_qkv, layout, *, fused: bool = False, record_attention: bool = False):
+        """Each group's attention output before the projection, (rows_g, D)."""
+        outputs = []
+        for group, (q, k, v) in zip(layout.groups, groups_qkv):
             if record_attention:
                 out_BxNxHxK, probs_BxHxNxN = heads_major_attention(q, k, v, self.scale)
                 self.sow(nnx.Intermediate, "attention", probs_BxHxNxN)
@@ -111,6 +122,5 @@ class Attention(nnx.Module):
                 out_BxNxHxK = cudnn_attention(q, k, v, self.scale, group.valid)
             else:
                 out_BxNxHxK = heads_major_attention(q, k, v, self.scale)[0]
-            outputs.append(out_BxNxHxK.reshape(group.rows, dim))
-        # One projection over every group's rows (XLA reads the pieces in place).
-        return self.proj(layout.join(outputs))
+            outputs.append(out_BxNxHxK.reshape(group.rows, -1))
+        return outputs

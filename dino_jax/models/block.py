@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dino_jax.models import fused_mlp, fused_norm
+from dino_jax.models import fused_mlp, fused_norm, fused_proj, fused_qkv
 from dino_jax.models.attention import Attention
 from dino_jax.models.fused_grads import gelu
 from dino_jax.models.layers import layer_norm, linear
@@ -98,18 +98,33 @@ def drop_path_rows(x_RxD: jax.Array, layout: TokenLayout, rate, keep_images: jax
     """Per-image stochastic depth on token rows: the rows of image i (images numbered group after
     group, each group in its own order) are kept where `keep_images[i]` and rescaled by
     1 / (1 - rate), the reference's `x / keep * mask`; all zero where dropped."""
-    if keep_images is None or (isinstance(rate, (int, float)) and rate == 0.0):
+    if _no_drop_path(rate, keep_images):
         return x_RxD
     keep = 1.0 - rate
-    # Each image's 0/1 factor broadcast over its token rows, in the compute dtype (XLA's GPU
-    # emitter failed on a fusion that broadcast the boolean mask itself).
-    factors = keep_images.astype(x_RxD.dtype)
+    return x_RxD / jnp.asarray(keep, x_RxD.dtype) * _row_keep(layout, keep_images, x_RxD.dtype)
+
+
+def _no_drop_path(rate, keep_images) -> bool:
+    return keep_images is None or (isinstance(rate, (int, float)) and rate == 0.0)
+
+
+def _row_keep(layout: TokenLayout, keep_images: jax.Array, dtype) -> jax.Array:
+    """(rows, 1): each image's 0/1 keep factor on each of its token rows, in `dtype` (XLA's GPU
+    emitter failed on a fusion that broadcast the boolean mask itself)."""
+    factors = keep_images.astype(dtype)
     masks, first = [], 0
     for group in layout.groups:
         per_image = factors[first : first + group.batch, None]
         masks.append(jnp.broadcast_to(per_image, (group.batch, group.tokens)).reshape(group.rows, 1))
         first += group.batch
-    return x_RxD / jnp.asarray(keep, x_RxD.dtype) * layout.join(masks)
+    return layout.join(masks)
+
+
+def _row_factors(layout: TokenLayout, rate, keep_images) -> jax.Array | None:
+    """(rows,) float32: each row's stochastic-depth factor `keep / (1 - rate)` (None: none)."""
+    if _no_drop_path(rate, keep_images):
+        return None
+    return _row_keep(layout, keep_images, jnp.float32)[:, 0] / (1.0 - rate)
 
 
 class Mlp(nnx.Module):
@@ -118,14 +133,8 @@ class Mlp(nnx.Module):
         self.fc1 = linear(embed_dim, hidden_dim, dtype=dtype, rngs=rngs)
         self.fc2 = linear(hidden_dim, embed_dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_RxD: jax.Array, *, pallas: bool = False, interpret: bool = False) -> jax.Array:
-        """`pallas`: the Pallas kernels of `fused_mlp.py` on (rows, D) (a CUDA program, or any with
-        `interpret`, Pallas' interpreter); the same parameters and result."""
-        if not pallas:
-            return self.fc2(gelu(self.fc1(x_RxD)))
-        params = (self.fc1.kernel, self.fc1.bias, self.fc2.kernel, self.fc2.bias)
-        w1_DxH, b1_H, w2_HxD, b2_D = (p[...].astype(self.dtype) for p in params)
-        return fused_mlp.fused_mlp(x_RxD.astype(self.dtype), w1_DxH, b1_H, w2_HxD, b2_D, interpret)
+    def __call__(self, x_RxD: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x_RxD)))
 
 
 class Block(nnx.Module):
@@ -163,12 +172,17 @@ class Block(nnx.Module):
         keep_attn = keep_mlp = None
         if keep_branches is not None:
             keep_attn, keep_mlp = keep_branches[0], keep_branches[1]
-        x_RxD, normed = self._pre_norm(self.norm1, x_RxD, pallas, interpret)
-        attended = self.attn(normed, layout, fused=fused_attention)
-        x_RxD = x_RxD + drop_path_rows(attended, layout, drop_path_rate, keep_attn)
-        x_RxD, normed = self._pre_norm(self.norm2, x_RxD, pallas, interpret)
-        mlp_out = self.mlp(normed, pallas=pallas, interpret=interpret)
-        return x_RxD + drop_path_rows(mlp_out, layout, drop_path_rate, keep_mlp)
+        if pallas and fused_qkv.layout_supported(tuple(g.rows for g in layout.groups)):
+            x_RxD, groups_qkv = self._attention_input_kernels(x_RxD, layout, interpret)
+            outputs = self.attn.group_outputs(groups_qkv, layout, fused=fused_attention)
+            x_RxD = self._attention_output_kernels(x_RxD, outputs, layout, drop_path_rate, keep_attn, interpret)
+        else:
+            x_RxD, normed = self._pre_norm(self.norm1, x_RxD, pallas, interpret)
+            attended = self.attn(normed, layout, fused=fused_attention)
+            x_RxD = x_RxD + drop_path_rows(attended, layout, drop_path_rate, keep_attn)
+        if pallas:
+            return self._mlp_branch_kernels(x_RxD, layout, drop_path_rate, keep_mlp, interpret)
+        return x_RxD + drop_path_rows(self.mlp(self.norm2(x_RxD)), layout, drop_path_rate, keep_mlp)
 
     @staticmethod
     def _pre_norm(norm, x_RxD, pallas: bool, interpret: bool):
@@ -177,3 +191,51 @@ class Block(nnx.Module):
             return x_RxD, norm(x_RxD)
         x_RxD = x_RxD.astype(norm.dtype or x_RxD.dtype)
         return fused_norm.residual_and_norm(x_RxD, norm.scale[...], norm.bias[...], norm.epsilon, interpret)
+
+    def _attention_input_kernels(self, x_RxD, layout, interpret: bool):
+        """`(x, each group's (q, k, v) as (B, N, H, K))` by the kernels of `fused_qkv.py`."""
+        attn, dtype = self.attn, self.attn.dtype
+        bias = attn.qkv.bias[...] if attn.qkv.bias is not None else jnp.zeros(attn.qkv.kernel.shape[1])
+        x_RxD, groups = fused_qkv.norm_qkv(
+            x_RxD.astype(dtype),
+            self.norm1.scale[...],
+            self.norm1.bias[...],
+            attn.qkv.kernel[...].astype(dtype),
+            bias.astype(dtype),
+            tuple(group.rows for group in layout.groups),
+            self.norm1.epsilon,
+            interpret,
+        )
+        heads = attn.num_heads
+        return x_RxD, [
+            tuple(t.reshape(group.batch, group.tokens, heads, -1) for t in qkv)
+            for group, qkv in zip(layout.groups, groups)
+        ]
+
+    def _attention_output_kernels(self, x_RxD, outputs, layout, rate, keep_images, interpret: bool):
+        """`x + drop_path(proj(join(outputs)))` by the kernels of `fused_proj.py`."""
+        proj, dtype = self.attn.proj, self.attn.dtype
+        return fused_proj.projected_residual(
+            x_RxD,
+            [o.astype(dtype) for o in outputs],
+            proj.kernel[...].astype(dtype),
+            proj.bias[...].astype(dtype),
+            _row_factors(layout, rate, keep_images),
+            tuple(group.rows for group in layout.groups),
+            interpret,
+        )
+
+    def _mlp_branch_kernels(self, x_RxD, layout, rate, keep_images, interpret: bool):
+        """`x + drop_path(mlp(norm2(x)))` by the kernels of `fused_mlp.py`."""
+        factor_R = _row_factors(layout, rate, keep_images)
+        dtype = self.mlp.dtype
+        mlp = (self.mlp.fc1.kernel, self.mlp.fc1.bias, self.mlp.fc2.kernel, self.mlp.fc2.bias)
+        return fused_mlp.mlp_branch(
+            x_RxD.astype(dtype),
+            self.norm2.scale[...],
+            self.norm2.bias[...],
+            *(p[...].astype(dtype) for p in mlp),
+            factor_R,
+            self.norm2.epsilon,
+            interpret,
+        )

@@ -25,6 +25,23 @@ from dino_jax.models import triton_tiles as tiles
 from dino_jax.models.fused_grads import _layer_norm_forward, layer_norm
 
 
+def row_statistics(x, cols, dim: int, eps: float):
+    """`(normalised, inv_std)` of float32 rows whose padded columns (`cols` False) are zero: the
+    biased-variance statistics of `fused_grads.layer_norm`, padded columns kept out."""
+    mean = jnp.sum(x, axis=1, keepdims=True) / dim
+    centred = jnp.where(cols, x - mean, 0.0)
+    inv_std = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / dim + eps)
+    return centred * inv_std, inv_std
+
+
+def input_gradient(dnormed, scale, normalised, inv_std, dim: int):
+    """LayerNorm's input gradient (float32 rows) from its output's, as `fused_grads` writes it."""
+    g = dnormed * scale
+    mean_g = jnp.sum(g, axis=1, keepdims=True) / dim
+    mean_gn = jnp.sum(g * normalised, axis=1, keepdims=True) / dim
+    return inv_std * (g - mean_g - normalised * mean_gn)
+
+
 def _norm_backward_kernel(x_ref, dnormed_ref, dresidual_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, rows, dim, eps):
     _, plgpu = tiles.pallas()
     cols = tiles.column_mask(x_ref.shape[1], dim)
@@ -33,17 +50,8 @@ def _norm_backward_kernel(x_ref, dnormed_ref, dresidual_ref, scale_ref, dx_ref, 
     dnormed = plgpu.load(dnormed_ref, mask=valid, other=0.0).astype(jnp.float32)
     dresidual = plgpu.load(dresidual_ref, mask=valid, other=0.0).astype(jnp.float32)
     scale = plgpu.load(scale_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    # Padded columns are zero in x and both gradients; `jnp.where` keeps them out of the statistics.
-    mean = jnp.sum(x, axis=1, keepdims=True) / dim
-    centred = jnp.where(cols, x - mean, 0.0)
-    inv_std = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / dim + eps)
-    normalised = centred * inv_std
-    g = dnormed * scale
-    dx = inv_std * (
-        g
-        - jnp.sum(g, axis=1, keepdims=True) / dim
-        - normalised * (jnp.sum(g * normalised, axis=1, keepdims=True) / dim)
-    )
+    normalised, inv_std = row_statistics(x, cols, dim, eps)
+    dx = input_gradient(dnormed, scale, normalised, inv_std, dim)
     plgpu.store(dx_ref, (dresidual + dx).astype(dx_ref.dtype), mask=valid)
     plgpu.store(dscale_ref, jnp.sum(dnormed * normalised, axis=0), mask=cols[0])
     plgpu.store(dbias_ref, jnp.sum(dnormed, axis=0), mask=cols[0])

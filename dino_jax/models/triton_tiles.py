@@ -57,6 +57,36 @@ def blocks(rows: int) -> int:
     return -(-rows // BLOCK_ROWS)
 
 
+def group_blocks(group_rows) -> list[tuple[int, int]]:
+    """(first block, blocks) of each crop group whose rows fill whole blocks (`groups_aligned`)."""
+    out, first = [], 0
+    for rows in group_rows:
+        out.append((first, rows // BLOCK_ROWS))
+        first += rows // BLOCK_ROWS
+    return out
+
+
+def groups_aligned(group_rows) -> bool:
+    """Whether every group's rows start and end on a program's block, so a program holds one
+    group's rows only (kernels that read or write each group's own buffers need it)."""
+    return all(rows % BLOCK_ROWS == 0 for rows in group_rows)
+
+
+def in_group(first: int, count: int):
+    """Whether this program's rows are the group's whose blocks are `first .. first + count - 1`."""
+    pl, _ = pallas()
+    i = pl.program_id(0)
+    return (i >= first) & (i < first + count)
+
+
+def group_block(width: int, first: int, count: int):
+    """BlockSpec of one group's (rows_g, width) buffer, addressed by the program's global block:
+    clamped into the group, so programs of other groups point at some block of it and must leave
+    it alone (their stores and loads are masked off)."""
+    pl, _ = pallas()
+    return pl.BlockSpec((BLOCK_ROWS, padded(width)), lambda i: (jnp.clip(i - first, 0, count - 1), 0))
+
+
 def call(kernel, out_shape, in_specs, out_specs, rows: int, interpret: bool, **params):
     """`pallas_call` of `kernel` over the row blocks of `rows` rows, Triton's compiler settings."""
     pl, plgpu = pallas()
