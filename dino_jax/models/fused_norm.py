@@ -8,7 +8,8 @@ compiled for an H100: docs/benchmarks.md). Here one kernel per block of rows rea
 gradients once, recomputes the row statistics on chip, writes dx, and leaves per-block partial
 sums for the scale and bias gradients.
 
-The forward stays XLA's (`fused_grads._layer_norm_forward`, already one pass). Numerics: float32
+Blocks use it where `fused_qkv.py`, which folds this norm into the attention's input kernels,
+cannot take the layout (crop groups that do not fill whole row blocks). The forward stays XLA's (`fused_grads._layer_norm_forward`, already one pass). Numerics: float32
 statistics and arithmetic, one rounding of dx to the compute dtype after the sum (XLA's form
 rounds the norm's gradient, then the sum), so the result is at least as close to float32 as XLA's
 (`tests/test_fused_norm.py`).

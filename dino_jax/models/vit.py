@@ -53,9 +53,10 @@ class ViTConfig:
     # holds one block instead of `depth` (compile time), at the cost of a loop (bench/gpu_aot.py,
     # docs/benchmarks.md). Parameters and results are the same either way.
     scan_blocks: bool = False
-    # Each block's MLP and its norms' backward as Pallas kernels where the program runs on CUDA in
-    # 16 bits (`fused_mlp.py`, `fused_norm.py`): fewer passes over the token rows. Off by default
-    # until timed on a GPU (docs/benchmarks.md).
+    # Each block as Pallas kernels where the program runs on CUDA in 16 bits, on one device: the
+    # attention's input and output (`fused_qkv.py`, `fused_proj.py`) and the MLP branch
+    # (`fused_mlp.py`): fewer passes over the token rows. Off by default until timed on a GPU
+    # (docs/benchmarks.md).
     pallas_kernels: bool = False
 
     def __post_init__(self):
