@@ -50,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=0, help="0: the recipe's")
     parser.add_argument("--smoke", action="store_true", help="the recipes' :smoke shrink (a quick check)")
     parser.add_argument("--scan-blocks", action="store_true", help="model.scan_blocks=True (compile time)")
-    parser.add_argument("--pallas", action="store_true", help="model.pallas_kernels=True (Pallas MLP and norms)")
+    parser.add_argument(
+        "--pallas", action="store_true", help="model.pallas_kernels=True (Pallas MLP and norms)"
+    )
     parser.add_argument("--top", type=int, default=10, help="largest kernels and sources to list")
     parser.add_argument("--launch-floor-us", type=float, default=LAUNCH_FLOOR_S * 1e6)
     parser.add_argument("--timeout-s", type=float, default=1800, help="per compilation")

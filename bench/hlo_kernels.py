@@ -243,7 +243,9 @@ def _matrix_flops(module: Module, instruction: Instruction, depth: int = 0) -> t
     )
     if instruction.opcode == "dot" or is_conv:
         return _product_flops(module, instruction, is_conv)
-    if instruction.opcode == "custom-call" and "triton" in (instruction.attribute("custom_call_target") or ""):
+    if instruction.opcode == "custom-call" and "triton" in (
+        instruction.attribute("custom_call_target") or ""
+    ):
         return _pallas_flops(module, instruction)
     for called in _called(instruction):
         for inner in module.computations.get(called, {}).values():

@@ -18,12 +18,12 @@ from dino_jax.configs import digits
 from dino_jax.models import fused_mlp
 from dino_jax.models.block import Block, GroupLayout, TokenLayout
 from dino_jax.models.fused_grads import gelu
-from dino_jax.models.vit import ViTConfig, VisionTransformer
+from dino_jax.models.vit import VisionTransformer, ViTConfig
+from tests.pallas_helpers import assert_as_close_to_float32_as_xla, assert_same_in_float32
 
 # Rows not a multiple of the kernels' row block, D not a power of two (read as 64 columns, the rest
 # masked), two chunks of the hidden layer: every edge the kernels mask.
 ROWS, DIM, HIDDEN, EPS = 100, 48, 2 * fused_mlp.HIDDEN_CHUNK, 1e-6
-NAMES = ("x", "scale", "bias", "w1", "b1", "w2", "b2")
 
 
 def _arrays(dtype, rows=ROWS, dim=DIM, hidden=HIDDEN, drop_path=True):
@@ -65,27 +65,15 @@ def test_gelu_without_erf_matches_the_erf_form_and_its_slope():
 @pytest.mark.parametrize("drop_path", [True, False])
 def test_kernels_match_the_xla_form_in_float32(drop_path):
     args, dout = _arrays(jnp.float32, drop_path=drop_path)
-    ours = _value_and_grads(_kernels, args, dout)
-    xla = _value_and_grads(_xla, args, dout)
-    for name, a, b in zip(("out",) + tuple("d" + n for n in NAMES), ours, xla):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))), err_msg=name)
+    assert_same_in_float32(_value_and_grads(_kernels, args, dout), _value_and_grads(_xla, args, dout))
 
 
 def test_kernels_in_bfloat16_are_as_close_to_float32_as_the_xla_form():
-    """In 16 bits both forms round; the kernels' values and gradients must be as close to the
-    float32 truth as XLA's (within a unit in the last place of the largest value)."""
     args, dout = _arrays(jnp.bfloat16)
     as_float32 = tuple(None if a is None else a.astype(jnp.float32) for a in args)
     truth = _value_and_grads(_xla, as_float32, dout.astype(jnp.float32))
     ours = _value_and_grads(_kernels, args, dout)
-    xla = _value_and_grads(_xla, args, dout)
-    for name, t, a, b in zip(("out",) + tuple("d" + n for n in NAMES), truth, ours, xla):
-        assert a.dtype == b.dtype, name
-        ulp = float(jnp.max(jnp.abs(t))) * 2.0**-7
-        our_error = float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
-        xla_error = float(jnp.max(jnp.abs(b.astype(jnp.float32) - t)))
-        assert our_error <= xla_error + ulp, (name, our_error, xla_error)
+    assert_as_close_to_float32_as_xla(truth, ours, _value_and_grads(_xla, args, dout))
 
 
 @pytest.mark.parametrize("drop_path", [True, False])
@@ -119,7 +107,9 @@ def test_a_block_lowered_for_cuda_runs_its_mlp_branch_and_norm_as_pallas_kernels
 
 def test_the_vit_takes_the_kernels_only_when_asked_and_able():
     assert not VisionTransformer(VIT, rngs=nnx.Rngs(0)).pallas_kernels_available()  # off by default
-    assert VisionTransformer(dataclasses.replace(VIT, pallas_kernels=True), rngs=nnx.Rngs(0)).pallas_kernels_available()
+    assert VisionTransformer(
+        dataclasses.replace(VIT, pallas_kernels=True), rngs=nnx.Rngs(0)
+    ).pallas_kernels_available()
     odd_width = dataclasses.replace(VIT, pallas_kernels=True, mlp_ratio=3.0)  # 96 hidden: not whole chunks
     assert not VisionTransformer(odd_width, rngs=nnx.Rngs(0)).pallas_kernels_available()
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from dino_jax.models import fused_proj
 from dino_jax.models.triton_tiles import BLOCK_ROWS
+from tests.pallas_helpers import assert_as_close_to_float32_as_xla, assert_same_in_float32
 
 GROUP_ROWS, DIM = (BLOCK_ROWS, 2 * BLOCK_ROWS), 48
 
@@ -18,7 +18,9 @@ def _arrays(dtype, drop_path=True, group_rows=GROUP_ROWS, dim=DIM):
     keys = jax.random.split(jax.random.key(7), 6)
     rows = sum(group_rows)
     x = jax.random.normal(keys[0], (rows, dim)).astype(dtype)
-    o_groups = [jax.random.normal(k, (g, dim)).astype(dtype) for k, g in zip(jax.random.split(keys[1], 2), group_rows)]
+    o_groups = [
+        jax.random.normal(k, (g, dim)).astype(dtype) for k, g in zip(jax.random.split(keys[1], 2), group_rows)
+    ]
     w = (jax.random.normal(keys[2], (dim, dim)) * dim**-0.5).astype(dtype)
     b = (0.1 * jax.random.normal(keys[3], (dim,))).astype(dtype)
     factor = (jax.random.uniform(keys[4], (rows,)) < 0.75).astype(jnp.float32) / 0.75 if drop_path else None
@@ -39,25 +41,20 @@ def _kernels(*args):
 @pytest.mark.parametrize("drop_path", [True, False])
 def test_kernels_match_the_xla_form_in_float32(drop_path):
     args, dout = _arrays(jnp.float32, drop_path)
-    ours = _outputs_and_grads(_kernels, args, dout)
-    xla = _outputs_and_grads(fused_proj.xla_projected_residual, args, dout)
-    for index, (a, b) in enumerate(zip(ours, xla)):
-        assert a.shape == b.shape and a.dtype == b.dtype, index
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))), err_msg=str(index))
+    assert_same_in_float32(
+        _outputs_and_grads(_kernels, args, dout),
+        _outputs_and_grads(fused_proj.xla_projected_residual, args, dout),
+    )
 
 
 def test_kernels_in_bfloat16_are_as_close_to_float32_as_the_xla_form():
     args, dout = _arrays(jnp.bfloat16)
-    x, o_groups, w, b, factor = args
-    as_float32 = (x.astype(jnp.float32), [o.astype(jnp.float32) for o in o_groups], w.astype(jnp.float32), b.astype(jnp.float32), factor)
+    as_float32 = jax.tree.map(lambda a: a.astype(jnp.float32), args)
     truth = _outputs_and_grads(fused_proj.xla_projected_residual, as_float32, dout.astype(jnp.float32))
     ours = _outputs_and_grads(_kernels, args, dout)
-    xla = _outputs_and_grads(fused_proj.xla_projected_residual, args, dout)
-    for index, (t, a, b) in enumerate(zip(truth, ours, xla)):
-        ulp = float(jnp.max(jnp.abs(t))) * 2.0**-7
-        our_error = float(jnp.max(jnp.abs(a.astype(jnp.float32) - t)))
-        xla_error = float(jnp.max(jnp.abs(b.astype(jnp.float32) - t)))
-        assert our_error <= xla_error + ulp, (index, our_error, xla_error)
+    assert_as_close_to_float32_as_xla(
+        truth, ours, _outputs_and_grads(fused_proj.xla_projected_residual, args, dout)
+    )
 
 
 @pytest.mark.parametrize("drop_path", [True, False])

@@ -175,7 +175,9 @@ class Block(nnx.Module):
         if pallas and fused_qkv.layout_supported(tuple(g.rows for g in layout.groups)):
             x_RxD, groups_qkv = self._attention_input_kernels(x_RxD, layout, interpret)
             outputs = self.attn.group_outputs(groups_qkv, layout, fused=fused_attention)
-            x_RxD = self._attention_output_kernels(x_RxD, outputs, layout, drop_path_rate, keep_attn, interpret)
+            x_RxD = self._attention_output_kernels(
+                x_RxD, outputs, layout, drop_path_rate, keep_attn, interpret
+            )
         else:
             x_RxD, normed = self._pre_norm(self.norm1, x_RxD, pallas, interpret)
             attended = self.attn(normed, layout, fused=fused_attention)

@@ -151,7 +151,9 @@ def _mlp_branch_backward_kernel(
     cols = tiles.column_mask(x_ref.shape[1], dim)
     rows_ok = tiles.row_mask(rows)
     valid = rows_ok & cols
-    _, normalised, inv_std, scale, normed = _normed_input(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
+    _, normalised, inv_std, scale, normed = _normed_input(
+        plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps
+    )
     dout = _load_rows(plgpu, dout_ref, valid)
     factors = _factors(plgpu, factor_ref, rows)
     dbranch = dout if factors is None else _round(dout * factors, dtype)  # the MLP output's gradient
@@ -268,7 +270,9 @@ def _backward(x_RxD, dout_RxD, params, factor_R, eps, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def mlp_branch(x_RxD, scale_D, bias_D, w1_DxH, b1_H, w2_HxD, b2_D, factor_R, eps: float, interpret: bool = False):
+def mlp_branch(
+    x_RxD, scale_D, bias_D, w1_DxH, b1_H, w2_HxD, b2_D, factor_R, eps: float, interpret: bool = False
+):
     """`x + factor * MLP(LayerNorm(x))` on token rows: the second half of a pre-norm block.
 
     x and the MLP's parameters in the compute dtype, the norm's scale and bias float32; `factor_R`

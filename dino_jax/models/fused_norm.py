@@ -43,7 +43,9 @@ def input_gradient(dnormed, scale, normalised, inv_std, dim: int):
     return inv_std * (g - mean_g - normalised * mean_gn)
 
 
-def _norm_backward_kernel(x_ref, dnormed_ref, dresidual_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, rows, dim, eps):
+def _norm_backward_kernel(
+    x_ref, dnormed_ref, dresidual_ref, scale_ref, dx_ref, dscale_ref, dbias_ref, *, rows, dim, eps
+):
     _, plgpu = tiles.pallas()
     cols = tiles.column_mask(x_ref.shape[1], dim)
     valid = tiles.row_mask(rows) & cols

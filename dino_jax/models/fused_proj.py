@@ -148,7 +148,9 @@ def _backward(dout_RxD, w_DxD, factor_R, group_rows, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def projected_residual(x_RxD, o_groups, w_DxD, b_D, factor_R, group_rows: tuple[int, ...], interpret: bool = False):
+def projected_residual(
+    x_RxD, o_groups, w_DxD, b_D, factor_R, group_rows: tuple[int, ...], interpret: bool = False
+):
     """`x + factor * (join(o_groups) W + b)`: the attention branch's end in a pre-norm block.
 
     x, each group's attention output `o_groups[g]` (rows_g, D), W and b in the compute dtype;

@@ -74,7 +74,9 @@ def _norm_qkv_forward_kernel(x_ref, scale_ref, bias_ref, w_ref, b_ref, *out_refs
             plgpu.store(out_refs[PARTS * group + part], y, mask=valid & tiles.in_group(first, count))
 
 
-def _norm_qkv_backward_kernel(x_ref, dx_out_ref, scale_ref, bias_ref, w_ref, *refs, rows, dim, eps, group_rows):
+def _norm_qkv_backward_kernel(
+    x_ref, dx_out_ref, scale_ref, bias_ref, w_ref, *refs, rows, dim, eps, group_rows
+):
     """refs: each group's dq, dk, dv, then dx, each group's normed rows, the partial sums of the
     projection's bias, the norm's scale and bias."""
     pl, plgpu = tiles.pallas()
@@ -93,7 +95,9 @@ def _norm_qkv_backward_kernel(x_ref, dx_out_ref, scale_ref, bias_ref, w_ref, *re
             mine = valid & tiles.in_group(first, count)
             d += plgpu.load(d_refs[PARTS * group + part], mask=mine, other=0.0).astype(dtype)
         dnormed += pl.dot(d, _part_weight(plgpu, w_ref, part, dim, cols), trans_b=True)
-        plgpu.store(db_ref.at[pl.ds(part * dim, cols.shape[1])], jnp.sum(d.astype(jnp.float32), axis=0), mask=cols[0])
+        plgpu.store(
+            db_ref.at[pl.ds(part * dim, cols.shape[1])], jnp.sum(d.astype(jnp.float32), axis=0), mask=cols[0]
+        )
     dnormed = dnormed.astype(dtype).astype(jnp.float32)
     dresidual = plgpu.load(dx_out_ref, mask=valid, other=0.0).astype(jnp.float32)
     dx = dresidual + input_gradient(dnormed, scale, normalised, inv_std, dim)
@@ -108,7 +112,12 @@ def _parameter_specs(dim):
     pl, _ = tiles.pallas()
     padded, wide = tiles.padded(dim), tiles.padded(PARTS * dim)
     vector = pl.BlockSpec((padded,), lambda i: (0,))
-    return vector, vector, pl.BlockSpec((padded, wide), lambda i: (0, 0)), pl.BlockSpec((wide,), lambda i: (0,))
+    return (
+        vector,
+        vector,
+        pl.BlockSpec((padded, wide), lambda i: (0, 0)),
+        pl.BlockSpec((wide,), lambda i: (0,)),
+    )
 
 
 def _forward(x_RxD, params, group_rows, eps, interpret):
@@ -159,7 +168,9 @@ def _backward(x_RxD, dx_out_RxD, d_groups, params, group_rows, eps, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def norm_qkv(x_RxD, scale_D, bias_D, w_Dx3D, b_3D, group_rows: tuple[int, ...], eps: float, interpret: bool = False):
+def norm_qkv(
+    x_RxD, scale_D, bias_D, w_Dx3D, b_3D, group_rows: tuple[int, ...], eps: float, interpret: bool = False
+):
     """`(x, [(q, k, v) of each group])`: the residual path and the attention's inputs of a pre-norm
     block. x, the projection's weight and bias in the compute dtype, the norm's scale and bias
     float32; `group_rows`: the rows of each crop group, in order (their sum is x's rows). q, k, v
@@ -182,7 +193,10 @@ def _norm_qkv_backward(group_rows, eps, interpret, residuals, cotangents):
     # W's gradient, part by part: each group's normed rows against its dq, dk or dv (float32 sums).
     dw = jnp.concatenate(
         [
-            sum(jnp.dot(normed.T, d[part], preferred_element_type=jnp.float32) for normed, d in zip(normed_groups, d_groups))
+            sum(
+                jnp.dot(normed.T, d[part], preferred_element_type=jnp.float32)
+                for normed, d in zip(normed_groups, d_groups)
+            )
             for part in range(PARTS)
         ],
         axis=1,
