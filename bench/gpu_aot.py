@@ -44,7 +44,7 @@ LAUNCH_FLOOR_S = 2e-6  # least GPU time of a kernel inside a CUDA graph (a few m
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="h100, v5e-1, v6e-1, v2-8")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="h100, a100, v5e-1, v6e-1, v2-8")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--batch", type=int, default=0, help="0: the recipe's")
@@ -197,21 +197,21 @@ def _gb(n) -> str:
 
 def markdown(rows: list[dict], command: str) -> str:
     out = [f"Command: `{command}`", ""]
-    gpu = [r for r in rows if r.get("target") == "h100" and "error" not in r]
+    gpu = [r for r in rows if _on_gpu(r) and "error" not in r]
     if gpu:
         out += [
-            "| H100 row | batch | kernels | tiny (<= 1,024 threads) | copies | cuDNN/cuBLAS calls | bytes read+written | matrix TFLOP | roofline bound | of it: bytes at 3.35 TB/s | launch floor | temporaries | compile |",
+            "| GPU row | batch | kernels | tiny (<= 1,024 threads) | copies | cuDNN/cuBLAS calls | bytes read+written | matrix TFLOP | roofline bound | of it: bytes at the HBM's bandwidth | launch floor | temporaries | compile |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in gpu:
             out.append(
-                f"| {r['recipe']} {r['dtype']}{_variant(r)} | {r['batch']} | {r['kernels']:,} | {r['tiny_kernels']} | {r['copies']} | "
+                f"| {r['target']} {r['recipe']} {r['dtype']}{_variant(r)} | {r['batch']} | {r['kernels']:,} | {r['tiny_kernels']} | {r['copies']} | "
                 f"{r['library_calls']} | {_gb(r['bytes'])} GB | {r['matrix_flops'] / 1e12:.2f} | "
                 f"{r['bound_s'] * 1e3:.1f} ms | {r['bytes_bound_s'] * 1e3:.1f} ms | {r['launch_floor_s'] * 1e3:.1f} ms | "
                 f"{r['temp_gib']:.2f} GiB | {r['compile_s']:.0f} s |"
             )
         out.append("")
-    tpu = [r for r in rows if r.get("target") != "h100" and "error" not in r]
+    tpu = [r for r in rows if not _on_gpu(r) and "error" not in r]
     if tpu:
         out += [
             "| TPU row | devices | batch | fits | device memory / HBM | temporaries | top-level kernels | bytes read+written | unfused bit ops | compile |",
@@ -227,7 +227,7 @@ def markdown(rows: list[dict], command: str) -> str:
     for r in rows:
         if "error" in r:
             out.append(f"- {r['target']} {r['recipe']} {r['dtype']}: failed: {r['error']}")
-    # The details of the headline row: the first H100 row (CIFAR-100 bf16 by default).
+    # The details of the headline row: the first GPU row (the H100's CIFAR-100 bf16 by default).
     for r in gpu[:1]:
         out += ["", f"Largest kernels of {r['recipe']} {r['dtype']} (bytes read+written):", ""]
         out += [f"- {_gb(k['bytes'])} GB `{k['kind']}` x{k['launches']}: {k['source']}" for k in r["largest"]]
@@ -236,6 +236,12 @@ def markdown(rows: list[dict], command: str) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in list(r["by_kind"].items())[:12])
         out += ["", f"Kernels by kind: {kinds}"]
     return "\n".join(out)
+
+
+def _on_gpu(row: dict) -> bool:
+    from dino_jax import aot
+
+    return aot.target(row["target"]).platform == "cuda"
 
 
 def _variant(row: dict) -> str:
@@ -255,7 +261,7 @@ def flat_figures(rows: list[dict]) -> dict:
         figures[f"{key}_gb_moved"] = round(r["bytes"] / 1e9, 2)
         figures[f"{key}_temp_gib"] = r["temp_gib"]
         figures[f"{key}_compile_s"] = r["compile_s"]
-        if r["target"] == "h100":
+        if _on_gpu(r):
             figures[f"{key}_roofline_bound_s"] = round(r["bound_s"], 5)
         else:
             # No bound for a TPU: its HLO's products are not read right by hlo_kernels' FLOP

@@ -67,6 +67,17 @@ TARGETS: dict[str, Target] = {
         peak_fp32_flops=494.7e12,
         target_config_file="h100_sxm.txtpb",
     ),
+    # A100 SXM 80 GB: 2.04 TB/s HBM2e, 312 TFLOP/s dense bf16, 156 TF32 (NVIDIA's datasheet).
+    "a100": Target(
+        "a100",
+        "cuda",
+        "NVIDIA A100-SXM4-80GB",
+        hbm_bytes=80 * GIB,
+        memory_bandwidth=2.039e12,
+        peak_bf16_flops=312e12,
+        peak_fp32_flops=156e12,
+        target_config_file="a100_sxm.txtpb",
+    ),
     # Colab's TPU kinds. Per chip (v2: per core, each a JAX device): HBM, bandwidth and bf16 peak
     # from Google's Cloud TPU system-architecture pages.
     "v5e-1": Target(

@@ -144,6 +144,39 @@ def resolved_config(
     return with_dtype(config, resolution.dtype), resolution
 
 
+# XLA compiles Pallas' Triton kernels for Ampere and newer only; on a T4 or V100 the step with them
+# would fail to compile ("Triton support is only enabled for Ampere GPUs").
+TRITON_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def pallas_kernels_for(
+    config: ml_collections.ConfigDict, devices: Sequence | None = None
+) -> tuple[ml_collections.ConfigDict, str | None]:
+    """`model.pallas_kernels` for `devices` (default `jax.devices()`): the config, turned off (a
+    copy) where a GPU is older than Ampere, and the line the run prints; None when it is off."""
+    if not config.model.get("pallas_kernels", False):
+        return config, None
+    if devices is None:
+        import jax
+
+        devices = jax.devices()
+    gpus = [device for device in devices if device.platform in ("gpu", "cuda")]
+    old = [d for d in gpus if (_compute_capability(d) or (0, 0)) < TRITON_MIN_COMPUTE_CAPABILITY]
+    if old:
+        copy = config.copy_and_resolve_references()
+        copy.model.pallas_kernels = False
+        return copy, (
+            f"pallas kernels: off ({describe_devices(old)}: XLA compiles Pallas' Triton kernels for "
+            f"compute capability 8.0 and up; the run takes XLA's kernels)"
+        )
+    if not gpus or config.model.dtype == "float32" or len(devices) > 1:
+        return config, (
+            "pallas kernels: requested, used only on one GPU in bfloat16/float16 "
+            f"(this run: {describe_devices(devices)}, {config.model.dtype}); XLA's kernels here"
+        )
+    return config, f"pallas kernels: on ({describe_devices(gpus)})"
+
+
 def check_resumable(resolution: Resolution, checkpoints: str) -> None:
     """Raises ConfigError when the checkpoints in `checkpoints`, written by a run in
     `resolution.recorded`, cannot be restored into a train state for `resolution.dtype`: float16's

@@ -69,6 +69,9 @@ class Trainer:
         # model.dtype="auto" made concrete, once, for these devices and this workdir's earlier run.
         config, self.precision = precision.resolved_config(config, workdir)
         _print(self.precision.line)
+        config, pallas_line = precision.pallas_kernels_for(config)
+        if pallas_line:
+            _print(pallas_line)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
         self.mesh = sharding.make_mesh()

@@ -124,6 +124,24 @@ def test_the_resolved_config_is_a_copy():
     assert resolved.is_locked == config.is_locked
 
 
+def test_pallas_kernels_are_turned_off_on_gpus_older_than_ampere_and_said_where_unused():
+    config = th.tiny_config(**{"model.dtype": "float16", "model.pallas_kernels": True})
+    kept, line = precision.pallas_kernels_for(config, [T4])
+    assert kept.model.pallas_kernels is False and config.model.pallas_kernels is True  # a copy
+    assert line.startswith("pallas kernels: off (Tesla T4, compute capability 7.5: XLA compiles")
+    bf16 = th.tiny_config(**{"model.dtype": "bfloat16", "model.pallas_kernels": True})
+    assert precision.pallas_kernels_for(bf16, [H100]) == (
+        bf16,
+        "pallas kernels: on (NVIDIA H100 80GB HBM3, compute capability 9.0)",
+    )
+    for devices, dtype in (([CPU], "bfloat16"), ([H100] * 2, "bfloat16"), ([A100], "float32")):
+        config = th.tiny_config(**{"model.dtype": dtype, "model.pallas_kernels": True})
+        same, line = precision.pallas_kernels_for(config, devices)
+        assert same is config and "used only on one GPU in bfloat16/float16" in line
+    off = th.tiny_config()
+    assert precision.pallas_kernels_for(off, [T4]) == (off, None)
+
+
 def quick_run_config(**overrides):
     """The tiny model on synthetic digits, one step, the smallest evaluation: a whole `train.run`."""
     return th.tiny_config(

@@ -77,8 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     # stochastic depth and residual adds into the products around them and keep the MLP's hidden
     # layer on chip (dino_jax/models/fused_*.py): compiled for an H100, the CIFAR-100 step moves
     # 29.8 GB instead of 58.0 (docs/benchmarks.md). False by default until it has been timed on a
-    # GPU; other devices, float32 and multi-device runs ignore it. Parameters and checkpoints are
-    # the same either way.
+    # GPU; other devices, float32, multi-device runs and GPUs older than Ampere (XLA runs Triton on
+    # compute capability 8.0 and up; the run says so) ignore it. Parameters and checkpoints are the
+    # same either way.
     c.model.pallas_kernels = False
 
     c.head = ml_collections.ConfigDict()
