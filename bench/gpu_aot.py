@@ -44,7 +44,7 @@ LAUNCH_FLOOR_S = 2e-6  # least GPU time of a kernel inside a CUDA graph (a few m
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="h100, a100, v5e-1, v6e-1, v2-8")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="h100, a100, l4, v5e-1, v6e-1, v2-8")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--batch", type=int, default=0, help="0: the recipe's")

@@ -78,6 +78,17 @@ TARGETS: dict[str, Target] = {
         peak_fp32_flops=156e12,
         target_config_file="a100_sxm.txtpb",
     ),
+    # L4 (Colab's mid GPU): 300 GB/s GDDR6, 121 TFLOP/s dense bf16, 60 TF32 (NVIDIA's datasheet).
+    "l4": Target(
+        "l4",
+        "cuda",
+        "NVIDIA L4",
+        hbm_bytes=24 * GIB,
+        memory_bandwidth=300e9,
+        peak_bf16_flops=121e12,
+        peak_fp32_flops=60e12,
+        target_config_file="l4.txtpb",
+    ),
     # Colab's TPU kinds. Per chip (v2: per core, each a JAX device): HBM, bandwidth and bf16 peak
     # from Google's Cloud TPU system-architecture pages.
     "v5e-1": Target(

@@ -144,11 +144,6 @@ def resolved_config(
     return with_dtype(config, resolution.dtype), resolution
 
 
-# XLA compiles Pallas' Triton kernels for Ampere and newer only; on a T4 or V100 the step with them
-# would fail to compile ("Triton support is only enabled for Ampere GPUs").
-TRITON_MIN_COMPUTE_CAPABILITY = (8, 0)
-
-
 def pallas_kernels_for(
     config: ml_collections.ConfigDict, devices: Sequence | None = None
 ) -> tuple[ml_collections.ConfigDict, str | None]:
@@ -160,8 +155,10 @@ def pallas_kernels_for(
         import jax
 
         devices = jax.devices()
+    from dino_jax.models import triton_tiles  # XLA's Triton floor lives with the kernels
+
     gpus = [device for device in devices if device.platform in ("gpu", "cuda")]
-    old = [d for d in gpus if (_compute_capability(d) or (0, 0)) < TRITON_MIN_COMPUTE_CAPABILITY]
+    old = triton_tiles.gpus_too_old(devices)
     if old:
         copy = config.copy_and_resolve_references()
         copy.model.pallas_kernels = False

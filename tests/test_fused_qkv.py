@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from dino_jax.models import fused_qkv
 from dino_jax.models.block import GroupLayout, TokenLayout
@@ -15,7 +16,8 @@ from tests.pallas_helpers import (
     assert_same_in_float32,
 )
 
-GROUP_ROWS, DIM, EPS = (2 * BLOCK_ROWS, BLOCK_ROWS), 48, 1e-6  # two crop groups, D not a power of two
+# Two crop groups; D = 192 as ViT-Tiny's: read as 256 columns (the rest masked), three column chunks.
+GROUP_ROWS, DIM, EPS = (2 * BLOCK_ROWS, BLOCK_ROWS), 192, 1e-6
 
 
 def _arrays(dtype, group_rows=GROUP_ROWS, dim=DIM):
@@ -74,6 +76,10 @@ def test_kernels_lower_to_triton_without_a_gpu():
 def test_groups_must_fill_whole_blocks_of_rows():
     assert fused_qkv.layout_supported((2 * BLOCK_ROWS, BLOCK_ROWS))
     assert not fused_qkv.layout_supported((2 * BLOCK_ROWS, BLOCK_ROWS + 2))
+    # Called with groups that do not, the kernels refuse rather than give a program two groups.
+    args, _ = _arrays(jnp.float32)
+    with pytest.raises(ValueError, match=r"group rows \(100, 92\) must fill whole blocks of 64 rows"):
+        fused_qkv.norm_qkv(*args, (100, 92), EPS, True)
 
 
 def test_a_block_with_the_attention_kernels_computes_the_same_block():

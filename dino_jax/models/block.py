@@ -172,7 +172,7 @@ class Block(nnx.Module):
         keep_attn = keep_mlp = None
         if keep_branches is not None:
             keep_attn, keep_mlp = keep_branches[0], keep_branches[1]
-        if pallas and fused_qkv.layout_supported(tuple(g.rows for g in layout.groups)):
+        if pallas and self._attention_kernels_take(x_RxD.shape[1], layout):
             x_RxD, groups_qkv = self._attention_input_kernels(x_RxD, layout, interpret)
             outputs = self.attn.group_outputs(groups_qkv, layout, fused=fused_attention)
             x_RxD = self._attention_output_kernels(
@@ -185,6 +185,18 @@ class Block(nnx.Module):
         if pallas:
             return self._mlp_branch_kernels(x_RxD, layout, drop_path_rate, keep_mlp, interpret)
         return x_RxD + drop_path_rows(self.mlp(self.norm2(x_RxD)), layout, drop_path_rate, keep_mlp)
+
+    @staticmethod
+    def _attention_kernels_take(dim: int, layout: TokenLayout) -> bool:
+        """Whether `fused_qkv` and `fused_proj` take these rows: widths they were compiled for,
+        one device's rows, each group filling whole row blocks."""
+        rows = tuple(group.rows for group in layout.groups)
+        return (
+            fused_qkv.supported(dim)
+            and fused_proj.supported(dim)
+            and layout.shards == 1
+            and fused_qkv.layout_supported(rows)
+        )
 
     @staticmethod
     def _pre_norm(norm, x_RxD, pallas: bool, interpret: bool):

@@ -44,25 +44,25 @@ def _factors(plgpu, factor_ref, rows):
     return plgpu.load(factor_ref, mask=tiles.row_mask(rows)[:, 0], other=0.0)[:, None]
 
 
-def _square_weight(plgpu, w_ref, cols):
-    return plgpu.load(w_ref, mask=cols.T & cols, other=0.0)
-
-
 def _proj_forward_kernel(x_ref, w_ref, b_ref, factor_ref, *refs, rows, dim, group_rows):
     pl, plgpu = tiles.pallas()
     groups = tiles.group_blocks(group_rows)
     o_refs, out_ref = refs[: len(groups)], refs[len(groups)]
     dtype = x_ref.dtype
     cols = tiles.column_mask(x_ref.shape[1], dim)
-    valid = tiles.row_mask(rows) & cols
-    o = _own_group_rows(plgpu, o_refs, groups, valid, dtype)
-    b = plgpu.load(b_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    branch = _round(_round(pl.dot(o, _square_weight(plgpu, w_ref, cols)), dtype) + b, dtype)
+    rows_ok = tiles.row_mask(rows)
+    o = _own_group_rows(plgpu, o_refs, groups, rows_ok & cols, dtype)
     factors = _factors(plgpu, factor_ref, rows)
-    if factors is not None:
-        branch = _round(branch * factors, dtype)
-    x = plgpu.load(x_ref, mask=valid, other=0.0).astype(jnp.float32)
-    plgpu.store(out_ref, (x + branch).astype(dtype), mask=valid)
+    width = tiles.COLUMN_CHUNK
+    for chunk in range(dim // width):  # the output's columns, a chunk at a time
+        columns = pl.ds(chunk * width, width)
+        w = plgpu.load(w_ref.at[:, columns], mask=cols.T, other=0.0)
+        b = b_ref[columns].astype(jnp.float32)[None, :]
+        branch = _round(_round(pl.dot(o, w), dtype) + b, dtype)
+        if factors is not None:
+            branch = _round(branch * factors, dtype)
+        x = plgpu.load(x_ref.at[:, columns], mask=rows_ok, other=0.0).astype(jnp.float32)
+        plgpu.store(out_ref.at[:, columns], (x + branch).astype(dtype), mask=rows_ok)
 
 
 def _proj_backward_kernel(dout_ref, w_ref, factor_ref, *refs, rows, dim, group_rows):
@@ -73,16 +73,22 @@ def _proj_backward_kernel(dout_ref, w_ref, factor_ref, *refs, rows, dim, group_r
     do_refs, dbranch_refs, db_ref = refs[: len(groups)], refs[len(groups) : 2 * len(groups)], refs[-1]
     dtype = dout_ref.dtype
     cols = tiles.column_mask(dout_ref.shape[1], dim)
-    valid = tiles.row_mask(rows) & cols
+    rows_ok = tiles.row_mask(rows)
+    valid = rows_ok & cols
     dbranch = plgpu.load(dout_ref, mask=valid, other=0.0).astype(jnp.float32)
     factors = _factors(plgpu, factor_ref, rows)
     if factors is not None:
         dbranch = _round(dbranch * factors, dtype)
-    do = pl.dot(dbranch.astype(dtype), _square_weight(plgpu, w_ref, cols), trans_b=True).astype(dtype)
+    dbranch_low = dbranch.astype(dtype)
+    width = tiles.COLUMN_CHUNK
+    for chunk in range(dim // width):  # the input gradient's columns: W's rows, a chunk at a time
+        columns = pl.ds(chunk * width, width)
+        w_rows = plgpu.load(w_ref.at[columns, :], mask=cols, other=0.0)
+        do = pl.dot(dbranch_low, w_rows, trans_b=True).astype(dtype)
+        for group, (first, count) in enumerate(groups):
+            plgpu.store(do_refs[group].at[:, columns], do, mask=rows_ok & tiles.in_group(first, count))
     for group, (first, count) in enumerate(groups):
-        mine = valid & tiles.in_group(first, count)
-        plgpu.store(do_refs[group], do, mask=mine)
-        plgpu.store(dbranch_refs[group], dbranch.astype(dtype), mask=mine)
+        plgpu.store(dbranch_refs[group], dbranch_low, mask=valid & tiles.in_group(first, count))
     plgpu.store(db_ref, jnp.sum(dbranch, axis=0), mask=cols[0])
 
 
@@ -105,8 +111,14 @@ def _factor_spec():
     return pl.BlockSpec((tiles.BLOCK_ROWS,), lambda i: (i,))
 
 
+def supported(dim: int) -> bool:
+    """Widths whose kernels were compiled (ViT-Tiny's 192; up to 256, whole column chunks)."""
+    return tiles.padded(dim) <= 256 and dim % tiles.COLUMN_CHUNK == 0
+
+
 def _forward(x_RxD, o_groups, w_DxD, b_D, factor_R, group_rows, interpret):
     rows, dim = x_RxD.shape
+    tiles.check_groups(rows, group_rows)
     groups = tiles.group_blocks(group_rows)
     w_spec, b_spec = _weight_specs(dim)
     kernel = _proj_forward_kernel if factor_R is not None else _without_factors(_proj_forward_kernel, 3)
@@ -127,6 +139,7 @@ def _forward(x_RxD, o_groups, w_DxD, b_D, factor_R, group_rows, interpret):
 
 def _backward(dout_RxD, w_DxD, factor_R, group_rows, interpret):
     rows, dim = dout_RxD.shape
+    tiles.check_groups(rows, group_rows)
     groups = tiles.group_blocks(group_rows)
     w_spec, _ = _weight_specs(dim)
     group_specs = [tiles.group_block(dim, first, count) for first, count in groups]
@@ -170,7 +183,7 @@ def _projected_residual_backward(group_rows, interpret, residuals, dout_RxD):
     dw = sum(jnp.dot(o.T, d, preferred_element_type=jnp.float32) for o, d in zip(o_groups, dbranch_groups))
     return (
         dout_RxD,  # the residual path
-        list(do_groups),
+        type(o_groups)(do_groups),
         dw.astype(w_DxD.dtype),
         jnp.sum(db_parts, axis=0).astype(b_D.dtype),
         None if factor_R is None else jnp.zeros_like(factor_R),

@@ -36,20 +36,28 @@ PARTS = 3  # q, k, v: the projection's columns [q | k | v]
 
 
 def supported(dim: int) -> bool:
-    """A row of the padded width held whole by a program, and each part's padded tile of columns
-    inside the padded (D, 3D) weight (the interpreter clamps reads past its end)."""
-    padded = tiles.padded(dim)
-    return padded <= 1024 and (PARTS - 1) * dim + padded <= tiles.padded(PARTS * dim)
+    """Widths whose kernels were compiled (ViT-Tiny's 192; up to 256, whole column chunks): a
+    program holds a row whole and multiplies one chunk of columns at a time."""
+    return tiles.padded(dim) <= 256 and dim % tiles.COLUMN_CHUNK == 0
 
 
 def layout_supported(group_rows: tuple[int, ...]) -> bool:
     return tiles.groups_aligned(group_rows)
 
 
-def _part_weight(plgpu, w_ref, part, dim, cols):
-    """W's (D, D) columns of `part` as a padded (P, P) tile, zero outside."""
+def _weight_columns(plgpu, w_ref, chunk: int, dim: int):
+    """Columns `chunk * COLUMN_CHUNK ...` of W (D, 3D), as a (padded D, COLUMN_CHUNK) tile."""
     pl, _ = tiles.pallas()
-    return plgpu.load(w_ref.at[:, pl.ds(part * dim, cols.shape[1])], mask=cols.T & cols, other=0.0)
+    w_rows = tiles.column_mask(w_ref.shape[0], dim).T
+    columns = pl.ds(chunk * tiles.COLUMN_CHUNK, tiles.COLUMN_CHUNK)
+    return plgpu.load(w_ref.at[:, columns], mask=w_rows, other=0.0)
+
+
+def _chunks(dim: int):
+    """(chunk, part, the chunk's first column within its part) over W's 3D columns [q | k | v]."""
+    for chunk in range(PARTS * dim // tiles.COLUMN_CHUNK):
+        part, offset = divmod(chunk * tiles.COLUMN_CHUNK, dim)
+        yield chunk, part, offset
 
 
 def _normed(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps):
@@ -64,14 +72,18 @@ def _norm_qkv_forward_kernel(x_ref, scale_ref, bias_ref, w_ref, b_ref, *out_refs
     pl, plgpu = tiles.pallas()
     dtype = x_ref.dtype
     cols = tiles.column_mask(x_ref.shape[1], dim)
-    valid = tiles.row_mask(rows) & cols
-    normed = _normed(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps)[3]
-    for part in range(PARTS):
-        w = _part_weight(plgpu, w_ref, part, dim, cols)
-        b = plgpu.load(b_ref.at[pl.ds(part * dim, cols.shape[1])], mask=cols[0], other=0.0)
-        y = (pl.dot(normed, w).astype(dtype) + b.astype(dtype)[None, :]).astype(dtype)
-        for group, (first, count) in enumerate(tiles.group_blocks(group_rows)):
-            plgpu.store(out_refs[PARTS * group + part], y, mask=valid & tiles.in_group(first, count))
+    rows_ok = tiles.row_mask(rows)
+    normed = _normed(plgpu, x_ref, scale_ref, bias_ref, cols, rows_ok & cols, dim, eps)[3]
+    groups = tiles.group_blocks(group_rows)
+    width = tiles.COLUMN_CHUNK
+    for chunk, part, offset in _chunks(dim):
+        b = b_ref[pl.ds(chunk * width, width)].astype(dtype)
+        y = (pl.dot(normed, _weight_columns(plgpu, w_ref, chunk, dim)).astype(dtype) + b[None, :]).astype(
+            dtype
+        )
+        for group, (first, count) in enumerate(groups):
+            target = out_refs[PARTS * group + part].at[:, pl.ds(offset, width)]
+            plgpu.store(target, y, mask=rows_ok & tiles.in_group(first, count))
 
 
 def _norm_qkv_backward_kernel(
@@ -85,19 +97,19 @@ def _norm_qkv_backward_kernel(
     normed_refs, (db_ref, dscale_ref, dbias_ref) = rest[: len(groups)], rest[len(groups) :]
     dtype = x_ref.dtype
     cols = tiles.column_mask(x_ref.shape[1], dim)
-    valid = tiles.row_mask(rows) & cols
+    rows_ok = tiles.row_mask(rows)
+    valid = rows_ok & cols
     normalised, inv_std, scale, normed = _normed(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
     dnormed = jnp.zeros((BLOCK_ROWS, cols.shape[1]), jnp.float32)
-    for part in range(PARTS):
-        d = jnp.zeros((BLOCK_ROWS, cols.shape[1]), dtype)
+    width = tiles.COLUMN_CHUNK
+    for chunk, part, offset in _chunks(dim):
+        d = jnp.zeros((BLOCK_ROWS, width), dtype)
         for group, (first, count) in enumerate(groups):
             # Only this program's own group has rows here; the other loads are masked off whole.
-            mine = valid & tiles.in_group(first, count)
-            d += plgpu.load(d_refs[PARTS * group + part], mask=mine, other=0.0).astype(dtype)
-        dnormed += pl.dot(d, _part_weight(plgpu, w_ref, part, dim, cols), trans_b=True)
-        plgpu.store(
-            db_ref.at[pl.ds(part * dim, cols.shape[1])], jnp.sum(d.astype(jnp.float32), axis=0), mask=cols[0]
-        )
+            source = d_refs[PARTS * group + part].at[:, pl.ds(offset, width)]
+            d += plgpu.load(source, mask=rows_ok & tiles.in_group(first, count), other=0.0).astype(dtype)
+        dnormed += pl.dot(d, _weight_columns(plgpu, w_ref, chunk, dim), trans_b=True)
+        db_ref[pl.ds(chunk * width, width)] = jnp.sum(d.astype(jnp.float32), axis=0)
     dnormed = dnormed.astype(dtype).astype(jnp.float32)
     dresidual = plgpu.load(dx_out_ref, mask=valid, other=0.0).astype(jnp.float32)
     dx = dresidual + input_gradient(dnormed, scale, normalised, inv_std, dim)
@@ -122,6 +134,7 @@ def _parameter_specs(dim):
 
 def _forward(x_RxD, params, group_rows, eps, interpret):
     rows, dim = x_RxD.shape
+    tiles.check_groups(rows, group_rows)
     groups = tiles.group_blocks(group_rows)
     group_shape = [jax.ShapeDtypeStruct((g, dim), x_RxD.dtype) for g in group_rows]
     call = tiles.call(
@@ -141,6 +154,7 @@ def _forward(x_RxD, params, group_rows, eps, interpret):
 
 def _backward(x_RxD, dx_out_RxD, d_groups, params, group_rows, eps, interpret):
     rows, dim = x_RxD.shape
+    tiles.check_groups(rows, group_rows)
     groups = tiles.group_blocks(group_rows)
     scale_spec, bias_spec, w_spec, _ = _parameter_specs(dim)
     group_specs = [tiles.group_block(dim, first, count) for first, count in groups]

@@ -13,7 +13,14 @@ import functools
 import jax.numpy as jnp
 
 BLOCK_ROWS = 64  # token rows per program
-NUM_WARPS = 4
+# Columns of a weight multiplied at a time (the output columns of a product, or the hidden units of
+# the MLP): a (256, 64) bfloat16 tile is 32 KiB, so both operands of a product fit the ~100 KiB of
+# shared memory per block of the smaller Ampere and Ada GPUs (RTX 30xx/40xx, A10, L4), not only the
+# A100's and H100's.
+COLUMN_CHUNK = 64
+# Untuned (no GPU has run these kernels): 8 warps spread each program's (64, 256) float32 tiles
+# over 256 threads.
+NUM_WARPS = 8
 
 
 def pallas():
@@ -72,6 +79,16 @@ def groups_aligned(group_rows) -> bool:
     return all(rows % BLOCK_ROWS == 0 for rows in group_rows)
 
 
+def check_groups(rows: int, group_rows) -> None:
+    """ValueError unless the groups fill whole blocks and add up to `rows`: a kernel given others
+    would hand one program two groups' rows."""
+    if not groups_aligned(group_rows) or sum(group_rows) != rows:
+        raise ValueError(
+            f"group rows {tuple(group_rows)} must fill whole blocks of {BLOCK_ROWS} rows and add up to "
+            f"the {rows} rows given"
+        )
+
+
 def in_group(first: int, count: int):
     """Whether this program's rows are the group's whose blocks are `first .. first + count - 1`."""
     pl, _ = pallas()
@@ -100,6 +117,23 @@ def call(kernel, out_shape, in_specs, out_specs, rows: int, interpret: bool, **p
         interpret=interpret,
         name=kernel.__name__.strip("_"),
     )
+
+
+# XLA compiles Triton kernels for Ampere and newer only ("Triton support is only enabled for Ampere
+# GPUs"): compiled for a T4 description, every kernel here was refused.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def compute_capability(device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device's `compute_capability` ("8.6"); None where it has none."""
+    parts = str(getattr(device, "compute_capability", "") or "").strip().split(".")
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 and all(p.isdigit() for p in parts) else None
+
+
+def gpus_too_old(devices) -> list:
+    """The GPUs among `devices` that XLA will not compile Triton kernels for."""
+    gpus = [device for device in devices if getattr(device, "platform", "") in ("gpu", "cuda")]
+    return [device for device in gpus if (compute_capability(device) or (0, 0)) < MIN_COMPUTE_CAPABILITY]
 
 
 @functools.cache

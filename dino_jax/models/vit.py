@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dino_jax.models import fused_mlp, fused_norm, fused_qkv, stacking, triton_tiles
+from dino_jax.models import fused_mlp, fused_norm, stacking, triton_tiles
 from dino_jax.models.attention import cudnn_attention_available
 from dino_jax.models.block import Block, GroupLayout, Mlp, TokenLayout, draw_drop_path_masks
 from dino_jax.models.layers import layer_norm, normal_init, torch_default_uniform_init
@@ -213,14 +213,17 @@ class VisionTransformer(nnx.Module):
         return x_RxD
 
     def pallas_kernels_available(self) -> bool:
-        """`config.pallas_kernels`, and the Pallas kernels take this block's widths and lower here."""
+        """`config.pallas_kernels`, and the Pallas kernels take this block's widths, lower here, and
+        run on this process's devices: one device (a data-parallel batch may reach the model with
+        `shards=1`, as evaluation calls it), no GPU older than XLA's Triton floor."""
         config = self.config
         return bool(
             config.pallas_kernels
             and fused_mlp.supported(config.embed_dim, config.mlp_hidden_dim)
             and fused_norm.supported(config.embed_dim)
-            and fused_qkv.supported(config.embed_dim)
             and triton_tiles.triton_available()
+            and jax.device_count() == 1
+            and not triton_tiles.gpus_too_old(jax.devices())
         )
 
     def _features(
