@@ -41,7 +41,10 @@ from dino_jax.models.fused_grads import gelu, layer_norm
 from dino_jax.models.fused_norm import input_gradient, row_statistics
 from dino_jax.models.triton_tiles import BLOCK_ROWS
 
-HIDDEN_CHUNK = tiles.COLUMN_CHUNK  # hidden units per step of a program's loop
+# Hidden units per step of a program's loop. 32, not triton_tiles.COLUMN_CHUNK: the backward keeps
+# two (64, 256) bfloat16 operands (the normed rows, the output gradient) on chip for every chunk, and
+# with 64-unit chunks it asked for 104 KiB of shared memory, compiled for an L4 (99 KiB per block).
+HIDDEN_CHUNK = 32
 
 _SQRT_HALF = float(np.sqrt(0.5))
 _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
