@@ -38,7 +38,7 @@ import numpy as np
 
 from dino_jax.models import triton_tiles as tiles
 from dino_jax.models.fused_grads import gelu, layer_norm
-from dino_jax.models.fused_norm import input_gradient, row_statistics
+from dino_jax.models.fused_norm import input_gradient, normed_rows
 from dino_jax.models.triton_tiles import BLOCK_ROWS
 
 # Hidden units per step of a program's loop. 32, not triton_tiles.COLUMN_CHUNK: the backward keeps
@@ -87,39 +87,13 @@ def supported(dim: int, hidden: int) -> bool:
     return hidden % HIDDEN_CHUNK == 0 and tiles.padded(dim) <= 256
 
 
-def _round(x, dtype):
-    """`x` rounded to `dtype` and back to float32: where the XLA form stores a value."""
-    return x.astype(dtype).astype(jnp.float32)
-
-
-def _load_rows(plgpu, ref, valid, dtype=jnp.float32):
-    return plgpu.load(ref, mask=valid, other=0.0).astype(dtype)
-
-
-def _normed_input(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps):
-    """This block's rows: `(x, normalised, inv_std, scale, LayerNorm(x) in x's dtype)`."""
-    x = _load_rows(plgpu, x_ref, valid)
-    scale = plgpu.load(scale_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    bias = plgpu.load(bias_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    normalised, inv_std = row_statistics(x, cols, dim, eps)
-    # Padded columns: normalised, scale and bias are all zero there, so the normed input is too.
-    return x, normalised, inv_std, scale, (normalised * scale + bias).astype(x_ref.dtype)
-
-
 def _hidden_chunk(pl, plgpu, normed, w1_ref, b1_ref, w_rows, chunk):
     """`(fc1's output of this chunk in float32, W1's columns of it)`, rounded as XLA's form rounds."""
     units = pl.ds(chunk * HIDDEN_CHUNK, HIDDEN_CHUNK)
     w1 = plgpu.load(w1_ref.at[:, units], mask=w_rows, other=0.0)
     b1 = b1_ref[units].astype(jnp.float32)[None, :]
     dtype = normed.dtype
-    return _round(_round(pl.dot(normed, w1), dtype) + b1, dtype), w1
-
-
-def _factors(plgpu, factor_ref, rows):
-    """Each row's stochastic-depth factor, (BLOCK_ROWS, 1) float32 (None: no stochastic depth)."""
-    if factor_ref is None:
-        return None
-    return plgpu.load(factor_ref, mask=tiles.row_mask(rows)[:, 0], other=0.0)[:, None]
+    return tiles.rounded(tiles.rounded(pl.dot(normed, w1), dtype) + b1, dtype), w1
 
 
 def _mlp_branch_forward_kernel(
@@ -129,7 +103,7 @@ def _mlp_branch_forward_kernel(
     dtype = x_ref.dtype
     cols = tiles.column_mask(x_ref.shape[1], dim)
     valid = tiles.row_mask(rows) & cols
-    x, _, _, _, normed = _normed_input(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
+    x, _, _, _, normed = normed_rows(x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
     acc = jnp.zeros((BLOCK_ROWS, x_ref.shape[1]), jnp.float32)
     for chunk in range(hidden // HIDDEN_CHUNK):
         h, _ = _hidden_chunk(pl, plgpu, normed, w1_ref, b1_ref, cols.T, chunk)
@@ -137,10 +111,10 @@ def _mlp_branch_forward_kernel(
         units = pl.ds(chunk * HIDDEN_CHUNK, HIDDEN_CHUNK)
         acc += pl.dot(g, plgpu.load(w2_ref.at[units, :], mask=cols, other=0.0))
     b2 = plgpu.load(b2_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    branch = _round(_round(acc, dtype) + b2, dtype)
-    factors = _factors(plgpu, factor_ref, rows)
+    branch = tiles.rounded(tiles.rounded(acc, dtype) + b2, dtype)
+    factors = tiles.row_factors(factor_ref, rows)
     if factors is not None:
-        branch = _round(branch * factors, dtype)
+        branch = tiles.rounded(branch * factors, dtype)
     plgpu.store(out_ref, (x + branch).astype(dtype), mask=valid)
 
 
@@ -154,12 +128,10 @@ def _mlp_branch_backward_kernel(
     cols = tiles.column_mask(x_ref.shape[1], dim)
     rows_ok = tiles.row_mask(rows)
     valid = rows_ok & cols
-    _, normalised, inv_std, scale, normed = _normed_input(
-        plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps
-    )
-    dout = _load_rows(plgpu, dout_ref, valid)
-    factors = _factors(plgpu, factor_ref, rows)
-    dbranch = dout if factors is None else _round(dout * factors, dtype)  # the MLP output's gradient
+    _, normalised, inv_std, scale, normed = normed_rows(x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
+    dout = plgpu.load(dout_ref, mask=valid, other=0.0).astype(jnp.float32)
+    factors = tiles.row_factors(factor_ref, rows)
+    dbranch = dout if factors is None else tiles.rounded(dout * factors, dtype)  # the MLP output's gradient
     dbranch_low = dbranch.astype(dtype)
     dnormed = jnp.zeros((BLOCK_ROWS, x_ref.shape[1]), jnp.float32)
     for chunk in range(hidden // HIDDEN_CHUNK):
@@ -167,14 +139,14 @@ def _mlp_branch_backward_kernel(
         h, w1 = _hidden_chunk(pl, plgpu, normed, w1_ref, b1_ref, cols.T, chunk)
         g, slope = _gelu_and_slope(h)
         w2 = plgpu.load(w2_ref.at[units, :], mask=cols, other=0.0)
-        dg = _round(pl.dot(dbranch_low, w2, trans_b=True), dtype)
+        dg = tiles.rounded(pl.dot(dbranch_low, w2, trans_b=True), dtype)
         # Rows past the end have a zero output gradient, so their dh is 0 * slope = 0.
         dh = jnp.where(rows_ok, dg * slope, 0.0).astype(dtype)
         plgpu.store(dh_ref.at[:, units], dh, mask=rows_ok)
         plgpu.store(g_ref.at[:, units], g.astype(dtype), mask=rows_ok)
         db1_ref[units] = jnp.sum(dh.astype(jnp.float32), axis=0)
         dnormed += pl.dot(dh, w1, trans_b=True)
-    dnormed = _round(dnormed, dtype)
+    dnormed = tiles.rounded(dnormed, dtype)
     dx = dout + input_gradient(dnormed, scale, normalised, inv_std, dim)  # residual + norm paths
     plgpu.store(dx_ref, dx.astype(dtype), mask=valid)
     plgpu.store(normed_ref, normed, mask=valid)
@@ -202,26 +174,10 @@ def _specs(dim, hidden, factors: bool):
     return specs + ([pl.BlockSpec((BLOCK_ROWS,), lambda i: (i,))] if factors else [])
 
 
-def _without(kernel, absent: tuple[int, ...]):
-    """`kernel` given None at the `absent` places of its refs (inputs, then outputs): the
-    stochastic-depth factors and the scaled gradient, when there is no stochastic depth."""
-    if not absent:
-        return kernel
-
-    @functools.wraps(kernel)
-    def wrapped(*refs, **params):
-        refs = list(refs)
-        for place in sorted(absent):
-            refs.insert(place, None)
-        return kernel(*refs, **params)
-
-    return wrapped
-
-
 def _forward(x_RxD, params, factor_R, eps, interpret):
     rows, dim = x_RxD.shape
     hidden = params[2].shape[1]
-    kernel = _without(_mlp_branch_forward_kernel, () if factor_R is not None else (7,))
+    kernel = tiles.without(_mlp_branch_forward_kernel, () if factor_R is not None else (7,))
     call = tiles.call(
         kernel,
         jax.ShapeDtypeStruct(x_RxD.shape, x_RxD.dtype),
@@ -254,7 +210,7 @@ def _backward(x_RxD, dout_RxD, params, factor_R, eps, interpret):
     out_specs = [tiles.row_block(dim), hidden_block, hidden_block, tiles.row_block(dim)]
     out_specs += [tiles.row_block(dim)] if drop else []
     out_specs += [pl.BlockSpec((None, hidden), lambda i: (i, 0))] + [tiles.partial_sums(dim)] * 3
-    kernel = _without(_mlp_branch_backward_kernel, () if drop else (7, 12))  # factors, dbranch
+    kernel = tiles.without(_mlp_branch_backward_kernel, () if drop else (7, 12))  # factors, dbranch
     specs = _specs(dim, hidden, drop)
     parameter_specs = specs[:2] + specs[2:5]  # norm scale, bias, W1, b1, W2 (not b2)
     call = tiles.call(

@@ -35,6 +35,17 @@ def row_statistics(x, cols, dim: int, eps: float):
     return centred * inv_std, inv_std
 
 
+def normed_rows(x_ref, scale_ref, bias_ref, cols, valid, dim: int, eps: float):
+    """A program's rows and their LayerNorm: `(x, normalised, inv_std, scale, norm(x) in x's
+    dtype)`, float32 but the last. Padded columns are zero in all of them."""
+    _, plgpu = tiles.pallas()
+    x = plgpu.load(x_ref, mask=valid, other=0.0).astype(jnp.float32)
+    scale = plgpu.load(scale_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
+    bias = plgpu.load(bias_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
+    normalised, inv_std = row_statistics(x, cols, dim, eps)
+    return x, normalised, inv_std, scale, (normalised * scale + bias).astype(x_ref.dtype)
+
+
 def input_gradient(dnormed, scale, normalised, inv_std, dim: int):
     """LayerNorm's input gradient (float32 rows) from its output's, as `fused_grads` writes it."""
     g = dnormed * scale

@@ -25,10 +25,6 @@ import jax.numpy as jnp
 from dino_jax.models import triton_tiles as tiles
 
 
-def _round(x, dtype):
-    return x.astype(dtype).astype(jnp.float32)
-
-
 def _own_group_rows(plgpu, refs, groups, valid, dtype):
     """This program's rows of its own group's buffer among `refs` (one per group); the other
     groups' loads are masked off whole."""
@@ -36,12 +32,6 @@ def _own_group_rows(plgpu, refs, groups, valid, dtype):
     for ref, (first, count) in zip(refs, groups):
         out += plgpu.load(ref, mask=valid & tiles.in_group(first, count), other=0.0).astype(dtype)
     return out
-
-
-def _factors(plgpu, factor_ref, rows):
-    if factor_ref is None:
-        return None
-    return plgpu.load(factor_ref, mask=tiles.row_mask(rows)[:, 0], other=0.0)[:, None]
 
 
 def _proj_forward_kernel(x_ref, w_ref, b_ref, factor_ref, *refs, rows, dim, group_rows):
@@ -52,15 +42,15 @@ def _proj_forward_kernel(x_ref, w_ref, b_ref, factor_ref, *refs, rows, dim, grou
     cols = tiles.column_mask(x_ref.shape[1], dim)
     rows_ok = tiles.row_mask(rows)
     o = _own_group_rows(plgpu, o_refs, groups, rows_ok & cols, dtype)
-    factors = _factors(plgpu, factor_ref, rows)
+    factors = tiles.row_factors(factor_ref, rows)
     width = tiles.COLUMN_CHUNK
     for chunk in range(dim // width):  # the output's columns, a chunk at a time
         columns = pl.ds(chunk * width, width)
         w = plgpu.load(w_ref.at[:, columns], mask=cols.T, other=0.0)
         b = b_ref[columns].astype(jnp.float32)[None, :]
-        branch = _round(_round(pl.dot(o, w), dtype) + b, dtype)
+        branch = tiles.rounded(tiles.rounded(pl.dot(o, w), dtype) + b, dtype)
         if factors is not None:
-            branch = _round(branch * factors, dtype)
+            branch = tiles.rounded(branch * factors, dtype)
         x = plgpu.load(x_ref.at[:, columns], mask=rows_ok, other=0.0).astype(jnp.float32)
         plgpu.store(out_ref.at[:, columns], (x + branch).astype(dtype), mask=rows_ok)
 
@@ -76,9 +66,9 @@ def _proj_backward_kernel(dout_ref, w_ref, factor_ref, *refs, rows, dim, group_r
     rows_ok = tiles.row_mask(rows)
     valid = rows_ok & cols
     dbranch = plgpu.load(dout_ref, mask=valid, other=0.0).astype(jnp.float32)
-    factors = _factors(plgpu, factor_ref, rows)
+    factors = tiles.row_factors(factor_ref, rows)
     if factors is not None:
-        dbranch = _round(dbranch * factors, dtype)
+        dbranch = tiles.rounded(dbranch * factors, dtype)
     dbranch_low = dbranch.astype(dtype)
     width = tiles.COLUMN_CHUNK
     for chunk in range(dim // width):  # the input gradient's columns: W's rows, a chunk at a time
@@ -90,14 +80,6 @@ def _proj_backward_kernel(dout_ref, w_ref, factor_ref, *refs, rows, dim, group_r
     for group, (first, count) in enumerate(groups):
         plgpu.store(dbranch_refs[group], dbranch_low, mask=valid & tiles.in_group(first, count))
     plgpu.store(db_ref, jnp.sum(dbranch, axis=0), mask=cols[0])
-
-
-def _without_factors(kernel, place: int):
-    @functools.wraps(kernel)
-    def wrapped(*refs, **params):
-        return kernel(*refs[:place], None, *refs[place:], **params)
-
-    return wrapped
 
 
 def _weight_specs(dim):
@@ -121,7 +103,7 @@ def _forward(x_RxD, o_groups, w_DxD, b_D, factor_R, group_rows, interpret):
     tiles.check_groups(rows, group_rows)
     groups = tiles.group_blocks(group_rows)
     w_spec, b_spec = _weight_specs(dim)
-    kernel = _proj_forward_kernel if factor_R is not None else _without_factors(_proj_forward_kernel, 3)
+    kernel = _proj_forward_kernel if factor_R is not None else tiles.without(_proj_forward_kernel, (3,))
     call = tiles.call(
         kernel,
         jax.ShapeDtypeStruct(x_RxD.shape, x_RxD.dtype),
@@ -144,7 +126,7 @@ def _backward(dout_RxD, w_DxD, factor_R, group_rows, interpret):
     w_spec, _ = _weight_specs(dim)
     group_specs = [tiles.group_block(dim, first, count) for first, count in groups]
     group_shapes = [jax.ShapeDtypeStruct((g, dim), dout_RxD.dtype) for g in group_rows]
-    kernel = _proj_backward_kernel if factor_R is not None else _without_factors(_proj_backward_kernel, 2)
+    kernel = _proj_backward_kernel if factor_R is not None else tiles.without(_proj_backward_kernel, (2,))
     call = tiles.call(
         kernel,
         (*group_shapes, *group_shapes, jax.ShapeDtypeStruct((tiles.blocks(rows), dim), jnp.float32)),

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from dino_jax.models import triton_tiles as tiles
 from dino_jax.models.fused_grads import layer_norm
-from dino_jax.models.fused_norm import input_gradient, row_statistics
+from dino_jax.models.fused_norm import input_gradient, normed_rows
 from dino_jax.models.triton_tiles import BLOCK_ROWS
 
 PARTS = 3  # q, k, v: the projection's columns [q | k | v]
@@ -60,20 +60,12 @@ def _chunks(dim: int):
         yield chunk, part, offset
 
 
-def _normed(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps):
-    x = plgpu.load(x_ref, mask=valid, other=0.0).astype(jnp.float32)
-    scale = plgpu.load(scale_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    bias = plgpu.load(bias_ref, mask=cols[0], other=0.0).astype(jnp.float32)[None, :]
-    normalised, inv_std = row_statistics(x, cols, dim, eps)
-    return normalised, inv_std, scale, (normalised * scale + bias).astype(x_ref.dtype)
-
-
 def _norm_qkv_forward_kernel(x_ref, scale_ref, bias_ref, w_ref, b_ref, *out_refs, rows, dim, eps, group_rows):
     pl, plgpu = tiles.pallas()
     dtype = x_ref.dtype
     cols = tiles.column_mask(x_ref.shape[1], dim)
     rows_ok = tiles.row_mask(rows)
-    normed = _normed(plgpu, x_ref, scale_ref, bias_ref, cols, rows_ok & cols, dim, eps)[3]
+    normed = normed_rows(x_ref, scale_ref, bias_ref, cols, rows_ok & cols, dim, eps)[4]
     groups = tiles.group_blocks(group_rows)
     width = tiles.COLUMN_CHUNK
     for chunk, part, offset in _chunks(dim):
@@ -99,7 +91,7 @@ def _norm_qkv_backward_kernel(
     cols = tiles.column_mask(x_ref.shape[1], dim)
     rows_ok = tiles.row_mask(rows)
     valid = rows_ok & cols
-    normalised, inv_std, scale, normed = _normed(plgpu, x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
+    _, normalised, inv_std, scale, normed = normed_rows(x_ref, scale_ref, bias_ref, cols, valid, dim, eps)
     dnormed = jnp.zeros((BLOCK_ROWS, cols.shape[1]), jnp.float32)
     width = tiles.COLUMN_CHUNK
     for chunk, part, offset in _chunks(dim):

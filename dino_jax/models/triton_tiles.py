@@ -43,6 +43,35 @@ def row_mask(rows: int):
     return (first + jnp.arange(BLOCK_ROWS) < rows)[:, None]
 
 
+def rounded(x, dtype):
+    """`x` rounded to `dtype` and back to float32: where the XLA form stores a value."""
+    return x.astype(dtype).astype(jnp.float32)
+
+
+def row_factors(factor_ref, rows: int):
+    """This program's rows' stochastic-depth factors, (BLOCK_ROWS, 1) float32; None for none."""
+    if factor_ref is None:
+        return None
+    _, plgpu = pallas()
+    return plgpu.load(factor_ref, mask=row_mask(rows)[:, 0], other=0.0)[:, None]
+
+
+def without(kernel, absent: tuple[int, ...]):
+    """`kernel` given None at the `absent` places of its refs (inputs, then outputs): the
+    stochastic-depth factors and what only they need, when there is no stochastic depth."""
+    if not absent:
+        return kernel
+
+    @functools.wraps(kernel)
+    def wrapped(*refs, **params):
+        refs = list(refs)
+        for place in sorted(absent):
+            refs.insert(place, None)
+        return kernel(*refs, **params)
+
+    return wrapped
+
+
 def column_mask(tile: int, width: int):
     """(1, tile): which columns of a padded tile exist."""
     return (jnp.arange(tile) < width)[None, :]
