@@ -103,11 +103,7 @@ class Attention(nnx.Module):
         for group, qkv_BxNx3D in zip(layout.groups, layout.split(self.qkv(x_RxD))):
             qkv = qkv_BxNx3D.reshape(group.batch, group.tokens, 3, self.num_heads, head_dim)
             groups.append((qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]))
-        return self.attend(groups, layout, fused=fused, record_attention=record_attention)
-
-    def attend(self, groups_qkv, layout, *, fused: bool = False, record_attention: bool = False) -> jax.Array:
-        """Each group's `(q, k, v)`, (B, N, H, K) -> the projected attention output rows (R, D)."""
-        outputs = self.group_outputs(groups_qkv, layout, fused=fused, record_attention=record_attention)
+        outputs = self.group_outputs(groups, layout, fused=fused, record_attention=record_attention)
         # One projection over every group's rows (XLA reads the pieces in place).
         return self.proj(layout.join(outputs))
 
